@@ -1,0 +1,265 @@
+"""The Python API: encode, decode, info and load. The CLI is a thin layer over these."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from . import __version__, container
+from .adapter import CONFIG_NAME, TORCH_DTYPES, Adapter, Pair, SineOptions, read_adapter
+from .atomic import atomic_file, atomic_path, check_writable
+from .codec import EncodeOptions, decode_tensor, encode_tensor
+from .constants import ENCODING_KMEANS, PAIR_SINE
+from .bitpack import packed_size
+from .delta import delta_weight
+from .dtypes import itemsize
+from .errors import FormatError, InputError, SqzError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class SqzWarning(UserWarning):
+    """Something the user should know that does not stop the work (e.g. no LoRA pairs found)."""
+
+
+def _progress(iterable, total: int, desc: str, show: bool | None):
+    """A bar on a terminal, nothing when piped (show=None decides by stderr being a TTY)."""
+    return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False,
+                disable=not (sys.stderr.isatty() if show is None else show))
+
+
+@dataclass(frozen=True)
+class EncodeReport:
+    path: Path
+    file_bytes: int
+    params: int
+    tensors: int
+    pairs: int
+    quantized: int
+    warnings: tuple[str, ...]
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.file_bytes / self.params if self.params else 0.0
+
+
+def encode(src: str | Path, dst: str | Path, options: EncodeOptions = EncodeOptions(),
+           sine: SineOptions = SineOptions(), force: bool = False, progress: bool | None = None,
+           workers: int | None = None) -> EncodeReport:
+    """Encode an adapter file or PEFT directory into a .sqz file (atomically; never a partial output)."""
+    dst = Path(dst)
+    check_writable(dst, force)
+    adapter = read_adapter(src, sine)
+    for message in adapter.warnings:
+        warnings.warn(message, SqzWarning, stacklevel=2)
+    header, sections = _encode_adapter(adapter, options, progress, workers)
+    with atomic_file(dst, force) as f:
+        size = container.write(f, header, sections)
+    records = header["tensors"]
+    return EncodeReport(dst, size, sum(math.prod(r["shape"]) for r in records), len(records), len(adapter.pairs),
+                        sum(r["encoding"] == ENCODING_KMEANS for r in records), tuple(adapter.warnings))
+
+
+def _encode_adapter(adapter: Adapter, options: EncodeOptions, progress: bool | None,
+                    workers: int | None) -> tuple[dict[str, Any], list[bytes]]:
+    items = list(adapter.tensors.values())
+    # kmeans1d, zstd and numpy release the GIL, so threads use every core for the per-tensor work.
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        jobs = pool.map(lambda t: encode_tensor(t, adapter.roles[t.name], options), items)
+        encoded = list(_progress(jobs, len(items), "encode", progress))
+    header = {
+        "generator": f"sqz {__version__}",
+        "options": options.to_json(),
+        "config": adapter.config,
+        "metadata": adapter.metadata,
+        "pairs": [p.to_json() for p in adapter.pairs],
+        "tensors": [record for record, _ in encoded],
+    }
+    return header, [section for _, section in encoded]
+
+
+class SqzAdapter(Mapping):
+    """A read-only mapping name -> torch.Tensor over a .sqz file, decoding each tensor on first access.
+
+    Tensors come back under their original names, in their original dtype (or `dtype`), on `device`.
+    Decoded tensors are cached; the mapping is safe to share between threads.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        self._file = container.Container(path)
+        self._index = {r["name"]: i for i, r in enumerate(self._file.records)}
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self._cache: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self.pairs: list[Pair] = [Pair(**p) for p in self._file.header["pairs"]]
+        self._pairs_by_module = {p.module: p for p in self.pairs}
+
+    @property
+    def config(self) -> dict | None:
+        """The adapter_config.json the adapter came with, if any."""
+        return self._file.header.get("config")
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        """The safetensors __metadata__ of the original file, if any."""
+        return self._file.header.get("metadata")
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return self._file.header
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._index:
+            raise KeyError(name)
+        with self._lock:
+            cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        tensor = self._decode(name)
+        with self._lock:
+            return self._cache.setdefault(name, tensor)
+
+    def _decode(self, name: str) -> torch.Tensor:
+        i = self._index[name]
+        record = self._file.records[i]
+        tensor = _to_torch(decode_tensor(record, self._file.section(i)), record)
+        if self._dtype is not None:
+            tensor = tensor.to(self._dtype)
+        return tensor.to(self._device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """Effective ΔW of one module: scaling·sin(ω·B@A)/γ for sine pairs, scaling·B@A otherwise."""
+        try:
+            pair = self._pairs_by_module[module]
+        except KeyError:
+            raise KeyError(f"no LoRA pair for module {module!r}") from None
+        return delta_weight(pair, self[pair.a], self[pair.b])
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """ΔW of every pair, keyed by module name."""
+        return {p.module: self.delta(p.module) for p in self.pairs}
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "SqzAdapter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _to_torch(words, record: dict[str, Any]) -> torch.Tensor:
+    """Little-endian element bytes (any numpy word type) as a tensor of the record's dtype and shape."""
+    dtype = TORCH_DTYPES[record["dtype"]]
+    if words.size == 0:
+        return torch.empty(record["shape"], dtype=dtype)
+    return torch.from_numpy(words.view("u1")).view(dtype).reshape(record["shape"])
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SqzAdapter:
+    """Open a .sqz file for inference code: a lazy, read-only mapping of name -> torch.Tensor."""
+    return SqzAdapter(path, device=device, dtype=dtype)
+
+
+def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = False,
+           dtype: torch.dtype | None = None, progress: bool | None = None) -> list[Path]:
+    """Write a .sqz back as safetensors; `dst` ending in '/' (or an existing directory) gets a PEFT folder."""
+    as_folder = str(dst).endswith(("/", os.sep)) or Path(dst).is_dir()
+    if as_folder and delta:
+        raise InputError("--delta writes one safetensors file, not a PEFT folder: give a file name")
+    dst = Path(dst)
+    targets = [dst / WEIGHTS_NAME, dst / CONFIG_NAME] if as_folder else [dst]
+    for target in targets:
+        if target.exists() and not force:
+            check_writable(target, force)  # raises OutputExistsError
+    if as_folder:
+        dst.mkdir(parents=True, exist_ok=True)
+    check_writable(targets[0], force)
+    with load(src, dtype=dtype) as adapter:
+        if delta:
+            modules = _progress(adapter.pairs, len(adapter.pairs), "delta", progress)
+            tensors = {p.module: adapter.delta(p.module) for p in modules}
+        else:
+            tensors = {name: adapter[name] for name in _progress(adapter, len(adapter), "decode", progress)}
+        with atomic_path(targets[0], force) as tmp:
+            save_file(tensors, str(tmp), metadata=adapter.metadata)
+        if as_folder:
+            config = adapter.config or synthesize_config(adapter)
+            with atomic_file(targets[1], force) as f:
+                f.write(json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
+    return targets
+
+
+def synthesize_config(adapter: SqzAdapter) -> dict[str, Any]:
+    """A PEFT LoRA config for an adapter stored without one: the common rank and alpha, patterns for the rest."""
+    if not adapter.pairs:
+        raise SqzError("the file has no adapter_config.json and no LoRA pairs to build one from")
+    records = {r["name"]: r for r in adapter.header["tensors"]}
+    ranks = {p.module: records[p.a]["shape"][0] for p in adapter.pairs}
+    alphas = {p.module: p.scaling * ranks[p.module] for p in adapter.pairs}
+    r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+    short = {m: m.removeprefix("base_model.model.") for m in ranks}
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "bias": "none", "lora_dropout": 0.0,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        "rank_pattern": {short[m]: v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {short[m]: v for m, v in alphas.items() if v != alpha},
+    }
+    sine = [p for p in adapter.pairs if p.kind == PAIR_SINE]
+    if sine:
+        config.update(peft_type="SINLORA", freq=sine[0].omega)
+    return config
+
+
+def info(path: str | Path) -> dict[str, Any]:
+    """Where every bit went: per-tensor sizes and the totals (what `sqz info --json` prints)."""
+    f = container.Container(path)
+    try:
+        rows = []
+        for record in f.records:
+            numel = math.prod(record["shape"])
+            row = {key: record[key] for key in ("name", "shape", "dtype", "role", "encoding", "entropy")}
+            if record["encoding"] == ENCODING_KMEANS:
+                codebook, before = 4 * record["codebook_size"], packed_size(numel, record["bits"])
+            else:
+                codebook, before = 0, numel * itemsize(record["dtype"])
+            row.update(params=numel, bits=record.get("bits"), codebook_bytes=codebook, index_bytes_before=before,
+                       index_bytes_after=record["length"] - codebook, section_bytes=record["length"],
+                       bits_per_param=8 * record["length"] / numel if numel else 0.0)
+            rows.append(row)
+        params = sum(r["params"] for r in rows)
+        totals = {
+            "file_bytes": f.size, "header_bytes": f.data_start, "params": params,
+            "section_bytes": sum(r["section_bytes"] for r in rows),
+            "bits_per_param": 8 * f.size / params if params else 0.0,
+            "fp16_bytes": 2 * params, "ratio_to_fp16": 2 * params / f.size if f.size else 0.0,
+            "tensors": len(rows), "quantized": sum(r["encoding"] == ENCODING_KMEANS for r in rows),
+            "pairs": len(f.header["pairs"]),
+        }
+        return {"path": str(path), "version": ".".join(map(str, f.version)), "generator": f.header.get("generator"),
+                "options": f.header.get("options"), "tensors": rows, "totals": totals}
+    finally:
+        f.close()
+
+

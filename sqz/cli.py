@@ -1,0 +1,127 @@
+"""`sqz encode | decode | info`: one line on error, exit status non-zero, never a traceback for bad input."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from typing import Any
+
+import click
+
+from . import __version__
+from .adapter import SineOptions
+from .api import SqzWarning, decode, encode, info
+from .codec import ENTROPY_AUTO, EncodeOptions
+from .constants import ENTROPY_STAGES
+from .errors import SqzError
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class SqzGroup(click.Group):
+    """Turns every SqzError (and a broken pipe or ^C) into one line on stderr and exit status 1/130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SqzWarning)  # commands print their warnings themselves
+                return super().invoke(ctx)
+        except SqzError as exc:
+            click.echo(f"sqz: error: {exc}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("sqz: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=SqzGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sqz")
+def main() -> None:
+    """Compress LoRA adapters into .sqz files and back."""
+
+
+def _emit(data: dict, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+@main.command("encode")
+@click.argument("src", type=click.Path(exists=False))
+@click.option("-o", "--output", required=True, type=click.Path(), help="The .sqz file to write.")
+@click.option("-b", "--bits", default=3, show_default=True, type=int, help="Bits per index, 1..8 (codebook of 2^b).")
+@click.option("--sample", default=10_000, show_default=True, type=int, help="Values the centroids are fitted on (0 = all).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fitting sample.")
+@click.option("--entropy", default=ENTROPY_AUTO, show_default=True,
+              type=click.Choice([ENTROPY_AUTO, *ENTROPY_STAGES]), help="Entropy stage; auto keeps the smallest per tensor.")
+@click.option("--omega", type=float, help="Sine frequency ω: treat every pair as a sine-activated adapter.")
+@click.option("--gamma", help="Sine divisor γ: a number, 'sqrt_in' (default) or 'K*sqrt_in'.")
+@click.option("--alpha", type=float, help="lora_alpha, when no adapter_config.json gives it (scaling = alpha/r).")
+@click.option("--lossless", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB exact (repeatable).")
+@click.option("--quantize", multiple=True, metavar="GLOB", help="Also quantize non-factor float tensors matching GLOB.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def encode_cmd(src: str, output: str, bits: int, sample: int, seed: int, entropy: str, omega: float | None,
+               gamma: str | None, alpha: float | None, lossless: tuple[str, ...], quantize: tuple[str, ...],
+               force: bool, as_json: bool) -> None:
+    """Encode an adapter (.safetensors, .bin, or a PEFT directory) into a .sqz file."""
+    options = EncodeOptions(bits=bits, sample=sample, seed=seed, entropy=entropy, lossless=lossless, quantize=quantize)
+    start = time.perf_counter()
+    report = encode(src, output, options, SineOptions(omega=omega, gamma=gamma, alpha=alpha), force=force)
+    seconds = time.perf_counter() - start
+    for message in report.warnings:
+        click.echo(f"sqz: warning: {message}", err=True)
+    data = {"output": str(report.path), "file_bytes": report.file_bytes, "params": report.params,
+            "tensors": report.tensors, "quantized": report.quantized, "pairs": report.pairs,
+            "bits_per_param": report.bits_per_param, "seconds": seconds}
+    _emit(data, as_json, f"{report.path}: {report.file_bytes:,} bytes, {report.params:,} params, "
+                         f"{report.bits_per_param:.3f} bits/param, {report.quantized}/{report.tensors} tensors "
+                         f"quantized, {report.pairs} pairs, {seconds:.2f} s")
+
+
+@main.command("decode")
+@click.argument("src", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="A .safetensors file, or DIR/ for a PEFT adapter folder.")
+@click.option("--delta", is_flag=True, help="Write the materialised ΔW of each module instead of the factors.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Cast every tensor to this dtype.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite outputs that exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def decode_cmd(src: str, output: str, delta: bool, dtype: str | None, force: bool, as_json: bool) -> None:
+    """Decode a .sqz file back to safetensors (PEFT / diffusers loadable)."""
+    import torch
+
+    start = time.perf_counter()
+    written = decode(src, output, force=force, delta=delta, dtype=getattr(torch, DTYPES[dtype]) if dtype else None)
+    data = {"outputs": [str(p) for p in written], "seconds": time.perf_counter() - start}
+    _emit(data, as_json, "\n".join(str(p) for p in written))
+
+
+@main.command("info")
+@click.argument("src", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def info_cmd(src: str, as_json: bool) -> None:
+    """Show where every bit of a .sqz file went."""
+    data = info(src)
+    _emit(data, as_json, _info_table(data))
+
+
+def _info_table(data: dict) -> str:
+    head = ("tensor", "shape", "role", "bits", "entropy", "codebook B", "packed B", "coded B", "bits/param")
+    rows = [head]
+    for r in data["tensors"]:
+        rows.append((r["name"], "x".join(map(str, r["shape"])) or "scalar", r["role"],
+                     str(r["bits"]) if r["bits"] else r["dtype"], r["entropy"], f"{r['codebook_bytes']:,}",
+                     f"{r['index_bytes_before']:,}", f"{r['index_bytes_after']:,}", f"{r['bits_per_param']:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    t = data["totals"]
+    lines += ["",
+              f"file {data['path']}: format {data['version']}, {t['file_bytes']:,} bytes "
+              f"(header {t['header_bytes']:,}, sections {t['section_bytes']:,})",
+              f"{t['params']:,} params in {t['tensors']} tensors ({t['quantized']} quantized, {t['pairs']} pairs): "
+              f"{t['bits_per_param']:.3f} bits/param, {t['ratio_to_fp16']:.2f}x smaller than fp16"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""One tensor <-> one data section (spec: "Sections").
+
+kmeans section: codebook (codebook_size little-endian float32) then the entropy payload of the indices.
+raw section:    the tensor's little-endian bytes through the entropy stage (none or zstd).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import entropy
+from .adapter import SourceTensor
+from .constants import (ENCODING_KMEANS, ENCODING_RAW, ENTROPY_NONE, ENTROPY_RANS, ENTROPY_STAGES, ENTROPY_ZSTD,
+                        MAX_BITS, MIN_BITS, QUANTIZABLE_DTYPES, ROLE_A, ROLE_B, ROLE_OTHER)
+from .dtypes import float32_to_bits, itemsize, to_float64
+from .errors import FormatError, InputError
+from .quantize import DEFAULT_SAMPLE, quantize, tensor_seed
+
+ENTROPY_AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Everything that decides the bytes of a .sqz file (with the input): same options, same file."""
+
+    bits: int = 3
+    sample: int = DEFAULT_SAMPLE  # values the centroids are fitted on; 0 = all
+    seed: int = 0
+    entropy: str = ENTROPY_AUTO  # auto | none | zstd | rans
+    lossless: tuple[str, ...] = ()  # name globs kept exact even if they are LoRA factors
+    quantize: tuple[str, ...] = ()  # name globs of non-factor float tensors to quantize as well
+
+    def __post_init__(self) -> None:
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise InputError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
+        if self.sample < 0:
+            raise InputError(f"--sample must be >= 0, got {self.sample}")
+        if self.entropy not in (ENTROPY_AUTO, *ENTROPY_STAGES):
+            raise InputError(f"entropy must be auto, none, zstd or rans, got {self.entropy!r}")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "lossless": list(self.lossless), "quantize": list(self.quantize)}
+
+
+def should_quantize(t: SourceTensor, role: str, options: EncodeOptions) -> bool:
+    """LoRA factors are quantized; other tensors only when --quantize names them. Never empty or non-float ones."""
+    if t.dtype not in QUANTIZABLE_DTYPES or t.numel == 0:
+        return False
+    if any(fnmatch.fnmatchcase(t.name, g) for g in options.lossless):
+        return False
+    if role in (ROLE_A, ROLE_B):
+        return True
+    return role == ROLE_OTHER and any(fnmatch.fnmatchcase(t.name, g) for g in options.quantize)
+
+
+def _smallest(candidates: dict[str, bytes]) -> tuple[str, bytes]:
+    """Smallest payload; ties go to the stage that decodes fastest (none, then zstd, then rans)."""
+    order = {ENTROPY_NONE: 0, ENTROPY_ZSTD: 1, ENTROPY_RANS: 2}
+    stage = min(candidates, key=lambda s: (len(candidates[s]), order[s]))
+    return stage, candidates[stage]
+
+
+def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions) -> tuple[dict, bytes]:
+    """The header record (without offset/length/crc32) and the section bytes of one tensor."""
+    record = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "role": role}
+    if not should_quantize(t, role, options):
+        stages = (ENTROPY_NONE, ENTROPY_ZSTD) if options.entropy == ENTROPY_AUTO else (
+            ENTROPY_ZSTD if options.entropy == ENTROPY_ZSTD else ENTROPY_NONE,)
+        stage, payload = _smallest({s: entropy.encode_bytes(t.raw, s) for s in stages})
+        return {**record, "encoding": ENCODING_RAW, "entropy": stage}, payload
+    try:
+        q = quantize(to_float64(t.raw, t.dtype), options.bits, options.sample, tensor_seed(options.seed, t.name))
+    except InputError as exc:
+        raise InputError(f"{t.name}: {exc}") from None
+    k = int(q.codebook.size)
+    stages = ENTROPY_STAGES if options.entropy == ENTROPY_AUTO else (options.entropy,)
+    stage, payload = _smallest({s: entropy.encode_indices(q.indices, options.bits, k, s) for s in stages})
+    if k == 1:
+        stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
+    record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=options.bits, codebook_size=k,
+                  sample_size=q.sample_size, seed=q.seed)
+    return record, q.codebook.astype("<f4").tobytes() + payload
+
+
+def codebook_of(record: dict, section: memoryview) -> np.ndarray:
+    return np.frombuffer(section[: 4 * record["codebook_size"]], dtype="<f4")
+
+
+def decode_tensor(record: dict, section: memoryview) -> np.ndarray:
+    """The tensor's little-endian bytes as a flat numpy array (uint8 for raw, uint16/32/64 words for kmeans)."""
+    count = int(np.prod(record["shape"], dtype=np.int64))
+    if record["encoding"] == ENCODING_RAW:
+        raw = entropy.decode_bytes(section, count * itemsize(record["dtype"]), record["entropy"])
+        return np.frombuffer(raw, dtype=np.uint8).copy()
+    k = record["codebook_size"]
+    codebook = codebook_of(record, section)
+    if not np.isfinite(codebook).all() or (k > 1 and not (np.diff(codebook) > 0).all()):
+        raise FormatError(f"{record['name']!r}: codebook must be finite and strictly increasing")
+    indices = entropy.decode_indices(section[4 * k:], count, record["bits"], k, record["entropy"])
+    return np.take(float32_to_bits(codebook, record["dtype"]), indices)

@@ -1,0 +1,61 @@
+"""Numbers and names fixed by spec/format.md. Change them only together with the spec."""
+from __future__ import annotations
+
+MAGIC = b"\x89SQZ\r\n\x1a\n"
+"""8 bytes; the PNG-style high byte and CR LF / ^Z / LF catch text-mode and 7-bit transfers."""
+
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+
+PREAMBLE_SIZE = 20
+"""magic (8) + major u16 + minor u16 + header length u32 + header CRC-32 u32, little-endian."""
+
+ALIGNMENT = 8
+"""Every data section starts at a multiple of this many bytes from the start of the file (enough for any element)."""
+
+# Reader limits (spec section "Limits"): checked before anything is allocated from a claim.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+"""Limit on the header JSON after decompression (and so on the compressed header too)."""
+MAX_TENSORS = 1_000_000
+MAX_NDIM = 8
+MAX_NUMEL = 1 << 36
+MAX_NAME_BYTES = 4096
+
+MIN_BITS = 1
+MAX_BITS = 8
+
+ENCODING_KMEANS = "kmeans"
+ENCODING_RAW = "raw"
+ENCODINGS = (ENCODING_KMEANS, ENCODING_RAW)
+
+ENTROPY_NONE = "none"
+ENTROPY_ZSTD = "zstd"
+ENTROPY_RANS = "rans"
+ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD, ENTROPY_RANS)
+RAW_ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD)
+
+ROLE_A = "lora_A"
+ROLE_B = "lora_B"
+ROLE_ALPHA = "alpha"
+ROLE_MAGNITUDE = "magnitude"
+ROLE_OTHER = "other"
+ROLES = (ROLE_A, ROLE_B, ROLE_ALPHA, ROLE_MAGNITUDE, ROLE_OTHER)
+
+PAIR_LORA = "lora"
+PAIR_SINE = "sine"
+PAIR_KINDS = (PAIR_LORA, PAIR_SINE)
+
+LAYER_LINEAR = "linear"
+LAYER_EMBEDDING = "embedding"
+LAYER_CONV = "conv"
+LAYER_KINDS = (LAYER_LINEAR, LAYER_EMBEDDING, LAYER_CONV)
+
+DTYPE_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+"""Tensor element types, named as safetensors names them."""
+
+QUANTIZABLE_DTYPES = ("F64", "F32", "F16", "BF16")

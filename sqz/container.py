@@ -1,0 +1,246 @@
+"""The .sqz container (spec/format.md): preamble, JSON header, 64-byte aligned data sections.
+
+    preamble  magic[8] | major u16 | minor u16 | header_length u32 | header_crc32 u32   (little-endian)
+    header    header_length bytes: one zstd frame (content size set) of UTF-8 JSON (one object)
+    padding   zeros up to the next multiple of 8: the data area starts there
+    data      one section per tensor record, at record.offset (relative to the data area),
+              each checked by its own CRC-32 when read
+
+Writing is a pure function of (header, sections); reading validates every claim of the header
+against the file's real size and the limits in constants.py before anything is allocated from it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, ENCODING_KMEANS, ENCODINGS, ENTROPY_STAGES, LAYER_KINDS, MAGIC,
+                        MAX_BITS, MAX_HEADER_BYTES, MAX_NAME_BYTES, MAX_NDIM, MAX_NUMEL, MAX_TENSORS,
+                        MIN_BITS, PAIR_KINDS, PAIR_SINE, PREAMBLE_SIZE, RAW_ENTROPY_STAGES, ROLES, VERSION_MAJOR,
+                        VERSION_MINOR)
+from .entropy import ZSTD_HEADER_LEVEL, zstd_compress, zstd_decompress
+from .errors import ChecksumError, FormatError, LimitError, TruncatedError, UnsupportedVersionError
+
+_PREAMBLE = struct.Struct("<8sHHII")
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def crc32(data: bytes | memoryview) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def serialize(header: dict[str, Any], sections: list[bytes]) -> list[bytes]:
+    """The file as a list of byte chunks. Fills each record's offset/length/crc32 and data_size."""
+    records = header["tensors"]
+    if len(records) != len(sections):
+        raise ValueError("one section per tensor record")
+    offset = 0
+    for record, section in zip(records, sections):
+        record.update(offset=offset, length=len(section), crc32=crc32(section))
+        offset = align(offset + len(section))
+    last_end = records[-1]["offset"] + records[-1]["length"] if records else 0
+    header["data_size"] = last_end
+    header_json = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(header_json) > MAX_HEADER_BYTES:
+        raise LimitError(f"header would be {len(header_json)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+    header_bytes = zstd_compress(header_json, ZSTD_HEADER_LEVEL)
+    preamble = _PREAMBLE.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, len(header_bytes), crc32(header_bytes))
+    head = preamble + header_bytes
+    chunks = [head, b"\0" * (align(len(head)) - len(head))]
+    position = 0
+    for record, section in zip(records, sections):
+        chunks += [b"\0" * (record["offset"] - position), section]
+        position = record["offset"] + len(section)
+    return chunks
+
+
+def write(f: BinaryIO, header: dict[str, Any], sections: list[bytes]) -> int:
+    """Write a container to an open binary file; returns the number of bytes written."""
+    total = 0
+    for chunk in serialize(header, sections):
+        f.write(chunk)
+        total += len(chunk)
+    return total
+
+
+class Container:
+    """A validated, memory-mapped .sqz file. Sections are CRC-checked each time they are read."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < PREAMBLE_SIZE:
+                    if MAGIC.startswith(f.read(len(MAGIC))) and size:
+                        raise TruncatedError(f"{self.path}: truncated: {size} bytes, shorter than the preamble")
+                    raise FormatError(f"{self.path}: not a .sqz file (too short, {size} bytes)")
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise FormatError(f"{self.path}: cannot open: {exc.strerror or exc}") from None
+        self.size = size
+        self.version, self.header, self.data_start = parse_head(memoryview(self._map), size, str(self.path))
+        self.records: list[dict[str, Any]] = self.header["tensors"]
+
+    def section(self, index: int) -> memoryview:
+        record = self.records[index]
+        start = self.data_start + record["offset"]
+        view = memoryview(self._map)[start:start + record["length"]]
+        if crc32(view) != record["crc32"]:
+            raise ChecksumError(f"{self.path}: tensor {record['name']!r}: data fails its CRC-32 (corrupted file)")
+        return view
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def parse_head(buf: memoryview, size: int, where: str) -> tuple[tuple[int, int], dict[str, Any], int]:
+    """Check preamble and header; return (version, header, data_start). Never trusts a claim unchecked."""
+    magic, major, minor, header_length, header_crc = _PREAMBLE.unpack(buf[:PREAMBLE_SIZE])
+    if magic != MAGIC:
+        raise FormatError(f"{where}: not a .sqz file (bad magic)")
+    if major != VERSION_MAJOR:
+        hint = "; a newer sqz wrote it, upgrade sqz" if major > VERSION_MAJOR else ""
+        raise UnsupportedVersionError(
+            f"{where}: format version {major}.{minor} is not supported (this reader knows {VERSION_MAJOR}.x){hint}")
+    if header_length > MAX_HEADER_BYTES:
+        raise LimitError(f"{where}: header claims {header_length} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+    if PREAMBLE_SIZE + header_length > size:
+        raise TruncatedError(f"{where}: truncated inside the header ({size} bytes, header needs {PREAMBLE_SIZE + header_length})")
+    header_bytes = buf[PREAMBLE_SIZE:PREAMBLE_SIZE + header_length]
+    if crc32(header_bytes) != header_crc:
+        raise ChecksumError(f"{where}: header fails its CRC-32 (corrupted file)")
+    try:
+        header_json = zstd_decompress(header_bytes, MAX_HEADER_BYTES, exact=False)
+    except FormatError as exc:
+        raise type(exc)(f"{where}: header: {exc}") from None
+    header = _parse_json(header_json, where)
+    data_start = align(PREAMBLE_SIZE + header_length)
+    validate_header(header, where)
+    end = data_start + header["data_size"]
+    if size < end:
+        raise TruncatedError(f"{where}: truncated: {size} bytes, the header describes {end}")
+    if size > end:
+        raise FormatError(f"{where}: {size - end} unexpected bytes after the last section")
+    _check_padding(buf, PREAMBLE_SIZE + header_length, data_start, header["tensors"], where)
+    return (major, minor), header, data_start
+
+
+def _check_padding(buf: memoryview, header_end: int, data_start: int, records: list[dict], where: str) -> None:
+    """The bytes between header and sections, and between sections, must be zero (they carry nothing)."""
+    gaps = [(header_end, data_start)]
+    position = data_start
+    for record in records:
+        gaps.append((position, data_start + record["offset"]))
+        position = data_start + record["offset"] + record["length"]
+    for start, stop in gaps:
+        if stop > start and any(buf[start:stop]):
+            raise FormatError(f"{where}: non-zero padding at bytes {start}..{stop}")
+
+
+def _parse_json(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        header = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise LimitError(f"{where}: header JSON nests too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{where}: header is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{where}: header must be a JSON object")
+    return header
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in the header")
+
+
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise FormatError(f"{where}: bad header: {what}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def validate_header(header: dict[str, Any], where: str) -> None:
+    """Every field a reader relies on has the right type and a sane value; sections tile the data area."""
+    records = header.get("tensors")
+    _need(isinstance(records, list), where, "'tensors' must be a list")
+    if len(records) > MAX_TENSORS:
+        raise LimitError(f"{where}: {len(records)} tensors, over the limit of {MAX_TENSORS}")
+    _need(_is_int(header.get("data_size")) and header["data_size"] >= 0, where, "'data_size' must be an integer >= 0")
+    for key in ("config", "metadata"):
+        _need(header.get(key) is None or isinstance(header[key], dict), where, f"'{key}' must be an object or null")
+    metadata = header.get("metadata") or {}
+    _need(all(isinstance(v, str) for v in metadata.values()), where, "metadata values must be strings")
+    names: set[str] = set()
+    end = 0
+    for i, record in enumerate(records):
+        _need(isinstance(record, dict), where, f"tensor record {i} must be an object")
+        _validate_record(record, where)
+        _need(record["name"] not in names, where, f"duplicate tensor name {record['name']!r}")
+        names.add(record["name"])
+        _need(record["offset"] % ALIGNMENT == 0, where, f"{record['name']!r}: offset not {ALIGNMENT}-byte aligned")
+        _need(record["offset"] >= end, where, f"{record['name']!r}: section overlaps the previous one")
+        end = record["offset"] + record["length"]
+        _need(end <= header["data_size"], where, f"{record['name']!r}: section runs past data_size")
+    pairs = header.get("pairs")
+    _need(isinstance(pairs, list), where, "'pairs' must be a list")
+    for pair in pairs:
+        _validate_pair(pair, names, where)
+
+
+def _validate_record(r: dict[str, Any], where: str) -> None:
+    name = r.get("name")
+    _need(isinstance(name, str) and 0 < len(name.encode("utf-8")) <= MAX_NAME_BYTES, where, "tensor name must be a non-empty string")
+    label = f"{name!r}"
+    for key in ("offset", "length", "crc32"):
+        _need(_is_int(r.get(key)) and r[key] >= 0, where, f"{label}: '{key}' must be an integer >= 0")
+    _need(r["crc32"] <= 0xFFFFFFFF, where, f"{label}: crc32 out of range")
+    shape = r.get("shape")
+    _need(isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape),
+          where, f"{label}: 'shape' must be a list of at most {MAX_NDIM} integers >= 0")
+    numel = math.prod(shape)
+    if numel > MAX_NUMEL:
+        raise LimitError(f"{where}: {label} claims {numel} elements, over the limit of {MAX_NUMEL}")
+    _need(r.get("dtype") in DTYPE_ITEMSIZE, where, f"{label}: unknown dtype {r.get('dtype')!r}")
+    _need(r.get("role") in ROLES, where, f"{label}: unknown role {r.get('role')!r}")
+    _need(r.get("encoding") in ENCODINGS, where, f"{label}: unknown encoding {r.get('encoding')!r}")
+    if r["encoding"] == ENCODING_KMEANS:
+        _need(r.get("entropy") in ENTROPY_STAGES, where, f"{label}: unknown entropy stage {r.get('entropy')!r}")
+        _need(r["dtype"] in ("F64", "F32", "F16", "BF16"), where, f"{label}: kmeans needs a float dtype")
+        _need(_is_int(r.get("bits")) and MIN_BITS <= r["bits"] <= MAX_BITS, where, f"{label}: bits must be 1..8")
+        k = r.get("codebook_size")
+        _need(_is_int(k) and 1 <= k <= (1 << r["bits"]), where, f"{label}: codebook_size must be 1..2**bits")
+        _need(numel > 0, where, f"{label}: kmeans tensor must not be empty")
+        _need(r["length"] >= 4 * k, where, f"{label}: section shorter than its codebook")
+        for key in ("sample_size", "seed"):
+            _need(_is_int(r.get(key)) and r[key] >= 0, where, f"{label}: '{key}' must be an integer >= 0")
+    else:
+        _need(r.get("entropy") in RAW_ENTROPY_STAGES, where, f"{label}: raw tensors use entropy 'none' or 'zstd'")
+
+
+def _validate_pair(p: Any, names: set[str], where: str) -> None:
+    _need(isinstance(p, dict) and isinstance(p.get("module"), str), where, "pair must be an object with a 'module'")
+    label = f"pair {p['module']!r}"
+    _need(p.get("a") in names and p.get("b") in names, where, f"{label}: 'a' and 'b' must name tensors")
+    _need(p.get("kind") in PAIR_KINDS, where, f"{label}: unknown kind {p.get('kind')!r}")
+    _need(p.get("layer") in LAYER_KINDS, where, f"{label}: unknown layer {p.get('layer')!r}")
+    _need(_is_num(p.get("scaling")), where, f"{label}: 'scaling' must be a finite number")
+    if p["kind"] == PAIR_SINE:
+        _need(_is_num(p.get("omega")) and _is_num(p.get("gamma")) and p["gamma"] != 0, where,
+              f"{label}: sine pairs need finite 'omega' and non-zero 'gamma'")

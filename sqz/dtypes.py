@@ -1,0 +1,38 @@
+"""Element types as little-endian bytes, in numpy only (numpy has no bfloat16, so BF16 is done by hand).
+
+torch appears only at the edges (adapter.py reading, api.py handing tensors back); in between a tensor
+is (dtype name, shape, raw bytes).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .constants import DTYPE_ITEMSIZE
+
+_FLOAT_VIEWS = {"F64": ("<f8", "<u8"), "F32": ("<f4", "<u4"), "F16": ("<f2", "<u2")}
+
+
+def itemsize(dtype: str) -> int:
+    return DTYPE_ITEMSIZE[dtype]
+
+
+def to_float64(raw: bytes | memoryview | np.ndarray, dtype: str) -> np.ndarray:
+    """Values of a raw float tensor as float64 (what kmeans1d works in)."""
+    if dtype == "BF16":
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
+    return np.frombuffer(raw, dtype=_FLOAT_VIEWS[dtype][0]).astype(np.float64)
+
+
+def float32_to_bits(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded to `dtype`, as unsigned integers holding its bit pattern.
+
+    BF16 uses round-to-nearest-even on the float32 bit pattern, as torch does (values are finite).
+    """
+    v = np.asarray(values, dtype=np.float32)
+    if dtype == "BF16":
+        u = v.view(np.uint32).astype(np.uint64)
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return rounded.astype("<u2")
+    float_t, uint_t = _FLOAT_VIEWS[dtype]
+    return v.astype(float_t).view(uint_t)

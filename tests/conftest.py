@@ -1,0 +1,82 @@
+"""Real adapters built locally (no downloads): a PEFT LoRA on a tiny BERT, a kohya conv LoRA, mixed dtypes."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+                 max_position_embeddings=32)
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(**TINY_BERT)).eval()
+
+
+def peft_lora_dir(path: Path, dtype: torch.dtype = torch.float32, **lora_kwargs) -> Path:
+    """A real PEFT adapter folder (adapter_model.safetensors + adapter_config.json) with non-zero B."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], init_lora_weights=False)
+    kwargs.update(lora_kwargs)
+    model = get_peft_model(tiny_bert(), LoraConfig(**kwargs))
+    model.to(dtype).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def peft_dir(tmp_path: Path) -> Path:
+    return peft_lora_dir(tmp_path / "peft")
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    """Every dtype and role sqz must carry: fp32/fp16/bf16 factors, conv, embedding, DoRA, alpha, int, scalar."""
+    g = torch.Generator().manual_seed(2)
+    t = {}
+    for dtype, tag in ((torch.float32, "f32"), (torch.float16, "f16"), (torch.bfloat16, "bf16")):
+        t[f"base_model.model.{tag}.q.lora_A.weight"] = torch.randn(4, 48, generator=g).to(dtype) * 0.1
+        t[f"base_model.model.{tag}.q.lora_B.weight"] = torch.randn(40, 4, generator=g).to(dtype) * 0.01
+        t[f"base_model.model.{tag}.q.lora_magnitude_vector"] = torch.rand(40, generator=g).to(dtype) + 0.5
+    t["base_model.model.embed.lora_embedding_A"] = torch.randn(4, 30, generator=g)
+    t["base_model.model.embed.lora_embedding_B"] = torch.randn(16, 4, generator=g)
+    t["lora_unet_conv1.lora_down.weight"] = torch.randn(4, 8, 3, 3, generator=g).half()
+    t["lora_unet_conv1.lora_up.weight"] = torch.randn(12, 4, 1, 1, generator=g).half()
+    t["lora_unet_conv1.alpha"] = torch.tensor(2.0)
+    t["base_model.model.classifier.modules_to_save.default.weight"] = torch.randn(3, 16, generator=g)
+    t["base_model.model.classifier.modules_to_save.default.bias"] = torch.randn(3, generator=g).double()
+    t["base_model.model.position_ids"] = torch.arange(10, dtype=torch.int64)
+    t["base_model.model.flag"] = torch.tensor([True, False, True])
+    t["base_model.model.constant.lora_A.weight"] = torch.full((2, 16), 0.25)
+    t["base_model.model.constant.lora_B.weight"] = torch.randn(8, 2, generator=g)
+    t["base_model.model.empty"] = torch.zeros(0, 4)
+    return t
+
+
+@pytest.fixture
+def mixed_file(tmp_path: Path) -> Path:
+    path = tmp_path / "mixed.safetensors"
+    save_file(mixed_tensors(), str(path), metadata={"format": "pt", "note": "mixed"})
+    return path
+
+
+def sine_dir(path: Path, freq: float = 200.0) -> Path:
+    """A Sine-LoRA reference-style adapter: peft_type SINLORA with 'freq', saved as a .bin state dict."""
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for name, (fan_in, fan_out) in {"q_proj": (32, 32), "v_proj": (32, 16)}.items():
+        prefix = f"base_model.model.layers.0.attn.{name}"
+        state[f"{prefix}.lora_A.weight"] = (torch.rand(2, fan_in, generator=g) * 2 - 1) / math.sqrt(fan_in)
+        state[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, 2, generator=g) * 0.05
+    torch.save(state, path / "adapter_model.bin")
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "SINLORA", "r": 2, "lora_alpha": 4, "freq": freq, "s": 1.0, "target_modules": ["q_proj", "v_proj"]}))
+    return path

@@ -1,0 +1,50 @@
+"""Write the golden .sqz files of this format version, with the tensors they must decode to.
+
+Run once per format version (python tests/golden/make_golden.py); never regenerate an existing folder:
+those files are what old writers produced, and every later reader must still decode them exactly.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import sqz  # noqa: E402
+from conftest import mixed_tensors, sine_dir  # noqa: E402
+
+CASES = {"b3-auto": dict(bits=3), "b2-zstd": dict(bits=2, entropy="zstd"), "b5-none": dict(bits=5, entropy="none"),
+         "b4-rans": dict(bits=4, entropy="rans"), "b1-auto": dict(bits=1)}
+
+
+def main() -> None:
+    folder = HERE / f"v{sqz.__version__.rsplit('.', 1)[0]}"
+    if folder.exists() and any(folder.iterdir()):
+        sys.exit(f"{folder} exists: golden files are never regenerated")
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / "source.safetensors"
+    save_file(mixed_tensors(), str(src), metadata={"format": "pt", "golden": "yes"})
+    for name, options in CASES.items():
+        _write(src, folder / name, sqz.EncodeOptions(sample=64, **options))
+    sine = sine_dir(folder / "sine-src")
+    _write(sine, folder / "sine-b3", sqz.EncodeOptions(bits=3))
+    for leftover in sine.iterdir():
+        leftover.unlink()
+    sine.rmdir()
+    src.unlink()
+
+
+def _write(src: Path, stem: Path, options: sqz.EncodeOptions) -> None:
+    sqz.encode(src, stem.with_suffix(".sqz"), options)
+    adapter = sqz.load(stem.with_suffix(".sqz"))
+    expected = {name: adapter[name] for name in adapter}
+    expected.update({f"delta::{p.module}": adapter.delta(p.module) for p in adapter.pairs})
+    save_file(expected, str(stem.with_suffix(".expected.safetensors")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The `sqz` console script, run as a user runs it: a real subprocess."""
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+import sqz
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sqz.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_encode_info_decode(tmp_path, peft_dir):
+    out = tmp_path / "a.sqz"
+    enc = run("encode", peft_dir, "-b", "3", "-o", out, "--json")
+    assert enc.returncode == 0, enc.stderr
+    summary = json.loads(enc.stdout)
+    assert summary["file_bytes"] == out.stat().st_size and summary["quantized"] == summary["tensors"] > 0
+    assert enc.stderr == ""  # piped: no progress bar
+
+    info = run("info", out, "--json")
+    data = json.loads(info.stdout)
+    assert data["totals"]["file_bytes"] == out.stat().st_size
+    assert sum(t["section_bytes"] for t in data["tensors"]) == data["totals"]["section_bytes"]
+    assert all(t["bits"] == 3 and t["codebook_bytes"] == 32 for t in data["tensors"])
+    table = run("info", out).stdout
+    assert "bits/param" in table and "smaller than fp16" in table
+
+    dec = run("decode", out, "-o", tmp_path / "r.safetensors")
+    assert dec.returncode == 0, dec.stderr
+    restored, adapter = load_file(str(tmp_path / "r.safetensors")), sqz.load(out)
+    assert all(torch.equal(restored[k], adapter[k]) for k in adapter)
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, peft_dir):
+    bad = tmp_path / "bad.sqz"
+    bad.write_bytes(b"\x89SQZ\r\n\x1a\n" + b"\0" * 30)
+    cases = [
+        (("info", bad), "sqz: error:"),
+        (("info", tmp_path / "missing.sqz"), "cannot open"),
+        (("encode", tmp_path / "missing", "-o", tmp_path / "x.sqz"), "no such file"),
+        (("encode", peft_dir, "-b", "9", "-o", tmp_path / "x.sqz"), "bits must be between 1 and 8"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.returncode == 1, args
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "x.sqz").exists()
+
+
+def test_force_is_needed_to_overwrite(tmp_path, peft_dir):
+    out = tmp_path / "a.sqz"
+    assert run("encode", peft_dir, "-o", out).returncode == 0
+    before = out.read_bytes()
+    again = run("encode", peft_dir, "-b", "2", "-o", out)
+    assert again.returncode == 1 and "--force" in again.stderr and out.read_bytes() == before
+    assert run("encode", peft_dir, "-b", "2", "-o", out, "--force").returncode == 0
+    assert out.read_bytes() != before
+
+
+def test_decode_to_peft_folder_and_delta(tmp_path, peft_dir):
+    out = tmp_path / "a.sqz"
+    run("encode", peft_dir, "-o", out)
+    folder = run("decode", out, "-o", f"{tmp_path / 'adapter'}/", "--json")
+    assert folder.returncode == 0, folder.stderr
+    assert sorted(p.rsplit("/", 1)[1] for p in json.loads(folder.stdout)["outputs"]) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    assert run("decode", out, "-o", tmp_path / "d.safetensors", "--delta").returncode == 0
+    assert set(load_file(str(tmp_path / "d.safetensors"))) == {p.module for p in sqz.load(out).pairs}

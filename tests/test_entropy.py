@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sqz import entropy
+from sqz.errors import FormatError, LimitError
+
+
+@st.composite
+def index_streams(draw):
+    bits = draw(st.integers(1, 8))
+    k = draw(st.integers(2, 1 << bits)) if bits > 1 else 2
+    values = draw(st.lists(st.integers(0, k - 1), min_size=1, max_size=400))
+    return bits, k, np.array(values, dtype=np.uint8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(index_streams(), st.sampled_from(["none", "zstd", "rans"]))
+def test_every_stage_round_trips(case, stage):
+    bits, k, indices = case
+    payload = entropy.encode_indices(indices, bits, k, stage)
+    decoded = entropy.decode_indices(memoryview(payload), indices.size, bits, k, stage)
+    assert np.array_equal(decoded, indices)
+
+
+def test_rans_reaches_the_entropy_and_beats_zstd_on_skewed_indices():
+    rng = np.random.default_rng(0)
+    p = np.array([0.02, 0.08, 0.2, 0.4, 0.2, 0.08, 0.015, 0.005])
+    indices = rng.choice(8, size=200_000, p=p).astype(np.uint8)
+    counts = np.bincount(indices, minlength=8) / indices.size
+    h = -(counts * np.log2(counts)).sum()
+    rans = 8 * len(entropy.encode_indices(indices, 3, 8, "rans")) / indices.size
+    zstd = 8 * len(entropy.encode_indices(indices, 3, 8, "zstd")) / indices.size
+    assert h <= rans < h + 0.01
+    assert rans < zstd
+
+
+def test_one_entry_codebook_has_empty_payload():
+    assert entropy.encode_indices(np.zeros(50, np.uint8), 3, 1, "rans") == b""
+    assert not entropy.decode_indices(memoryview(b""), 50, 3, 1, "none").any()
+    with pytest.raises(FormatError, match="empty payload"):
+        entropy.decode_indices(memoryview(b"\x00"), 50, 3, 1, "none")
+
+
+def test_zstd_frame_claiming_more_than_expected_is_refused_before_decompressing():
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * 10_000_000)
+    with pytest.raises(LimitError, match="declares 10000000"):
+        entropy.decode_bytes(memoryview(bomb), 100, "zstd")
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 100)
+    with pytest.raises(LimitError):
+        entropy.zstd_decompress(no_size, 100)
+
+
+def test_rans_count_table_must_sum_to_count_and_indices_stay_in_codebook():
+    indices = np.array([0, 1, 2, 1, 0], np.uint8)
+    payload = bytearray(entropy.encode_indices(indices, 2, 3, "rans"))
+    with pytest.raises(FormatError, match="sums to"):
+        entropy.decode_indices(memoryview(bytes(payload)), 6, 2, 3, "rans")
+    packed = entropy.encode_indices(np.array([3, 0, 1], np.uint8), 2, 4, "none")
+    with pytest.raises(FormatError, match="outside"):
+        entropy.decode_indices(memoryview(packed), 3, 2, 3, "none")

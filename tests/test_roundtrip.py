@@ -1,0 +1,191 @@
+"""Encode real adapter files and read them back through every public path."""
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sqz
+from sqz.adapter import read_adapter
+from conftest import mixed_tensors, sine_dir
+
+LOSSY_ROLES = {"lora_A", "lora_B"}
+
+
+@pytest.mark.parametrize("entropy", ["auto", "none", "zstd", "rans"])
+def test_every_dtype_and_role_round_trips(tmp_path, mixed_file, entropy):
+    out = tmp_path / "m.sqz"
+    sqz.encode(mixed_file, out, sqz.EncodeOptions(bits=4, entropy=entropy))
+    original = mixed_tensors()
+    adapter = sqz.load(out)
+    assert set(adapter) == set(load_file(str(mixed_file))) and len(adapter) == len(original)
+    records = {r["name"]: r for r in adapter.header["tensors"]}
+    for name, tensor in original.items():
+        got = adapter[name]
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        if records[name]["encoding"] == "raw":
+            assert torch.equal(got, tensor), name  # lossless: bit-exact
+        else:
+            assert records[name]["role"] in LOSSY_ROLES
+            assert records[name]["entropy"] == entropy or entropy == "auto" or records[name]["codebook_size"] == 1
+            error = (got.double() - tensor.double()).norm() / tensor.double().norm()
+            assert error < 0.1, (name, float(error))
+    assert {r["role"] for r in records.values()} == {"lora_A", "lora_B", "alpha", "magnitude", "other"}
+    assert records["base_model.model.f16.q.lora_magnitude_vector"]["encoding"] == "raw"
+    assert adapter.metadata == {"format": "pt", "note": "mixed"}
+
+
+def test_decoded_values_are_exactly_the_codebook_entries(tmp_path, mixed_file):
+    out = tmp_path / "m.sqz"
+    sqz.encode(mixed_file, out, sqz.EncodeOptions(bits=2))
+    adapter = sqz.load(out)
+    for record in adapter.header["tensors"]:
+        if record["encoding"] == "kmeans":
+            values = torch.unique(adapter[record["name"]])
+            assert values.numel() <= record["codebook_size"] <= 4
+
+
+def test_pairs_scaling_and_kohya_conv_delta(tmp_path, mixed_file):
+    out = tmp_path / "m.sqz"
+    sqz.encode(mixed_file, out, sqz.EncodeOptions(bits=8))
+    adapter = sqz.load(out)
+    pairs = {p.module: p for p in adapter.pairs}
+    conv = pairs["lora_unet_conv1"]
+    assert (conv.layer, conv.scaling) == ("conv", 2.0 / 4)  # kohya alpha / rank
+    up, down = adapter["lora_unet_conv1.lora_up.weight"].float(), adapter["lora_unet_conv1.lora_down.weight"].float()
+    expected = 0.5 * (up.reshape(12, 4) @ down.reshape(4, -1)).reshape(12, 8, 3, 3)
+    assert torch.allclose(adapter.delta("lora_unet_conv1"), expected)
+    emb = adapter.delta("base_model.model.embed")
+    assert emb.shape == (30, 16) and pairs["base_model.model.embed"].layer == "embedding"
+    with pytest.raises(KeyError):
+        adapter.delta("nope")
+
+
+def test_sine_adapter_from_reference_bin(tmp_path):
+    src = sine_dir(tmp_path / "sine", freq=200.0)
+    out = tmp_path / "s.sqz"
+    sqz.encode(src, out, sqz.EncodeOptions(bits=8))
+    adapter = sqz.load(out)
+    assert adapter.config["peft_type"] == "SINLORA"
+    for pair in adapter.pairs:
+        a, b = adapter[pair.a], adapter[pair.b]
+        assert pair.kind == "sine" and pair.omega == 200.0 and pair.scaling == 4 / 2
+        assert pair.gamma == pytest.approx(math.sqrt(a.shape[1]))
+        direct = torch.sin(200.0 * (b @ a)) / math.sqrt(a.shape[1]) * (4 / 2)
+        assert torch.allclose(adapter.delta(pair.module), direct, atol=1e-6)
+        assert not torch.allclose(adapter.delta(pair.module), 2.0 * (b @ a), atol=1e-3)
+
+
+def test_omega_and_gamma_flags(tmp_path, peft_dir):
+    out = tmp_path / "s.sqz"
+    sqz.encode(peft_dir, out, sine=sqz.SineOptions(omega=30.0, gamma="2*sqrt_in"))
+    pair = sqz.load(out).pairs[0]
+    fan_in = sqz.load(out)[pair.a].shape[1]
+    assert (pair.kind, pair.omega, pair.gamma) == ("sine", 30.0, pytest.approx(2 * math.sqrt(fan_in)))
+    with pytest.raises(sqz.InputError, match="--gamma"):
+        sqz.encode(peft_dir, tmp_path / "x.sqz", sine=sqz.SineOptions(gamma="sqrt_in"))
+    with pytest.raises(sqz.InputError, match="--gamma must be"):
+        sqz.encode(peft_dir, tmp_path / "x.sqz", sine=sqz.SineOptions(omega=1.0, gamma="fast"))
+
+
+def test_rslora_and_patterns_give_per_module_scaling(tmp_path):
+    from conftest import peft_lora_dir
+
+    src = peft_lora_dir(tmp_path / "p", use_rslora=True, rank_pattern={"value": 2}, alpha_pattern={"value": 6})
+    config = json.loads((src / "adapter_config.json").read_text())
+    adapter = read_adapter(src)
+    for pair in adapter.pairs:
+        rank, alpha = (2, 6) if pair.module.endswith("value") else (config["r"], config["lora_alpha"])
+        assert adapter.tensors[pair.a].shape[0] == rank
+        assert pair.scaling == pytest.approx(alpha / math.sqrt(rank))
+
+
+def test_encoding_is_deterministic(tmp_path, mixed_file):
+    a, b = tmp_path / "a.sqz", tmp_path / "b.sqz"
+    sqz.encode(mixed_file, a, sqz.EncodeOptions(bits=3, sample=20, seed=5))
+    sqz.encode(mixed_file, b, sqz.EncodeOptions(bits=3, sample=20, seed=5), workers=1)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_lossless_and_quantize_globs(tmp_path, mixed_file):
+    out = tmp_path / "g.sqz"
+    opts = sqz.EncodeOptions(bits=3, lossless=("*f32.q.lora_A*",), quantize=("*modules_to_save*weight",))
+    sqz.encode(mixed_file, out, opts)
+    records = {r["name"]: r for r in sqz.load(out).header["tensors"]}
+    assert records["base_model.model.f32.q.lora_A.weight"]["encoding"] == "raw"
+    assert records["base_model.model.classifier.modules_to_save.default.weight"]["encoding"] == "kmeans"
+
+
+def test_file_without_pairs_encodes_losslessly_with_a_warning(tmp_path):
+    src = tmp_path / "plain.safetensors"
+    save_file({"w": torch.randn(5, 5), "b": torch.randn(5)}, str(src))
+    with pytest.warns(sqz.SqzWarning, match="no LoRA factor pairs"):
+        sqz.encode(src, tmp_path / "p.sqz")
+    adapter = sqz.load(tmp_path / "p.sqz")
+    assert torch.equal(adapter["w"], load_file(str(src))["w"])
+
+
+def test_bad_encoder_inputs_get_one_clear_error_each(tmp_path):
+    cases = {
+        "nan.safetensors": {"m.lora_A.weight": torch.tensor([[float("nan"), 1.0]]), "m.lora_B.weight": torch.ones(2, 1)},
+        "ranks.safetensors": {"m.lora_A.weight": torch.ones(4, 8), "m.lora_B.weight": torch.ones(8, 3)},
+    }
+    for name, tensors in cases.items():
+        save_file(tensors, str(tmp_path / name))
+    with pytest.raises(sqz.InputError, match="NaN/inf"):
+        sqz.encode(tmp_path / "nan.safetensors", tmp_path / "o.sqz")
+    with pytest.raises(sqz.InputError, match="mismatched ranks"):
+        sqz.encode(tmp_path / "ranks.safetensors", tmp_path / "o.sqz")
+    (tmp_path / "junk.safetensors").write_bytes(b"this is not a tensor file")
+    with pytest.raises(sqz.InputError, match="not a readable safetensors"):
+        sqz.encode(tmp_path / "junk.safetensors", tmp_path / "o.sqz")
+    with pytest.raises(sqz.InputError, match="no such file"):
+        sqz.encode(tmp_path / "missing.safetensors", tmp_path / "o.sqz")
+    assert not (tmp_path / "o.sqz").exists()
+
+
+class Boom:
+    def __reduce__(self):
+        return (open, ("/tmp/sqz-pwned", "w"))
+
+
+def test_crafted_pickle_is_refused_without_running_code(tmp_path):
+    import os
+
+    path = tmp_path / "adapter_model.bin"
+    path.write_bytes(pickle.dumps({"x.lora_A.weight": Boom()}))
+    with pytest.raises(sqz.InputError, match="weights_only"):
+        sqz.encode(path, tmp_path / "o.sqz")
+    assert not os.path.exists("/tmp/sqz-pwned")
+
+
+def test_decode_writes_safetensors_peft_folder_and_delta(tmp_path, peft_dir):
+    out = tmp_path / "a.sqz"
+    sqz.encode(peft_dir, out, sqz.EncodeOptions(bits=8))
+    [single] = sqz.decode(out, tmp_path / "r.safetensors")
+    restored = load_file(str(single))
+    assert set(restored) == set(load_file(str(peft_dir / "adapter_model.safetensors")))
+    weights, config = sqz.decode(out, str(tmp_path / "folder") + "/")
+    assert json.loads(config.read_text()) == json.loads((peft_dir / "adapter_config.json").read_text())
+    [delta] = sqz.decode(out, tmp_path / "d.safetensors", delta=True)
+    deltas = load_file(str(delta))
+    adapter = sqz.load(out)
+    assert set(deltas) == {p.module for p in adapter.pairs}
+    assert all(torch.equal(deltas[m], adapter.delta(m)) for m in deltas)
+    with pytest.raises(sqz.OutputExistsError):
+        sqz.decode(out, tmp_path / "r.safetensors")
+    sqz.decode(out, tmp_path / "r.safetensors", force=True, dtype=torch.float16)
+    assert all(t.dtype == torch.float16 for t in load_file(str(tmp_path / "r.safetensors")).values())
+
+
+def test_encode_refuses_to_overwrite_and_leaves_no_temp_files(tmp_path, peft_dir):
+    out = tmp_path / "a.sqz"
+    out.write_bytes(b"precious")
+    with pytest.raises(sqz.OutputExistsError, match="--force"):
+        sqz.encode(peft_dir, out)
+    assert out.read_bytes() == b"precious"
+    sqz.encode(peft_dir, out, force=True)
+    assert out.read_bytes()[:4] == b"\x89SQZ"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sqz", "peft"]
