@@ -238,6 +238,8 @@ def _make_pair(module: str, a: SourceTensor, b: SourceTensor, embedding: bool, a
     if len(a.shape) not in (2, 4) or len(b.shape) not in (2, 4):
         raise InputError(f"{module}: LoRA factors must be 2-D or 4-D, got {list(a.shape)} and {list(b.shape)}")
     rank = a.shape[0]
+    if math.prod(b.shape[2:]) != 1:
+        raise InputError(f"{module}: {b.name} must be [out, r] or [out, r, 1, 1], got {list(b.shape)}")
     if b.shape[1] != rank:
         raise InputError(f"{module}: mismatched ranks, {a.name} has rank {rank} but {b.name} has {b.shape[1]}")
     if rank == 0:

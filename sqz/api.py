@@ -26,7 +26,7 @@ from .constants import ENCODING_KMEANS, PAIR_SINE
 from .bitpack import packed_size
 from .delta import delta_weight
 from .dtypes import itemsize
-from .errors import FormatError, InputError, SqzError
+from .errors import InputError, LimitError, SqzError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -98,14 +98,15 @@ class SqzAdapter(Mapping):
     Decoded tensors are cached; the mapping is safe to share between threads.
     """
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, path: str | Path | bytes, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         self._file = container.Container(path)
         self._index = {r["name"]: i for i, r in enumerate(self._file.records)}
         self._device = torch.device(device)
         self._dtype = dtype
         self._cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
-        self.pairs: list[Pair] = [Pair(**p) for p in self._file.header["pairs"]]
+        self.pairs: list[Pair] = [Pair(p["module"], p["a"], p["b"], p["kind"], p["layer"], p["scaling"],
+                                       p.get("omega"), p.get("gamma")) for p in self._file.header["pairs"]]
         self._pairs_by_module = {p.module: p for p in self.pairs}
 
     @property
@@ -136,7 +137,10 @@ class SqzAdapter(Mapping):
     def _decode(self, name: str) -> torch.Tensor:
         i = self._index[name]
         record = self._file.records[i]
-        tensor = _to_torch(decode_tensor(record, self._file.section(i)), record)
+        try:
+            tensor = _to_torch(decode_tensor(record, self._file.section(i)), record)
+        except MemoryError:
+            raise LimitError(f"{self._file.path}: tensor {name!r} ({record['shape']}) does not fit in memory") from None
         if self._dtype is not None:
             tensor = tensor.to(self._dtype)
         return tensor.to(self._device)
@@ -177,8 +181,8 @@ def _to_torch(words, record: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(words.view("u1")).view(dtype).reshape(record["shape"])
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SqzAdapter:
-    """Open a .sqz file for inference code: a lazy, read-only mapping of name -> torch.Tensor."""
+def load(path: str | Path | bytes, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SqzAdapter:
+    """Open a .sqz file (a path, or the whole file as bytes) as a lazy, read-only mapping name -> torch.Tensor."""
     return SqzAdapter(path, device=device, dtype=dtype)
 
 

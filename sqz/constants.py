@@ -18,8 +18,12 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024
 """Limit on the header JSON after decompression (and so on the compressed header too)."""
 MAX_TENSORS = 1_000_000
 MAX_NDIM = 8
-MAX_NUMEL = 1 << 36
+MAX_NUMEL = 1 << 32
+"""Per tensor: 4G elements, above any real adapter tensor (a 128K-vocab head at r=256 is 33M)."""
 MAX_NAME_BYTES = 4096
+
+MAX_KMEANS_NUMEL = 1 << 28
+"""Per quantized tensor: 40x the largest real LoRA factor; a rANS stream can claim many symbols in few bytes."""
 
 MIN_BITS = 1
 MAX_BITS = 8

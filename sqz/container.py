@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, ENCODING_KMEANS, ENCODINGS, ENTROPY_STAGES, LAYER_KINDS, MAGIC,
-                        MAX_BITS, MAX_HEADER_BYTES, MAX_NAME_BYTES, MAX_NDIM, MAX_NUMEL, MAX_TENSORS,
+                        MAX_BITS, MAX_HEADER_BYTES, MAX_KMEANS_NUMEL, MAX_NAME_BYTES, MAX_NDIM, MAX_NUMEL, MAX_TENSORS,
                         MIN_BITS, PAIR_KINDS, PAIR_SINE, PREAMBLE_SIZE, RAW_ENTROPY_STAGES, ROLES, VERSION_MAJOR,
                         VERSION_MINOR)
 from .entropy import ZSTD_HEADER_LEVEL, zstd_compress, zstd_decompress
@@ -75,32 +75,45 @@ def write(f: BinaryIO, header: dict[str, Any], sections: list[bytes]) -> int:
 class Container:
     """A validated, memory-mapped .sqz file. Sections are CRC-checked each time they are read."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < PREAMBLE_SIZE:
-                    if MAGIC.startswith(f.read(len(MAGIC))) and size:
-                        raise TruncatedError(f"{self.path}: truncated: {size} bytes, shorter than the preamble")
-                    raise FormatError(f"{self.path}: not a .sqz file (too short, {size} bytes)")
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except OSError as exc:
-            raise FormatError(f"{self.path}: cannot open: {exc.strerror or exc}") from None
-        self.size = size
-        self.version, self.header, self.data_start = parse_head(memoryview(self._map), size, str(self.path))
+    def __init__(self, source: str | Path | bytes):
+        """Open a file by path (memory-mapped), or parse a complete file held in memory."""
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self.path, self._map = Path("<bytes>"), None
+            self._buf = memoryview(source)
+        else:
+            self.path = Path(source)
+            self._map = self._open_map(self.path)
+            self._buf = memoryview(self._map) if self._map is not None else memoryview(b"")
+        self.size = len(self._buf)
+        if self.size < PREAMBLE_SIZE:
+            if self.size and MAGIC.startswith(bytes(self._buf[:len(MAGIC)])):
+                raise TruncatedError(f"{self.path}: truncated: {self.size} bytes, shorter than the preamble")
+            raise FormatError(f"{self.path}: not a .sqz file (too short, {self.size} bytes)")
+        self.version, self.header, self.data_start = parse_head(self._buf, self.size, str(self.path))
         self.records: list[dict[str, Any]] = self.header["tensors"]
+
+    @staticmethod
+    def _open_map(path: Path) -> mmap.mmap | None:
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return None  # mmap cannot map an empty file; the size check reports it
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise FormatError(f"{path}: cannot open: {exc.strerror or exc}") from None
 
     def section(self, index: int) -> memoryview:
         record = self.records[index]
         start = self.data_start + record["offset"]
-        view = memoryview(self._map)[start:start + record["length"]]
+        view = self._buf[start:start + record["length"]]
         if crc32(view) != record["crc32"]:
             raise ChecksumError(f"{self.path}: tensor {record['name']!r}: data fails its CRC-32 (corrupted file)")
         return view
 
     def close(self) -> None:
-        self._map.close()
+        self._buf.release()
+        if self._map is not None:
+            self._map.close()
 
 
 def parse_head(buf: memoryview, size: int, where: str) -> tuple[tuple[int, int], dict[str, Any], int]:
@@ -200,8 +213,12 @@ def validate_header(header: dict[str, Any], where: str) -> None:
         _need(end <= header["data_size"], where, f"{record['name']!r}: section runs past data_size")
     pairs = header.get("pairs")
     _need(isinstance(pairs, list), where, "'pairs' must be a list")
+    by_name = {r["name"]: r for r in records}
+    modules: set[str] = set()
     for pair in pairs:
-        _validate_pair(pair, names, where)
+        _validate_pair(pair, by_name, where)
+        _need(pair["module"] not in modules, where, f"duplicate pair module {pair['module']!r}")
+        modules.add(pair["module"])
 
 
 def _validate_record(r: dict[str, Any], where: str) -> None:
@@ -227,17 +244,26 @@ def _validate_record(r: dict[str, Any], where: str) -> None:
         k = r.get("codebook_size")
         _need(_is_int(k) and 1 <= k <= (1 << r["bits"]), where, f"{label}: codebook_size must be 1..2**bits")
         _need(numel > 0, where, f"{label}: kmeans tensor must not be empty")
+        if numel > MAX_KMEANS_NUMEL:
+            raise LimitError(f"{where}: {label} claims {numel} quantized elements, over the limit of {MAX_KMEANS_NUMEL}")
         _need(r["length"] >= 4 * k, where, f"{label}: section shorter than its codebook")
         for key in ("sample_size", "seed"):
             _need(_is_int(r.get(key)) and r[key] >= 0, where, f"{label}: '{key}' must be an integer >= 0")
     else:
         _need(r.get("entropy") in RAW_ENTROPY_STAGES, where, f"{label}: raw tensors use entropy 'none' or 'zstd'")
+        if r["entropy"] == "none":
+            _need(r["length"] == numel * DTYPE_ITEMSIZE[r["dtype"]], where, f"{label}: raw section length != shape x dtype")
 
 
-def _validate_pair(p: Any, names: set[str], where: str) -> None:
+def _validate_pair(p: Any, records: dict[str, dict[str, Any]], where: str) -> None:
     _need(isinstance(p, dict) and isinstance(p.get("module"), str), where, "pair must be an object with a 'module'")
     label = f"pair {p['module']!r}"
-    _need(p.get("a") in names and p.get("b") in names, where, f"{label}: 'a' and 'b' must name tensors")
+    _need(p.get("a") in records and p.get("b") in records, where, f"{label}: 'a' and 'b' must name tensors")
+    a, b = records[p["a"]], records[p["b"]]
+    _need(all(r["dtype"] in ("F64", "F32", "F16", "BF16") for r in (a, b)), where, f"{label}: factors must be floats")
+    _need(len(a["shape"]) in (2, 4) and len(b["shape"]) in (2, 4) and a["shape"][0] == b["shape"][1] > 0
+          and math.prod(b["shape"][2:]) == 1,
+          where, f"{label}: factor shapes {a['shape']} and {b['shape']} do not make a LoRA pair")
     _need(p.get("kind") in PAIR_KINDS, where, f"{label}: unknown kind {p.get('kind')!r}")
     _need(p.get("layer") in LAYER_KINDS, where, f"{label}: unknown layer {p.get('layer')!r}")
     _need(_is_num(p.get("scaling")), where, f"{label}: 'scaling' must be a finite number")

@@ -118,7 +118,8 @@ def base_record(**changes) -> dict:
     ({"encoding": "kmeans", "bits": 9, "codebook_size": 4, "sample_size": 0, "seed": 0}, FormatError, "bits"),
     ({"encoding": "kmeans", "bits": 2, "codebook_size": 5, "sample_size": 0, "seed": 0}, FormatError, "codebook_size"),
     ({"offset": 3}, FormatError, "aligned"),
-    ({"length": 1 << 40}, FormatError, "data_size"),
+    ({"length": 1 << 40, "entropy": "zstd"}, FormatError, "data_size"),
+    ({"length": 12}, FormatError, "raw section length"),
 ])
 def test_hostile_records_are_refused_at_open(tmp_path, changes, error, match):
     path = forge(tmp_path, {"tensors": [base_record(**changes)], "pairs": [], "data_size": 16}, b"\0" * 16)

@@ -61,3 +61,11 @@ def test_rans_count_table_must_sum_to_count_and_indices_stay_in_codebook():
     packed = entropy.encode_indices(np.array([3, 0, 1], np.uint8), 2, 4, "none")
     with pytest.raises(FormatError, match="outside"):
         entropy.decode_indices(memoryview(packed), 3, 2, 3, "none")
+
+
+def test_rans_stream_ending_in_a_zero_word_is_a_format_error():
+    """Fuzzing finding: constriction's AnsCoder() itself raises ValueError on such a stream."""
+    indices = np.array([0, 1, 2, 1, 0], np.uint8)
+    payload = entropy.encode_indices(indices, 2, 3, "rans") + b"\0\0\0\0"
+    with pytest.raises(FormatError, match="bad rANS stream"):
+        entropy.decode_indices(memoryview(payload), 5, 2, 3, "rans")
