@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
 from typing import Any

@@ -42,7 +42,7 @@ def test_config_is_synthesized_when_the_source_had_none(tmp_path):
     model = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "out")).eval()
     adapter = sqz.load(tmp_path / "a.sqz")
     for pair in adapter.pairs:
-        module = model.get_submodule(pair.module.removeprefix("base_model.model.").replace("base_model.model.", ""))
+        module = model.base_model.model.get_submodule(pair.module.removeprefix("base_model.model."))
         rank = adapter[pair.a].shape[0]
         assert module.r["default"] == rank
         assert module.scaling["default"] == 8 / rank == pair.scaling
