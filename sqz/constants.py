@@ -25,6 +25,11 @@ MAX_NAME_BYTES = 4096
 MAX_KMEANS_NUMEL = 1 << 28
 """Per quantized tensor: 40x the largest real LoRA factor; a rANS stream can claim many symbols in few bytes."""
 
+MAX_EXPANSION = 1 << 16
+EXPANSION_FLOOR = 64 * 1024 * 1024
+"""A tensor may decode to at most max(EXPANSION_FLOOR, MAX_EXPANSION x its section length) bytes: a constant
+or near-constant tensor legitimately codes to a few bytes, but a tiny file must not make a reader allocate GBs."""
+
 MIN_BITS = 1
 MAX_BITS = 8
 

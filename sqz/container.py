@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, ENCODING_KMEANS, ENCODINGS, ENTROPY_STAGES, LAYER_KINDS, MAGIC,
-                        MAX_BITS, MAX_HEADER_BYTES, MAX_KMEANS_NUMEL, MAX_NAME_BYTES, MAX_NDIM, MAX_NUMEL, MAX_TENSORS,
+                        EXPANSION_FLOOR, MAX_BITS, MAX_EXPANSION, MAX_HEADER_BYTES, MAX_KMEANS_NUMEL, MAX_NAME_BYTES, MAX_NDIM, MAX_NUMEL, MAX_TENSORS,
                         MIN_BITS, PAIR_KINDS, PAIR_SINE, PREAMBLE_SIZE, RAW_ENTROPY_STAGES, ROLES, VERSION_MAJOR,
                         VERSION_MINOR)
 from .entropy import ZSTD_HEADER_LEVEL, zstd_compress, zstd_decompress
@@ -235,6 +235,10 @@ def _validate_record(r: dict[str, Any], where: str) -> None:
     if numel > MAX_NUMEL:
         raise LimitError(f"{where}: {label} claims {numel} elements, over the limit of {MAX_NUMEL}")
     _need(r.get("dtype") in DTYPE_ITEMSIZE, where, f"{label}: unknown dtype {r.get('dtype')!r}")
+    decoded = numel * DTYPE_ITEMSIZE[r["dtype"]]
+    if decoded > max(EXPANSION_FLOOR, MAX_EXPANSION * r["length"]):
+        raise LimitError(f"{where}: {label} would expand {r['length']} bytes into {decoded}, beyond what a "
+                         f"{r['length']}-byte section can justify")
     _need(r.get("role") in ROLES, where, f"{label}: unknown role {r.get('role')!r}")
     _need(r.get("encoding") in ENCODINGS, where, f"{label}: unknown encoding {r.get('encoding')!r}")
     if r["encoding"] == ENCODING_KMEANS:

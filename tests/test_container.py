@@ -120,6 +120,8 @@ def base_record(**changes) -> dict:
     ({"offset": 3}, FormatError, "aligned"),
     ({"length": 1 << 40, "entropy": "zstd"}, FormatError, "data_size"),
     ({"length": 12}, FormatError, "raw section length"),
+    ({"shape": [1 << 26], "encoding": "kmeans", "entropy": "none", "bits": 1, "codebook_size": 1, "sample_size": 1,
+      "seed": 0, "length": 4}, LimitError, "expand 4 bytes into 268435456"),
 ])
 def test_hostile_records_are_refused_at_open(tmp_path, changes, error, match):
     path = forge(tmp_path, {"tensors": [base_record(**changes)], "pairs": [], "data_size": 16}, b"\0" * 16)
