@@ -20,10 +20,10 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, ENCODING_KMEANS, ENCODINGS, ENTROPY_STAGES, LAYER_KINDS, MAGIC,
-                        EXPANSION_FLOOR, MAX_BITS, MAX_EXPANSION, MAX_HEADER_BYTES, MAX_KMEANS_NUMEL, MAX_NAME_BYTES, MAX_NDIM, MAX_NUMEL, MAX_TENSORS,
-                        MIN_BITS, PAIR_KINDS, PAIR_SINE, PREAMBLE_SIZE, RAW_ENTROPY_STAGES, ROLES, VERSION_MAJOR,
-                        VERSION_MINOR)
+from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, ENCODING_KMEANS, ENCODINGS, ENTROPY_STAGES, EXPANSION_FLOOR,
+                        LAYER_KINDS, MAGIC, MAX_BITS, MAX_EXPANSION, MAX_HEADER_BYTES, MAX_KMEANS_NUMEL, MAX_NAME_BYTES,
+                        MAX_NDIM, MAX_NUMEL, MAX_TENSORS, MIN_BITS, PAIR_KINDS, PAIR_SINE, PREAMBLE_SIZE,
+                        QUANTIZABLE_DTYPES, RAW_ENTROPY_STAGES, ROLES, VERSION_MAJOR, VERSION_MINOR)
 from .entropy import ZSTD_HEADER_LEVEL, zstd_compress, zstd_decompress
 from .errors import ChecksumError, FormatError, LimitError, TruncatedError, UnsupportedVersionError
 
@@ -243,7 +243,7 @@ def _validate_record(r: dict[str, Any], where: str) -> None:
     _need(r.get("encoding") in ENCODINGS, where, f"{label}: unknown encoding {r.get('encoding')!r}")
     if r["encoding"] == ENCODING_KMEANS:
         _need(r.get("entropy") in ENTROPY_STAGES, where, f"{label}: unknown entropy stage {r.get('entropy')!r}")
-        _need(r["dtype"] in ("F64", "F32", "F16", "BF16"), where, f"{label}: kmeans needs a float dtype")
+        _need(r["dtype"] in QUANTIZABLE_DTYPES, where, f"{label}: kmeans needs a float dtype")
         _need(_is_int(r.get("bits")) and MIN_BITS <= r["bits"] <= MAX_BITS, where, f"{label}: bits must be 1..8")
         k = r.get("codebook_size")
         _need(_is_int(k) and 1 <= k <= (1 << r["bits"]), where, f"{label}: codebook_size must be 1..2**bits")
@@ -264,7 +264,7 @@ def _validate_pair(p: Any, records: dict[str, dict[str, Any]], where: str) -> No
     label = f"pair {p['module']!r}"
     _need(p.get("a") in records and p.get("b") in records, where, f"{label}: 'a' and 'b' must name tensors")
     a, b = records[p["a"]], records[p["b"]]
-    _need(all(r["dtype"] in ("F64", "F32", "F16", "BF16") for r in (a, b)), where, f"{label}: factors must be floats")
+    _need(all(r["dtype"] in QUANTIZABLE_DTYPES for r in (a, b)), where, f"{label}: factors must be floats")
     _need(len(a["shape"]) in (2, 4) and len(b["shape"]) in (2, 4) and a["shape"][0] == b["shape"][1] > 0
           and math.prod(b["shape"][2:]) == 1,
           where, f"{label}: factor shapes {a['shape']} and {b['shape']} do not make a LoRA pair")
