@@ -66,10 +66,7 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions) -> tuple[d
     """The header record (without offset/length/crc32) and the section bytes of one tensor."""
     record = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "role": role}
     if not should_quantize(t, role, options):
-        stages = (ENTROPY_NONE, ENTROPY_ZSTD) if options.entropy == ENTROPY_AUTO else (
-            ENTROPY_ZSTD if options.entropy == ENTROPY_ZSTD else ENTROPY_NONE,)
-        stage, payload = _smallest({s: entropy.encode_bytes(t.raw, s) for s in stages})
-        return {**record, "encoding": ENCODING_RAW, "entropy": stage}, payload
+        return _encode_raw(t, record, options)
     try:
         q = quantize(to_float64(t.raw, t.dtype), options.bits, options.sample, tensor_seed(options.seed, t.name))
     except InputError as exc:
@@ -81,7 +78,21 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions) -> tuple[d
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
     record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=options.bits, codebook_size=k,
                   sample_size=q.sample_size, seed=q.seed)
-    return record, q.codebook.astype("<f4").tobytes() + payload
+    section = q.codebook.astype("<f4").tobytes() + payload
+    if options.entropy == ENTROPY_AUTO:
+        # A small tensor at many bits can cost more as codebook + indices than as its exact bytes
+        # (a 384-value factor at 8 bits: 1 KiB of codebook). auto never stores a factor larger than exact.
+        exact_record, exact = _encode_raw(t, {k: record[k] for k in ("name", "shape", "dtype", "role")}, options)
+        if len(exact) <= len(section):
+            return exact_record, exact
+    return record, section
+
+
+def _encode_raw(t: SourceTensor, record: dict, options: EncodeOptions) -> tuple[dict, bytes]:
+    stages = (ENTROPY_NONE, ENTROPY_ZSTD) if options.entropy == ENTROPY_AUTO else (
+        ENTROPY_ZSTD if options.entropy == ENTROPY_ZSTD else ENTROPY_NONE,)
+    stage, payload = _smallest({s: entropy.encode_bytes(t.raw, s) for s in stages})
+    return {**record, "encoding": ENCODING_RAW, "entropy": stage}, payload
 
 
 def codebook_of(record: dict, section: memoryview) -> np.ndarray:

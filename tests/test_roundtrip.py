@@ -37,6 +37,28 @@ def test_every_dtype_and_role_round_trips(tmp_path, mixed_file, entropy):
     assert adapter.metadata == {"format": "pt", "note": "mixed"}
 
 
+def test_auto_stores_a_factor_exactly_when_that_is_smaller(tmp_path):
+    """At 8 bits a 4x64 factor costs 1 KiB of codebook + 256 B of indices, more than its 512 exact bytes."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {"m.small.lora_A.weight": torch.randn(4, 64, generator=g).half(),
+               "m.small.lora_B.weight": torch.randn(64, 4, generator=g).half(),
+               "m.big.lora_A.weight": torch.randn(8, 2048, generator=g).half(),
+               "m.big.lora_B.weight": torch.randn(2048, 8, generator=g).half()}
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    sizes = {}
+    for entropy in ("auto", "none"):
+        out = tmp_path / f"{entropy}.sqz"
+        sqz.encode(tmp_path / "a.safetensors", out, sqz.EncodeOptions(bits=8, entropy=entropy))
+        records = {r["name"]: r for r in sqz.load(out).header["tensors"]}
+        sizes[entropy] = out.stat().st_size
+        small = records["m.small.lora_A.weight"]["encoding"]
+        assert small == ("raw" if entropy == "auto" else "kmeans")
+        assert records["m.big.lora_A.weight"]["encoding"] == "kmeans"
+        if entropy == "auto":
+            assert torch.equal(sqz.load(out)["m.small.lora_A.weight"], tensors["m.small.lora_A.weight"])
+    assert sizes["auto"] < sizes["none"]
+
+
 def test_decoded_values_are_exactly_the_codebook_entries(tmp_path, mixed_file):
     out = tmp_path / "m.sqz"
     sqz.encode(mixed_file, out, sqz.EncodeOptions(bits=2))

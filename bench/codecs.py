@@ -1,0 +1,91 @@
+"""Rate (bits/param, every byte of the file) against distortion of ΔW for sqz and the alternatives."""
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+import sqz
+from bench import baselines
+from bench.metrics import delta_distortion
+
+Tensors = dict[str, np.ndarray]
+ENTROPY_STAGES = ("none", "zstd", "rans", "auto")
+
+
+def read_adapter(directory: Path) -> Tensors:
+    return {k: v.astype(np.float32) for k, v in load_file(str(directory / "adapter_model.safetensors")).items()}
+
+
+def sqz_codec(src: Path, bits: int, entropy: str, workdir: Path) -> Callable[[Tensors], tuple[bytes, Tensors]]:
+    """sqz through its public API: a real .sqz file, read back with sqz.load."""
+
+    def codec(_: Tensors) -> tuple[bytes, Tensors]:
+        out = workdir / f"b{bits}-{entropy}.sqz"
+        sqz.encode(src, out, sqz.EncodeOptions(bits=bits, entropy=entropy), force=True, progress=False)
+        with sqz.load(out) as adapter:
+            recon = {name: adapter[name].float().numpy() for name in adapter}
+        data = out.read_bytes()
+        out.unlink()
+        return data, recon
+
+    return codec
+
+
+def plan(src: Path, workdir: Path, sqz_bits: dict[str, list[int]], paper_bits: list[int],
+         quant_bits: list[int], int_bits: list[int]) -> list[tuple[dict, Callable]]:
+    """(labels, codec) for every point to measure. `sqz_bits` maps an entropy stage to its bit widths."""
+    points = [({"codec": f"sqz-{stage}", "family": "sqz", "bits": b, "entropy": stage},
+               sqz_codec(src, b, stage, workdir)) for stage, widths in sqz_bits.items() for b in widths]
+    points += [({"codec": "paper (k-means+zip)", "family": "paper", "bits": b}, baselines.paper_pipeline(b))
+               for b in paper_bits]
+    points += [({"codec": "uniform min-max", "family": "uniform", "bits": b}, baselines.uniform_minmax(b))
+               for b in quant_bits]
+    points += [({"codec": "absmax int (block 64)", "family": "absmax", "bits": b}, baselines.block_absmax_int(b))
+               for b in int_bits]
+    points += [({"codec": "NF4 (block 64)", "family": "nf4", "bits": 4}, baselines.nf4),
+               ({"codec": "fp16 safetensors", "family": "lossless"}, baselines.fp16_safetensors),
+               ({"codec": "fp16 + zstd-19", "family": "lossless"}, baselines.zstd_fp16(19)),
+               ({"codec": "fp16 + ZipNN", "family": "lossless"}, baselines.zipnn_fp16)]
+    return points
+
+
+def measure(src: Path, points: list[tuple[dict, Callable]], omegas: dict[str, float | None],
+            max_rows: int | None = None, progress=None) -> list[dict]:
+    """Run every codec on the adapter in `src`; distortion of ΔW for each named ω (None = plain LoRA)."""
+    reference = read_adapter(src)
+    params = sum(v.size for v in reference.values())
+    rows = []
+    for labels, codec in points:
+        start = time.perf_counter()
+        data, recon = codec(reference)
+        row = dict(labels, file_bytes=len(data), bits_per_param=8 * len(data) / params,
+                   seconds=time.perf_counter() - start)
+        for kind, omega in omegas.items():
+            d = delta_distortion(reference, recon, omega, max_rows)
+            row[f"rel_fro_{kind}"], row[f"sqnr_db_{kind}"] = d["rel_fro"], d["sqnr_db"]
+        rows.append(row)
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+def run(src: Path, omegas: dict[str, float | None], quick: bool, max_rows: int | None = None,
+        progress_factory=None) -> dict:
+    """The whole comparison on one adapter folder."""
+    widths = [2, 3] if quick else [1, 2, 3, 4, 5, 8]
+    low = [b for b in widths if b <= 5]
+    with tempfile.TemporaryDirectory() as tmp:
+        points = plan(src, Path(tmp), {stage: (widths if stage == "auto" else low) for stage in ENTROPY_STAGES},
+                      paper_bits=[2, 3] if quick else [2, 3, 5], quant_bits=widths,
+                      int_bits=[b for b in widths if b >= 2])
+        bar = progress_factory(len(points)) if progress_factory else None
+        rows = measure(src, points, omegas, max_rows, bar)
+        if bar is not None:
+            bar.close()
+    params = sum(v.size for v in read_adapter(src).values())
+    return {"params": params, "omegas": omegas, "max_rows": max_rows, "rows": rows}
