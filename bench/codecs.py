@@ -77,12 +77,12 @@ def measure(src: Path, points: list[tuple[dict, Callable]], omegas: dict[str, fl
 def run(src: Path, omegas: dict[str, float | None], quick: bool, max_rows: int | None = None,
         progress_factory=None) -> dict:
     """The whole comparison on one adapter folder."""
-    widths = [2, 3] if quick else [1, 2, 3, 4, 5, 8]
-    low = [b for b in widths if b <= 5]
+    widths = [2, 3] if quick else list(range(1, 9))
+    low = [b for b in widths if b <= 5]  # forced stages stop at 5 bits: 6-8-bit fits cost minutes on 28.3M
     with tempfile.TemporaryDirectory() as tmp:
         points = plan(src, Path(tmp), {stage: (widths if stage == "auto" else low) for stage in ENTROPY_STAGES},
                       paper_bits=[2, 3] if quick else [2, 3, 5], quant_bits=widths,
-                      int_bits=[b for b in widths if b >= 2])
+                      int_bits=[b for b in widths if b >= 2])  # symmetric 1-bit ints have one level: 0
         bar = progress_factory(len(points)) if progress_factory else None
         rows = measure(src, points, omegas, max_rows, bar)
         if bar is not None:

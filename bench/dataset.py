@@ -16,7 +16,7 @@ class Split:
     texts: list[str]
     labels: np.ndarray  # int64 class ids
 
-    def subset(self, count: int, seed: int) -> "Split":
+    def subset(self, count: int, seed: int) -> Split:
         """A seeded random subset (quick runs); the whole split when count >= its size."""
         if count >= len(self.texts):
             return self
@@ -36,5 +36,5 @@ def load(seed: int = 0, test_fraction: float = 0.2) -> tuple[Split, Split, list[
         members = np.flatnonzero(labels == c)
         test[rng.choice(members, round(test_fraction * members.size), replace=False)] = True
     texts = [r["description"] for r in rows]
-    pick = lambda mask: Split([texts[i] for i in np.flatnonzero(mask)], labels[mask])  # noqa: E731
+    pick = lambda mask: Split([texts[i] for i in np.flatnonzero(mask)], labels[mask])
     return pick(~test), pick(test), classes

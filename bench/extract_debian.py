@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 SECTIONS = ("games", "science", "sound", "graphics", "net", "mail", "database", "editors", "video", "math",
             "electronics", "hamradio", "web", "text")
-FIELD = re.compile(r"^(Package|Section|Description): (.*)$", re.M)
+FIELD = re.compile(r"^(Package|Section|Description): (.*)$", re.MULTILINE)
 
 
 def records(dump: str) -> Iterable[dict[str, str]]:

@@ -139,8 +139,8 @@ def delta_of(a: torch.Tensor, b: torch.Tensor, scaling: float, omega: float | No
 
 
 def target_modules(model: Classifier) -> dict[str, nn.Linear]:
-    """The adapted linears, keyed by their name inside the encoder (PEFT's names without the prefix)."""
-    return {f"encoder.{name}": module for name, module in model.encoder.named_modules()
+    """The adapted linears, keyed by their name in the BertModel (PEFT's names on it, without the prefix)."""
+    return {name: module for name, module in model.encoder.named_modules()
             if isinstance(module, nn.Linear) and name.endswith(TARGETS) and ".layer." in name}
 
 
@@ -150,7 +150,7 @@ def train_adapter(model: Classifier, train: Tokens, rank: int, alpha: float, ome
     torch.manual_seed(seed)
     wrapped = {}
     for name, linear in target_modules(model).items():
-        parent_name, _, child = name.removeprefix("encoder.").rpartition(".")
+        parent_name, _, child = name.rpartition(".")
         wrapped[name] = LoraLinear(linear, rank, alpha, omega)
         setattr(model.encoder.get_submodule(parent_name), child, wrapped[name])
     params = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]
@@ -173,7 +173,7 @@ def train_adapter(model: Classifier, train: Tokens, rank: int, alpha: float, ome
     finally:
         model.eval()
         for name, module in wrapped.items():  # put the frozen linears back
-            parent_name, _, child = name.removeprefix("encoder.").rpartition(".")
+            parent_name, _, child = name.rpartition(".")
             setattr(model.encoder.get_submodule(parent_name), child, module.base)
     return {f"{PREFIX}{name}.lora_{part}.weight": getattr(m, f"lora_{part}").detach().clone().contiguous()
             for name, m in wrapped.items() for part in "AB"}

@@ -1,22 +1,22 @@
-"""Size and speed on the LLaMA-3-8B-shaped rank-16 adapter (28.3M params), measured side by side in one run.
+"""Speed and memory on the LLaMA-3-8B-shaped rank-16 adapter (28.3M params), measured side by side in one run.
 
-    python -m bench.speed [--bits 2 3 5] [--scale 1.0] [--repeat 3] [--out bench/results/speed.json]
-
-Reports, per bit width and entropy stage: file size, bits/param, encode wall time; and `sqz.load` plus
-touching every tensor against `safetensors.torch.load_file` of the fp16 original (+ touching), as ratios.
-Touching = summing every tensor, which forces every byte to be read or decoded.
+Every time is a ratio to something measured in the same run on the same file: `sqz.load` + touching every
+tensor against `safetensors.torch.load_file` of the fp16 original (+ touching), and against decompressing
+zstd / ZipNN copies of that file (+ loading + touching). Touching = summing every tensor, which forces
+every byte to be read or decoded. Peak memory is measured in a fresh process per reader (peak RSS above
+the process's RSS after imports). Scaling: encode and load at 0.25x, 1x and 4x the adapter.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
-import tempfile
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+import zstandard
+from safetensors.torch import load, load_file
 
 import sqz
 from bench.synthetic import write_llama_adapter
@@ -36,10 +36,43 @@ def best_of(repeat: int, fn) -> float:
     return min(times)
 
 
-def run(bits: list[int], scale: float, repeat: int, entropies: list[str], workdir: Path) -> dict:
-    src = write_llama_adapter(workdir / "adapter", scale=scale)
+def zipnn_codec():
+    from zipnn import ZipNN
+
+    return ZipNN(input_format="byte", bytearray_dtype="float16")
+
+
+READERS = {  # name -> python statement that reads PATH and touches every tensor (peak-memory probes)
+    "safetensors": "from safetensors.torch import load_file as f; t = f(PATH)",
+    "sqz": "import sqz; t = sqz.load(PATH)",
+    "zstd": "import zstandard; from safetensors.torch import load; "
+            "t = load(zstandard.ZstdDecompressor().decompress(open(PATH, 'rb').read()))",
+    "zipnn": "from bench.speed import zipnn_codec; from safetensors.torch import load; "
+             "t = load(bytes(zipnn_codec().decompress(open(PATH, 'rb').read())))",
+}
+PROBE = """
+import resource, sys
+from bench.speed import touch
+import torch, numpy, safetensors, zstandard, sqz, zipnn
+PATH = sys.argv[1]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+{reader}
+touch(t)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def peak_memory(reader: str, path: Path) -> int:
+    """Peak RSS growth (bytes) of a fresh process that reads `path` and touches every tensor."""
+    code = PROBE.format(reader=READERS[reader])
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parent.parent)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def sizes_and_times(src: Path, workdir: Path, params: int, bits: list[int], entropies: list[str],
+                    repeat: int) -> list[dict]:
     weights = src / "adapter_model.safetensors"
-    params = sum(t.numel() for t in load_file(str(weights)).values())
     rows = []
     for b in bits:
         for stage in entropies:
@@ -54,37 +87,65 @@ def run(bits: list[int], scale: float, repeat: int, entropies: list[str], workdi
                          "ratio_to_fp16": weights.stat().st_size / size, "encode_s": encode_s,
                          "load_touch_s": sqz_s, "safetensors_load_touch_s": safetensors_s,
                          "load_ratio": sqz_s / safetensors_s})
+    return rows
+
+
+def lossless_rows(weights: Path, workdir: Path, repeat: int) -> list[dict]:
+    """fp16 file, zstd-19 and ZipNN copies of it: size, compress time, decompress+load+touch time."""
+    raw = weights.read_bytes()
+    zst, zpn = workdir / "fp16.safetensors.zst", workdir / "fp16.safetensors.znn"
+    start = time.perf_counter()
+    zst.write_bytes(zstandard.ZstdCompressor(level=19, threads=-1).compress(raw))
+    zstd_encode = time.perf_counter() - start
+    start = time.perf_counter()
+    zpn.write_bytes(bytes(zipnn_codec().compress(raw)))
+    zipnn_encode = time.perf_counter() - start
+    readers = {
+        "safetensors": (weights, 0.0, lambda: touch(load_file(str(weights)))),
+        "zstd": (zst, zstd_encode, lambda: touch(load(zstandard.ZstdDecompressor().decompress(zst.read_bytes())))),
+        "zipnn": (zpn, zipnn_encode, lambda: touch(load(bytes(zipnn_codec().decompress(zpn.read_bytes()))))),
+    }
+    return [{"format": name, "file_bytes": path.stat().st_size, "encode_s": enc, "load_touch_s": best_of(repeat, fn)}
+            for name, (path, enc, fn) in readers.items()]
+
+
+def scaling_rows(workdir: Path, scales: list[float], bits: int, repeat: int) -> list[dict]:
+    rows = []
+    for scale in scales:
+        src = write_llama_adapter(workdir / f"adapter-{scale}", scale=scale)
+        weights = src / "adapter_model.safetensors"
+        params = sum(t.numel() for t in load_file(str(weights)).values())
+        out = workdir / f"scale-{scale}.sqz"
+        encode_s = best_of(1, lambda: sqz.encode(src, out, sqz.EncodeOptions(bits=bits), force=True, progress=False))
+        safetensors_s = best_of(repeat, lambda: touch(load_file(str(weights))))
+        sqz_s = best_of(repeat, lambda: touch(sqz.load(out)))
+        rows.append({"scale": scale, "params": params, "bits": bits, "file_bytes": out.stat().st_size,
+                     "encode_s": encode_s, "load_touch_s": sqz_s, "safetensors_load_touch_s": safetensors_s,
+                     "load_ratio": sqz_s / safetensors_s})
+    return rows
+
+
+def run(workdir: Path, quick: bool = False, log=print) -> dict:
+    scale = 1 / 32 if quick else 1.0
+    src = write_llama_adapter(workdir / "adapter", scale=scale)
+    weights = src / "adapter_model.safetensors"
+    params = sum(t.numel() for t in load_file(str(weights)).values())
+    repeat = 1 if quick else 3
+    log(f"speed: {params:,} params")
+    rows = sizes_and_times(src, workdir, params, [3] if quick else [2, 3, 5], ["auto", "zstd"], repeat)
+    lossless = lossless_rows(weights, workdir, repeat)
+    memory = {"safetensors": peak_memory("safetensors", weights), "sqz": peak_memory("sqz", workdir / "b3-auto.sqz"),
+              "zstd": peak_memory("zstd", workdir / "fp16.safetensors.zst"),
+              "zipnn": peak_memory("zipnn", workdir / "fp16.safetensors.znn")}
+    encode_memory = subprocess.run(
+        [sys.executable, "-c", "import resource, sqz, sys; b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+         "sqz.encode(sys.argv[1], sys.argv[2], sqz.EncodeOptions(bits=3), force=True, progress=False); "
+         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - b) * 1024)", str(src), str(workdir / "m.sqz")],
+        capture_output=True, text=True, check=True).stdout.split()[-1]
+    log("speed: scaling")
+    scaling = scaling_rows(workdir, [1 / 128, 1 / 32] if quick else [0.25, 1.0, 4.0], 3, repeat)
     return {"adapter": {"params": params, "fp16_bytes": weights.stat().st_size, "scale": scale},
             "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
-                        "torch": torch.__version__, "sqz": sqz.__version__},
-            "rows": rows}
-
-
-def table(result: dict) -> str:
-    lines = [f"adapter: {result['adapter']['params']:,} params, fp16 {result['adapter']['fp16_bytes']:,} bytes",
-             "| bits | entropy | file MB | bits/param | x smaller than fp16 | encode s | load+touch s | "
-             "safetensors load+touch s | load ratio |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['bits']} | {r['entropy']} | {r['file_bytes'] / 1e6:.2f} | {r['bits_per_param']:.3f} | "
-                     f"{r['ratio_to_fp16']:.2f} | {r['encode_s']:.2f} | {r['load_touch_s']:.3f} | "
-                     f"{r['safetensors_load_touch_s']:.3f} | {r['load_ratio']:.1f} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 5])
-    parser.add_argument("--entropy", nargs="+", default=["auto", "zstd"])
-    parser.add_argument("--scale", type=float, default=1.0, help="adapter size relative to LLaMA-3-8B x 32 layers")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed.json")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = run(args.bits, args.scale, args.repeat, args.entropy, Path(tmp))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(table(result))
-
-
-if __name__ == "__main__":
-    main()
+                        "torch": torch.__version__, "sqz": sqz.__version__, "platform": platform.platform()},
+            "rows": rows, "lossless": lossless,
+            "peak_memory_bytes": {**memory, "sqz_encode_3bit": int(encode_memory)}, "scaling": scaling}

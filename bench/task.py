@@ -44,7 +44,7 @@ class TaskConfig:
     uniform_kinds: tuple[str, ...] = ("sinelora",)  # the paper's Table 5 is SineLoRA
 
     @classmethod
-    def quick(cls) -> "TaskConfig":
+    def quick(cls) -> TaskConfig:
         return cls(ranks=(1, 4), bits=(1, 2, 3, 8), train_count=600, test_count=300)
 
 
@@ -56,7 +56,8 @@ def adapter_dir(cfg: TaskConfig, kind: str, rank: int) -> tuple[Path, dict]:
     params = {"kind": kind, "rank": rank, "alpha": cfg.alpha_per_rank * rank,
               "omega": cfg.omega[rank] if kind == "sinelora" else None, "epochs": cfg.epochs, "lr": cfg.lr,
               "batch_size": cfg.batch_size, "seed": cfg.seed, "train_count": cfg.train_count,
-              "data_sha256": hashlib.sha256(DATA.read_bytes()).hexdigest(), "model": minilm.MODEL_NAME}
+              "data_sha256": hashlib.sha256(DATA.read_bytes()).hexdigest(), "model": minilm.MODEL_NAME,
+              "naming": "peft-on-BertModel"}
     return CACHE / "adapters" / f"{kind}-r{rank}-{_digest(params)}", params
 
 
@@ -68,6 +69,17 @@ def deltas_of(tensors: dict[str, np.ndarray], scaling: float, omega: float | Non
             out[name.removesuffix(".lora_A.weight")] = minilm.delta_of(torch.from_numpy(a), torch.from_numpy(b),
                                                                         scaling, omega)
     return out
+
+
+def sine_regime(tensors: dict[str, np.ndarray], omega: float | None) -> dict[str, float]:
+    """How far into the sine's non-linear range the trained adapter went: |ω·B@A| over all modules."""
+    if omega is None:
+        return {}
+    products = [omega * np.abs(tensors[n.replace(".lora_A.", ".lora_B.")] @ a).ravel()
+                for n, a in tensors.items() if n.endswith(".lora_A.weight")]
+    values = np.concatenate(products)
+    return {"omega_BA_rms": float(np.sqrt(np.mean(values**2))), "omega_BA_p99": float(np.percentile(values, 99)),
+            "omega_BA_max": float(values.max())}
 
 
 def bd_metrics(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> dict[str, float | str]:
@@ -132,7 +144,7 @@ def run(cfg: TaskConfig, progress_factory=None, log=print) -> dict:
             full = evaluate(deltas_of(reference, scaling, omega))
             adapters.append({"kind": kind, "rank": rank, "params": n_params, "omega": omega,
                              "alpha": params["alpha"], "fp16_bytes": fp16_bytes, "accuracy_full": full,
-                             "cache": directory.name})
+                             "cache": directory.name, **sine_regime(reference, omega)})
             rows.append({"kind": kind, "rank": rank, "quantizer": "full (fp16)", "bits": 16,
                          "file_bytes": fp16_bytes, "accuracy": full})
             log(f"{kind} r={rank}: {n_params} params, full precision accuracy {full:.4f}")

