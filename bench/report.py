@@ -292,7 +292,8 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                f"into {len(d['classes'])} archive sections ({d['train']:,} train / {d['test']:,} test, "
                "`bench/data/PROVENANCE.md`). The base is the frozen encoder + a linear probe; adapters are LoRA and "
                "SineLoRA factors on all attention and MLP linears (36 modules), "
-               f"{task['config']['epochs']} epoch(s), lr {task['config']['lr']:g}, α = 2r, SineLoRA ω ({omegas}), "
+               f"{task['config']['epochs']} epoch(s), AdamW, lr " + ", ".join(f"{KIND_LABEL[k]} {v:g}" for k, v in
+               task["config"]["lr"].items()) + f", α = 2r, SineLoRA ω ({omegas}), "
                "γ = √in. Accuracy after sqz uses `sqz.load(...).deltas()` (sqz applies ω, γ and the scaling).", "",
                f"No adapter: **{100 * task['base_accuracy']:.2f}%**.", "",
                f"![accuracy against size]({rel(out / 'accuracy_vs_size.png')})", "",
