@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("step", choices=("all", *STEPS, "report"))
     parser.add_argument("--quick", action="store_true", help="small targets: a few minutes, for tests and checks")
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results, or "
-                        "bench/.cache/quick with --quick); REPORT.md goes next to the results unless this is "
-                        "bench/results, whose report is bench/REPORT.md")
+                        "bench/.cache/quick with --quick; the SQZ_BENCH_CACHE variable moves bench/.cache); "
+                        "REPORT.md goes next to the results, except for bench/results, whose report is bench/REPORT.md")
     args = parser.parse_args(argv)
-    out = args.out or (HERE / ".cache" / "quick" if args.quick else HERE / "results")
+    out = args.out or (task.CACHE / "quick" if args.quick else HERE / "results")
     out.mkdir(parents=True, exist_ok=True)
     for step in STEPS if args.step == "all" else () if args.step == "report" else (args.step,):
         run_step(step, args.quick, out)

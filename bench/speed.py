@@ -50,16 +50,27 @@ READERS = {  # name -> python statement that reads PATH and touches every tensor
     "zipnn": "from bench.speed import zipnn_codec; from safetensors.torch import load; "
              "t = load(bytes(zipnn_codec().decompress(open(PATH, 'rb').read())))",
 }
+# Peak RSS growth: reset the kernel's high-water mark (VmHWM) after the imports, whose transient peak would
+# otherwise hide the reader's, then read it back after reading and touching.
 PROBE = """
-import resource, sys
-from bench.speed import touch
+import sys
+from bench.speed import touch, vm_kib
 import torch, numpy, safetensors, zstandard, sqz, zipnn
 PATH = sys.argv[1]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")
+before = vm_kib("VmRSS")
 {reader}
 touch(t)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print((vm_kib("VmHWM") - before) * 1024)
 """
+
+
+def vm_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
 
 def peak_memory(reader: str, path: Path) -> int:
@@ -138,10 +149,11 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
               "zstd": peak_memory("zstd", workdir / "fp16.safetensors.zst"),
               "zipnn": peak_memory("zipnn", workdir / "fp16.safetensors.znn")}
     encode_memory = subprocess.run(
-        [sys.executable, "-c", "import resource, sqz, sys; b = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        [sys.executable, "-c", "import sqz, sys; from bench.speed import vm_kib; "
+         "open('/proc/self/clear_refs', 'w').write('5'); b = vm_kib('VmRSS'); "
          "sqz.encode(sys.argv[1], sys.argv[2], sqz.EncodeOptions(bits=3), force=True, progress=False); "
-         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - b) * 1024)", str(src), str(workdir / "m.sqz")],
-        capture_output=True, text=True, check=True).stdout.split()[-1]
+         "print((vm_kib('VmHWM') - b) * 1024)", str(src), str(workdir / "m.sqz")],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()[-1]
     log("speed: scaling")
     scaling = scaling_rows(workdir, [1 / 128, 1 / 32] if quick else [0.25, 1.0, 4.0], 3, repeat)
     return {"adapter": {"params": params, "fp16_bytes": weights.stat().st_size, "scale": scale},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -24,7 +25,7 @@ from bench import baselines, minilm
 from bench.codecs import read_adapter
 from bench.dataset import DATA, load
 
-CACHE = Path(__file__).parent / ".cache"
+CACHE = Path(os.environ.get("SQZ_BENCH_CACHE", Path(__file__).parent / ".cache"))  # trained adapters
 KINDS = ("lora", "sinelora")
 
 

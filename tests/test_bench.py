@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "SQZ_BENCH_CACHE": str(out / "cache")}
     proc = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,7 +51,8 @@ def test_codecs_rank_as_the_theory_says(quick_run):
     get = lambda codec, bits=None: next(x for x in rows if x["codec"] == codec and x.get("bits") == bits)
     for bits in (2, 3):
         ours, paper = get("sqz-auto", bits), get("paper (k-means+zip)", bits)
-        assert ours["sqnr_db_plain"] == pytest.approx(paper["sqnr_db_plain"], abs=1e-6)  # same quantizer
+        # the same quantizer; sqz rounds the codebook to the fp16 source dtype on decode, the paper keeps fp32
+        assert ours["sqnr_db_plain"] == pytest.approx(paper["sqnr_db_plain"], rel=1e-3)
         assert ours["file_bytes"] < paper["file_bytes"]  # rANS beats zip on the same indices
         assert ours["file_bytes"] <= min(get(f"sqz-{s}", bits)["file_bytes"] for s in ("none", "zstd", "rans")) + 64
         # optimal k-means beats uniform min-max at the same bit width on heavy-tailed factors
