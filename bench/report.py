@@ -281,7 +281,7 @@ def headline(task: dict | None, codecs: dict | None, speed: dict | None) -> list
                          f"(SQNR {ours['sqnr_db_plain']:.1f} dB).")
         if nf and ours:
             lines.append(f"- NF4 (block 64): {nf['bits_per_param']:.2f} bits/param at SQNR {nf['sqnr_db_plain']:.1f} dB; "
-                         f"lossless best: " + ", ".join(f"{k} {v['bits_per_param']:.2f}" for k, v in lossless.items())
+                         f"lossless: " + ", ".join(f"{k} {v['bits_per_param']:.2f}" for k, v in lossless.items())
                          + " bits/param.")
     if speed:
         r3 = next((r for r in speed["rows"] if r["bits"] == 3 and r["entropy"] == "auto"), None)
