@@ -45,7 +45,7 @@ def run_codecs(quick: bool) -> dict:
     cfg = task_config(quick)
     result = {"task_adapters": {}}
     for kind in task.KINDS:
-        for rank in (min(cfg.ranks), max(cfg.ranks)):
+        for rank in cfg.ranks:
             directory, params = task.adapter_dir(cfg, kind, rank)
             if not directory.exists():
                 log(f"codecs: {kind} r={rank} not trained yet (run the task step first); skipped")

@@ -14,7 +14,7 @@ from bench import baselines
 from bench.metrics import delta_distortion
 
 Tensors = dict[str, np.ndarray]
-ENTROPY_STAGES = ("none", "zstd", "rans", "auto")
+ENTROPY_STAGES = ("none", "zstd", "zstd-aligned", "rans", "auto")
 
 
 def read_adapter(directory: Path) -> Tensors:

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 
 # The paper's Table 1 memory (MB) for 28.3M parameters at rank 16: reference points on the rate axis.
 PAPER_TABLE1_MB = {2: 8.6, 3: 11.9, 5: 18.1, 16: 54.0}
@@ -114,34 +115,63 @@ def plot_table5(task: dict, path: Path) -> str:
 
 
 # ---------------------------------------------------------------- codecs: rate-distortion
-STYLE = {"sqz-auto": ("C0", "o-"), "sqz-rans": ("C0", "x:"), "sqz-zstd": ("C0", "+:"), "sqz-none": ("C0", ".:"),
+STYLE = {"sqz-auto": ("C0", "o-"), "sqz-rans": ("C0", "x:"), "sqz-zstd-aligned": ("C0", "1:"), "sqz-zstd": ("C0", "+:"),
+         "sqz-none": ("C0", ".:"),
          "paper (k-means+zip)": ("C1", "s--"), "uniform min-max": ("C2", "^-"),
          "absmax int (block 64)": ("C3", "v-"), "NF4 (block 64)": ("C4", "D")}
+
+
+def draw_rd(ax, result: dict, kind: str, paper_points: bool) -> None:
+    """SQNR of ΔW against bits/param for every codec of one result, lossless files as vertical lines."""
+    for codec, (color, style) in STYLE.items():
+        pts = sorted((r["bits_per_param"], r[f"sqnr_db_{kind}"]) for r in result["rows"] if r["codec"] == codec)
+        if pts:
+            ax.plot(*zip(*pts), style, color=color, label=codec, ms=5)
+    for i, r in enumerate(r for r in result["rows"] if r["family"] == "lossless"):
+        ax.axvline(r["bits_per_param"], color="grey", ls=["-", "--", ":"][i % 3], lw=1,
+                   label=f"{r['codec']} (lossless)")
+    if paper_points:
+        for b, mb in PAPER_TABLE1_MB.items():
+            if b < 16:
+                ax.axvline(mb * 8e6 / PAPER_TABLE1_PARAMS, color="C1", alpha=0.35, lw=4,
+                           label="paper Table 1 (2/3/5-bit)" if b == 2 else None)
+    ax.set(xscale="log", xlabel="bits/param (every byte of the file)", ylabel="SQNR of ΔW (dB)")
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in (0.5, 1, 2, 4, 8, 16, 32) if lo <= t <= hi]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3, which="both")
 
 
 def plot_rd(result: dict, kinds: list[str], title: str, path: Path, paper_points: bool) -> None:
     fig, axes = plt.subplots(1, len(kinds), figsize=(6.2 * len(kinds), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        for codec, (color, style) in STYLE.items():
-            pts = sorted((r["bits_per_param"], r[f"sqnr_db_{kind}"]) for r in result["rows"] if r["codec"] == codec)
-            if pts:
-                ax.plot(*zip(*pts), style, color=color, label=codec, ms=5)
-        for i, r in enumerate(r for r in result["rows"] if r["family"] == "lossless"):
-            ax.axvline(r["bits_per_param"], color="grey", ls=["-", "--", ":"][i % 3], lw=1,
-                       label=f"{r['codec']} (lossless)")
-        if paper_points:
-            for b, mb in PAPER_TABLE1_MB.items():
-                if b < 16:
-                    ax.axvline(mb * 8e6 / PAPER_TABLE1_PARAMS, color="C1", alpha=0.35, lw=4,
-                               label="paper Table 1 (2/3/5-bit)" if b == 2 else None)
+        draw_rd(ax, result, kind, paper_points)
         omega = result["omegas"][kind]
-        ax.set(xscale="log", xlabel="bits/param (every byte of the file)", ylabel="SQNR of ΔW (dB)",
-               title=f"ΔW {'= B@A' if omega is None else f'= sin(ω·B@A)/γ, ω={omega:g}'}")
-        ax.grid(alpha=0.3, which="both")
+        ax.set_title(f"ΔW {'= B@A' if omega is None else f'= sin(ω·B@A)/γ, ω={omega:g}'}")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rd_grid(results: dict[str, dict], path: Path) -> None:
+    """The task adapters: one panel per adapter (rows: LoRA, SineLoRA; columns: ranks)."""
+    ranks = sorted({int(name.split("-r")[1]) for name in results})
+    fig, axes = plt.subplots(2, len(ranks), figsize=(4.2 * len(ranks), 7.5), squeeze=False, sharey=True)
+    for row, kind in enumerate(("lora", "sinelora")):
+        for col, rank in enumerate(ranks):
+            result = results.get(f"{kind}-r{rank}")
+            if result is None:
+                axes[row][col].set_visible(False)
+                continue
+            draw_rd(axes[row][col], result, "delta", paper_points=False)
+            axes[row][col].set_title(f"{KIND_LABEL[kind]} r={rank} ({result['params']:,} params)", fontsize=10)
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle("Task adapters (MiniLM): SQNR of each adapter's own ΔW against bits/param")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -346,12 +376,14 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                    f"The sine ω = {ll['omegas']['sine']:g} puts ω·B@A at unit scale for this adapter.", "",
                    f"![rd llama]({rel(out / 'rd_llama.png')})", "", *high_bit_note(ll), "#### The paper's Table 1 memory", "",
                    paper_table1(ll), "", table_rd(ll, ["plain", "sine"]), ""]
-        for name, res in codecs.get("task_adapters", {}).items():
-            kind, rank = name.split("-r")
-            png = out / f"rd_{name}.png"
-            plot_rd(res, ["delta"], f"{KIND_LABEL[kind]} rank {rank} on MiniLM ({res['params']:,} params)", png, False)
-            md += [f"### Task adapter: {KIND_LABEL[kind]} r={rank}", "", f"![rd {name}]({rel(png)})", "",
-                   table_rd(res, ["delta"]), ""]
+        if codecs.get("task_adapters"):
+            plot_rd_grid(codecs["task_adapters"], out / "rd_task.png")
+            md += ["### Task adapters (the trained LoRA and SineLoRA of section 1)", "",
+                   f"![rd task]({rel(out / 'rd_task.png')})", ""]
+            for name, res in codecs["task_adapters"].items():
+                kind, rank = name.split("-r")
+                md += [f"<details><summary>{KIND_LABEL[kind]} r={rank}: every point</summary>", "",
+                       table_rd(res, ["delta"]), "", "</details>", ""]
     if fig1:
         md += ["## 3. The paper's Figure 1: stable rank against bits", "",
                "Stable rank ‖M‖²_F / σ²_max with sqz's quantizer Q. Synthetic: Gaussian A, B with unit-variance "

@@ -143,7 +143,8 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
     params = sum(t.numel() for t in load_file(str(weights)).values())
     repeat = 1 if quick else 3
     log(f"speed: {params:,} params")
-    rows = sizes_and_times(src, workdir, params, [3] if quick else [2, 3, 5], ["auto", "zstd"], repeat)
+    rows = sizes_and_times(src, workdir, params, [3] if quick else [2, 3, 5],
+                           ["auto", "zstd-aligned", "zstd", "rans"], repeat)
     lossless = lossless_rows(weights, workdir, repeat)
     memory = {"safetensors": peak_memory("safetensors", weights), "sqz": peak_memory("sqz", workdir / "b3-auto.sqz"),
               "zstd": peak_memory("zstd", workdir / "fp16.safetensors.zst"),

@@ -75,10 +75,11 @@ def main() -> None:
     if not any(Path(a).is_dir() for a in args[1:] if not a.startswith("-")):
         corpus = Path(tempfile.mkdtemp(prefix="sqz-fuzz-"))
         for seed in GOLDEN.glob("v*/*.sqz"):
+            name = f"{seed.parent.name}-{seed.name}"  # versions reuse file names
             if STRUCTURED:
-                (corpus / seed.name).write_bytes(unwrap(seed.read_bytes()))
+                (corpus / name).write_bytes(unwrap(seed.read_bytes()))
             else:
-                shutil.copy(seed, corpus / seed.name)
+                shutil.copy(seed, corpus / name)
         args.append(str(corpus))
     atheris.Setup(args, test_one_input)
     atheris.Fuzz()

@@ -1,7 +1,7 @@
 """sqz: a compact, versioned file format and codec for LoRA adapters (k-means quantization + entropy coding)."""
 from __future__ import annotations
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 from .adapter import SineOptions  # noqa: E402
 from .api import EncodeReport, SqzAdapter, SqzWarning, decode, encode, info, load  # noqa: E402

@@ -2,14 +2,22 @@
 
 Index i occupies bits [i*b, i*b + b) of a little-endian bit stream: stream bit j is bit (j % 8)
 of byte j // 8, and bit t of the index is stream bit i*b + t. Every 8 indices fill exactly b
-bytes, so both directions work on (groups, b) byte matrices with 8 vectorised shift/mask steps
-and no per-bit temporaries.
+bytes, so `pack` works on (groups, b) byte matrices with 8 vectorised shift/mask steps and no
+per-bit temporaries.
+
+A decoder never needs the indices themselves: `lookup` reads the stream as codes of a few whole
+indices (a byte at the aligned widths 1, 2, 4, 8, where every byte holds 8/b indices; 10 to 14 bits
+otherwise) and maps each code straight to its output elements through a table of all codes.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .constants import MAX_BITS, MIN_BITS
+
+ALIGNED_WIDTHS = (1, 2, 4, 8)
+LOOKUP_CHUNK = 1 << 16
+"""Bytes gathered per step: the intp index copy numpy's take needs stays in cache instead of costing 8x the stream."""
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -22,11 +30,19 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
 
 
+def aligned_width(bits: int) -> int:
+    """The smallest lane width w in (1, 2, 4, 8) with w >= bits: whole indices per byte."""
+    _check_bits(bits)
+    return next(w for w in ALIGNED_WIDTHS if w >= bits)
+
+
 def pack(indices: np.ndarray, bits: int) -> bytes:
     """Pack uint8 indices (each < 2**bits) into a b-bit little-endian stream."""
     _check_bits(bits)
     idx = np.ascontiguousarray(indices, dtype=np.uint8).ravel()
     count = idx.size
+    if bits in ALIGNED_WIDTHS:
+        return _pack_aligned(idx, bits)
     groups = -(-count // 8)
     padded = np.zeros(groups * 8, dtype=np.uint16)
     padded[:count] = idx
@@ -41,24 +57,92 @@ def pack(indices: np.ndarray, bits: int) -> bytes:
     return out[:, :bits].astype(np.uint8).tobytes()[: packed_size(count, bits)]
 
 
-def unpack(data: bytes | memoryview | np.ndarray, count: int, bits: int) -> np.ndarray:
-    """Inverse of `pack`: `count` uint8 indices from a b-bit stream of exactly packed_size bytes."""
+def _pack_aligned(idx: np.ndarray, width: int) -> bytes:
+    lanes = 8 // width
+    padded = np.zeros(-(-idx.size // lanes) * lanes, dtype=np.uint8)
+    padded[: idx.size] = idx
+    grid = padded.reshape(-1, lanes)
+    out = grid[:, 0].copy()
+    for j in range(1, lanes):
+        out |= grid[:, j] << (j * width)
+    return out.tobytes()
+
+
+CODE_BITS = {1: 8, 2: 8, 3: 12, 4: 8, 5: 10, 6: 12, 7: 14, 8: 8}
+"""Bits decoded per table lookup: a whole number of indices, at most 14 so a code table stays small."""
+GROUP_BYTES = {10: 5, 12: 3, 14: 7}
+"""Unaligned codes come in groups of whole bytes: 4 ten-bit, 2 twelve-bit or 4 fourteen-bit codes."""
+
+
+def lookup(data: bytes | memoryview | np.ndarray, count: int, bits: int, table: np.ndarray) -> np.ndarray:
+    """table[index] for each of the `count` indices of a b-bit stream (the inverse of `pack` composed with a gather).
+
+    Raises ValueError unless the stream has exactly packed_size bytes, zero padding bits and every
+    index < table.size. A table of the 2^code_bits codes (CODE_BITS) turns the gather into one numpy
+    take per code, with no index array in between; the stream goes through in cache-sized chunks
+    because take wants intp indices.
+    """
     _check_bits(bits)
-    buf = np.frombuffer(data, dtype=np.uint8)
+    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     if buf.size != packed_size(count, bits):
         raise ValueError(f"packed stream has {buf.size} bytes, expected {packed_size(count, bits)}")
     spare = (-count * bits) % 8
     if spare and buf[-1] >> (8 - spare):
         raise ValueError("unused bits of the last byte are not zero")
-    groups = -(-count // 8)
-    grid = np.zeros((groups, bits + 1), dtype=np.uint16)  # spare column: reads past the end are 0
-    flat = np.zeros(groups * bits, dtype=np.uint16)
-    flat[: buf.size] = buf
-    grid[:, :bits] = flat.reshape(groups, bits)
-    mask = (1 << bits) - 1
-    out = np.empty((groups, 8), dtype=np.uint8)
-    for j in range(8):
-        byte, shift = divmod(j * bits, 8)
-        word = grid[:, byte] | (grid[:, byte + 1] << 8)
-        out[:, j] = (word >> shift) & mask
+    code_bits = CODE_BITS[bits]
+    lanes = code_bits // bits
+    codes = _code_table(table, bits, lanes)
+    if code_bits == 8:
+        out = np.empty((buf.size, lanes), dtype=table.dtype)
+        for start in range(0, buf.size, LOOKUP_CHUNK):
+            chunk = buf[start:start + LOOKUP_CHUNK]
+            _check_lanes(chunk, bits, lanes, table.size)
+            np.take(codes, chunk.astype(np.intp), axis=0, out=out[start:start + chunk.size])
+        return out.reshape(-1)[:count]
+    group = GROUP_BYTES[code_bits]
+    per_group = 8 * group // code_bits
+    groups = -(-buf.size // group)
+    if buf.size % group:
+        buf = np.concatenate([buf, np.zeros(groups * group - buf.size, dtype=np.uint8)])
+    rows = buf.reshape(groups, group)
+    out = np.empty((groups * per_group, lanes), dtype=table.dtype)
+    mask = np.uint64((1 << code_bits) - 1)
+    step = LOOKUP_CHUNK // per_group
+    for start in range(0, groups, step):
+        part = rows[start:start + step]
+        padded = np.zeros((part.shape[0], 8), dtype=np.uint8)
+        padded[:, :group] = part
+        words = padded.view("<u8").ravel()
+        _check_lanes(words, bits, 8 * group // bits, table.size)
+        index = np.empty((part.shape[0], per_group), dtype=np.intp)
+        for j in range(per_group):
+            index[:, j] = (words >> np.uint64(j * code_bits)) & mask
+        np.take(codes, index.ravel(), axis=0, out=out[start * per_group:(start + part.shape[0]) * per_group])
     return out.reshape(-1)[:count]
+
+
+def _code_table(table: np.ndarray, bits: int, lanes: int) -> np.ndarray:
+    """[2^(lanes*bits), lanes]: row c holds table[lane i of c] for each lane (entries past the table read 0)."""
+    padded = np.zeros(1 << bits, dtype=table.dtype)
+    padded[: table.size] = table
+    code = np.arange(1 << (lanes * bits), dtype=np.uint32)
+    return padded[(code[:, None] >> (np.arange(lanes, dtype=np.uint32) * bits)) & ((1 << bits) - 1)]
+
+
+def _check_lanes(words: np.ndarray, bits: int, lanes: int, limit: int) -> None:
+    """Raise ValueError if one of the first `lanes` b-bit lanes of any word is >= limit.
+
+    Lanes never straddle the words given (bytes of aligned streams, whole groups of unaligned ones).
+    For a power-of-two limit one AND finds a lane with a high bit set; otherwise each lane is compared.
+    """
+    if limit >= 1 << bits or words.size == 0:
+        return
+    word = words.dtype.type
+    lane_mask = (1 << bits) - 1
+    if limit & (limit - 1) == 0:
+        high = sum((lane_mask & ~(limit - 1)) << (j * bits) for j in range(lanes))
+        bad = bool(np.bitwise_and(words, word(high)).any())
+    else:
+        bad = any(int(((words >> word(j * bits)) & word(lane_mask)).max()) >= limit for j in range(lanes))
+    if bad:
+        raise ValueError(f"an index is outside the {limit}-entry codebook")

@@ -51,7 +51,8 @@ def _emit(data: dict, as_json: bool, text: str) -> None:
 @click.option("--sample", default=10_000, show_default=True, type=int, help="Values the centroids are fitted on (0 = all).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fitting sample.")
 @click.option("--entropy", default=ENTROPY_AUTO, show_default=True,
-              type=click.Choice([ENTROPY_AUTO, *ENTROPY_STAGES]), help="Entropy stage; auto keeps the smallest per tensor.")
+              type=click.Choice([ENTROPY_AUTO, *ENTROPY_STAGES]),
+              help="Entropy stage; auto keeps the smallest per tensor (rANS only where it saves 2% more).")
 @click.option("--omega", type=float, help="Sine frequency ω: treat every pair as a sine-activated adapter.")
 @click.option("--gamma", help="Sine divisor γ: a number, 'sqrt_in' (default) or 'K*sqrt_in'.")
 @click.option("--alpha", type=float, help="lora_alpha, when no adapter_config.json gives it (scaling = alpha/r).")

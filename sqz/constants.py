@@ -5,7 +5,7 @@ MAGIC = b"\x89SQZ\r\n\x1a\n"
 """8 bytes; the PNG-style high byte and CR LF / ^Z / LF catch text-mode and 7-bit transfers."""
 
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1
 
 PREAMBLE_SIZE = 20
 """magic (8) + major u16 + minor u16 + header length u32 + header CRC-32 u32, little-endian."""
@@ -40,7 +40,9 @@ ENCODINGS = (ENCODING_KMEANS, ENCODING_RAW)
 ENTROPY_NONE = "none"
 ENTROPY_ZSTD = "zstd"
 ENTROPY_RANS = "rans"
-ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD, ENTROPY_RANS)
+ENTROPY_ZSTD_ALIGNED = "zstd-aligned"
+"""Since 1.1: indices packed at a byte-aligned width (1, 2, 4 or 8 bits), then zstd."""
+ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD, ENTROPY_RANS, ENTROPY_ZSTD_ALIGNED)
 RAW_ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD)
 
 ROLE_A = "lora_A"

@@ -2,6 +2,10 @@
 
 - none: the b-bit packed indices (or the raw bytes) as they are.
 - zstd: one zstd frame over the packed indices (or raw bytes), content size in the frame header.
+- zstd-aligned (1.1): one zstd frame over the indices packed at the aligned width w = 1, 2, 4, 8
+  (every byte holds whole indices). zstd's Huffman literal coder then models the index
+  distribution, within about 1% of rANS, and it decodes about 15x faster; the decoder maps
+  bytes to values with one table lookup (bitpack.lookup).
 - rans: the tensor's own frequency table (k little-endian u32 counts) followed by a rANS stream
   (constriction's AnsCoder, little-endian u32 words) under the categorical model of those counts.
 
@@ -10,23 +14,39 @@ so encoder and decoder can never disagree on it.
 """
 from __future__ import annotations
 
+import threading
+
 import constriction
 import numpy as np
 import zstandard
 
 from . import bitpack
-from .constants import ENTROPY_NONE, ENTROPY_RANS, ENTROPY_ZSTD
+from .constants import ENTROPY_NONE, ENTROPY_RANS, ENTROPY_ZSTD, ENTROPY_ZSTD_ALIGNED
 from .errors import FormatError, LimitError
 
 ZSTD_LEVEL = 3
 """Level for index streams and raw tensors: on packed indices level 19 gains under 1% at 30x the time."""
 ZSTD_HEADER_LEVEL = 19
+ZSTD_ALIGNED_PARAMS = zstandard.ZstdCompressionParameters.from_level(
+    1, min_match=7, strategy=zstandard.STRATEGY_FAST, write_content_size=True)
+"""Aligned index streams are near-i.i.d. symbols: zstd's gain is its Huffman literal coder, and the
+short matches higher levels look for cost more than they save (level 3 is 6% larger at 5 bits)."""
 RANS_CHUNK = 1 << 20
 
 
 def _rans_model(counts: np.ndarray) -> constriction.stream.model.Categorical:
     """Categorical model of the index counts; constriction gives unseen symbols a minimal mass."""
     return constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
+
+
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """One decompression context per thread: making one costs more than decoding a small tensor."""
+    if not hasattr(_local, "zstd"):
+        _local.zstd = zstandard.ZstdDecompressor()
+    return _local.zstd
 
 
 def zstd_compress(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
@@ -46,7 +66,7 @@ def zstd_decompress(payload: bytes | memoryview, size: int, exact: bool = True) 
     if declared == zstandard.CONTENTSIZE_UNKNOWN or declared > size or (exact and declared != size):
         raise LimitError(f"zstd frame declares {declared} bytes, expected {'' if exact else 'at most '}{size}")
     try:
-        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
+        out = _decompressor().decompress(payload, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise FormatError(f"bad zstd stream: {exc}") from None
     if len(out) != declared:
@@ -62,6 +82,9 @@ def encode_indices(indices: np.ndarray, bits: int, codebook_size: int, stage: st
         return bitpack.pack(indices, bits)
     if stage == ENTROPY_ZSTD:
         return zstd_compress(bitpack.pack(indices, bits))
+    if stage == ENTROPY_ZSTD_ALIGNED:
+        packed = bitpack.pack(indices, bitpack.aligned_width(bits))
+        return zstandard.ZstdCompressor(compression_params=ZSTD_ALIGNED_PARAMS).compress(packed)
     if stage == ENTROPY_RANS:
         counts = np.bincount(indices, minlength=codebook_size).astype("<u4")
         coder = constriction.stream.stack.AnsCoder()
@@ -70,25 +93,40 @@ def encode_indices(indices: np.ndarray, bits: int, codebook_size: int, stage: st
     raise ValueError(f"unknown entropy stage {stage!r}")
 
 
-def decode_indices(payload: memoryview, count: int, bits: int, codebook_size: int, stage: str) -> np.ndarray:
-    """Inverse of encode_indices; raises FormatError on any inconsistency, never returns garbage silently."""
+def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int,
+                  stage: str) -> tuple[np.ndarray | bytes | memoryview, int]:
+    """Undo the entropy stage: (stream, w), the indices packed at w bits, for bitpack.lookup to check and map.
+
+    w is b (none, zstd), the aligned width (zstd-aligned) or 8 (rans). Raises FormatError on a bad payload.
+    """
     if codebook_size == 1:
         if len(payload):
             raise FormatError("a one-entry codebook must have an empty payload")
-        return np.zeros(count, dtype=np.uint8)
-    if stage in (ENTROPY_NONE, ENTROPY_ZSTD):
-        packed = payload if stage == ENTROPY_NONE else zstd_decompress(payload, bitpack.packed_size(count, bits))
-        try:
-            indices = bitpack.unpack(packed, count, bits)
-        except ValueError as exc:
-            raise FormatError(f"packed indices: {exc}") from None
-    elif stage == ENTROPY_RANS:
-        indices = _decode_rans(payload, count, codebook_size)
-    else:
-        raise FormatError(f"unknown entropy stage {stage!r}")
-    if count and int(indices.max()) >= codebook_size:
-        raise FormatError(f"index {int(indices.max())} is outside the {codebook_size}-entry codebook")
-    return indices
+        return np.zeros(count, dtype=np.uint8), 8
+    if stage == ENTROPY_NONE:
+        return payload, bits
+    if stage == ENTROPY_ZSTD:
+        return zstd_decompress(payload, bitpack.packed_size(count, bits)), bits
+    if stage == ENTROPY_ZSTD_ALIGNED:
+        width = bitpack.aligned_width(bits)
+        return zstd_decompress(payload, bitpack.packed_size(count, width)), width
+    if stage == ENTROPY_RANS:
+        return _decode_rans(payload, count, codebook_size), 8
+    raise FormatError(f"unknown entropy stage {stage!r}")
+
+
+def decode_values(payload: memoryview, count: int, bits: int, table: np.ndarray, stage: str) -> np.ndarray:
+    """table[index] for every index of the payload; an index outside the table is a FormatError, never a value."""
+    stream, width = decode_stream(payload, count, bits, table.size, stage)
+    try:
+        return bitpack.lookup(stream, count, width, table)
+    except ValueError as exc:
+        raise FormatError(f"packed indices: {exc}") from None
+
+
+def decode_indices(payload: memoryview, count: int, bits: int, codebook_size: int, stage: str) -> np.ndarray:
+    """The indices themselves (for tests and tools)."""
+    return decode_values(payload, count, bits, np.arange(codebook_size, dtype=np.uint8), stage)
 
 
 def _decode_rans(payload: memoryview, count: int, codebook_size: int) -> np.ndarray:

@@ -46,12 +46,13 @@ def sweep_files(tmp_path_factory) -> dict[str, bytes]:
     torch.manual_seed(0)
     save_file(sweep_tensors(), str(src), metadata={"k": "v"})
     files = {}
-    for stage in ("none", "zstd", "rans"):
+    for stage in ("none", "zstd", "rans", "zstd-aligned"):
         out = folder / f"{stage}.sqz"
         sqz.encode(src, out, sqz.EncodeOptions(bits=3, entropy=stage))
         files[stage] = out.read_bytes()
     stages = {(r["encoding"], r["entropy"]) for data in files.values() for r in sqz.load(data).header["tensors"]}
-    assert {("kmeans", "none"), ("kmeans", "zstd"), ("kmeans", "rans"), ("raw", "none"), ("raw", "zstd")} <= stages
+    assert {("kmeans", "none"), ("kmeans", "zstd"), ("kmeans", "rans"), ("kmeans", "zstd-aligned"), ("raw", "none"),
+            ("raw", "zstd")} <= stages
     return files
 
 

@@ -14,7 +14,7 @@ from conftest import mixed_tensors, sine_dir
 LOSSY_ROLES = {"lora_A", "lora_B"}
 
 
-@pytest.mark.parametrize("entropy", ["auto", "none", "zstd", "rans"])
+@pytest.mark.parametrize("entropy", ["auto", "none", "zstd", "rans", "zstd-aligned"])
 def test_every_dtype_and_role_round_trips(tmp_path, mixed_file, entropy):
     out = tmp_path / "m.sqz"
     sqz.encode(mixed_file, out, sqz.EncodeOptions(bits=4, entropy=entropy))
@@ -57,6 +57,31 @@ def test_auto_stores_a_factor_exactly_when_that_is_smaller(tmp_path):
         if entropy == "auto":
             assert torch.equal(sqz.load(out)["m.small.lora_A.weight"], tensors["m.small.lora_A.weight"])
     assert sizes["auto"] < sizes["none"]
+
+
+def test_auto_keeps_rans_only_where_it_clearly_saves(tmp_path):
+    """auto's choice per tensor: the smallest fast stage, rANS only if 2% smaller still (it decodes ~15x slower)."""
+    from sqz import entropy
+    from sqz.codec import RANS_MIN_SAVING
+    from sqz.quantize import quantize, tensor_seed
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {"m.t.lora_A.weight": (torch.rand(4, 3000, generator=g) - 0.5).half(),  # uniform: codes gain nothing
+               "m.t.lora_B.weight": torch.distributions.StudentT(3.0).sample((30000, 4)).half(),  # heavy tails
+               "m.u.lora_A.weight": (torch.rand(4, 3000, generator=g) - 0.5).half(),
+               "m.u.lora_B.weight": torch.distributions.StudentT(1.5).sample((30000, 4)).half()}  # heavier still
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    sqz.encode(tmp_path / "a.safetensors", tmp_path / "a.sqz", sqz.EncodeOptions(bits=3))
+    records = {r["name"]: r for r in sqz.load(tmp_path / "a.sqz").header["tensors"]}
+    for name, tensor in tensors.items():
+        q = quantize(tensor.double().numpy().ravel(), 3, 10_000, tensor_seed(0, name))
+        size = {s: len(entropy.encode_indices(q.indices, 3, q.codebook.size, s))
+                for s in ("none", "zstd", "zstd-aligned", "rans")}
+        fast = min(("none", "zstd-aligned", "zstd"), key=lambda s: size[s])
+        expected = "rans" if size["rans"] <= (1 - RANS_MIN_SAVING) * size[fast] else fast
+        assert records[name]["entropy"] == expected, (name, size)
+    # Huffman is within 1% of rANS on t(3)-like factors, and loses more as one bin takes most of the mass
+    assert [records[f"m.{m}.lora_B.weight"]["entropy"] for m in "tu"] == ["zstd-aligned", "rans"]
 
 
 def test_decoded_values_are_exactly_the_codebook_entries(tmp_path, mixed_file):

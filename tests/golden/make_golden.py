@@ -14,20 +14,27 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import sqz  # noqa: E402
+from sqz.constants import VERSION_MAJOR, VERSION_MINOR  # noqa: E402
 from conftest import mixed_tensors, sine_dir  # noqa: E402
 
-CASES = {"b3-auto": dict(bits=3), "b2-zstd": dict(bits=2, entropy="zstd"), "b5-none": dict(bits=5, entropy="none"),
-         "b4-rans": dict(bits=4, entropy="rans"), "b1-auto": dict(bits=1)}
+CASES = {  # per version: the stages and widths that version added, and auto as that version wrote it
+    (1, 0): {"b3-auto": dict(bits=3), "b2-zstd": dict(bits=2, entropy="zstd"), "b5-none": dict(bits=5, entropy="none"),
+             "b4-rans": dict(bits=4, entropy="rans"), "b1-auto": dict(bits=1)},
+    (1, 1): {"b3-auto": dict(bits=3), "b3-zstd-aligned": dict(bits=3, entropy="zstd-aligned"),
+             "b6-zstd-aligned": dict(bits=6, entropy="zstd-aligned"),
+             "b1-zstd-aligned": dict(bits=1, entropy="zstd-aligned"),
+             "b7-zstd": dict(bits=7, entropy="zstd")},
+}
 
 
 def main() -> None:
-    folder = HERE / f"v{sqz.__version__.rsplit('.', 1)[0]}"
+    folder = HERE / f"v{VERSION_MAJOR}.{VERSION_MINOR}"
     if folder.exists() and any(folder.iterdir()):
         sys.exit(f"{folder} exists: golden files are never regenerated")
     folder.mkdir(parents=True, exist_ok=True)
     src = folder / "source.safetensors"
     save_file(mixed_tensors(), str(src), metadata={"format": "pt", "golden": "yes"})
-    for name, options in CASES.items():
+    for name, options in CASES[VERSION_MAJOR, VERSION_MINOR].items():
         _write(src, folder / name, sqz.EncodeOptions(sample=64, **options))
     sine = sine_dir(folder / "sine-src")
     _write(sine, folder / "sine-b3", sqz.EncodeOptions(bits=3))
