@@ -18,12 +18,12 @@ from sqz.constants import VERSION_MAJOR, VERSION_MINOR  # noqa: E402
 from conftest import mixed_tensors, sine_dir  # noqa: E402
 
 CASES = {  # per version: the stages and widths that version added, and auto as that version wrote it
-    (1, 0): {"b3-auto": dict(bits=3), "b2-zstd": dict(bits=2, entropy="zstd"), "b5-none": dict(bits=5, entropy="none"),
-             "b4-rans": dict(bits=4, entropy="rans"), "b1-auto": dict(bits=1)},
-    (1, 1): {"b3-auto": dict(bits=3), "b3-zstd-aligned": dict(bits=3, entropy="zstd-aligned"),
-             "b6-zstd-aligned": dict(bits=6, entropy="zstd-aligned"),
-             "b1-zstd-aligned": dict(bits=1, entropy="zstd-aligned"),
-             "b7-zstd": dict(bits=7, entropy="zstd")},
+    (1, 0): {"b3-auto": {"bits": 3}, "b2-zstd": {"bits": 2, "entropy": "zstd"},
+             "b5-none": {"bits": 5, "entropy": "none"}, "b4-rans": {"bits": 4, "entropy": "rans"},
+             "b1-auto": {"bits": 1}},
+    (1, 1): {"b3-auto": {"bits": 3}, "b3-zstd-aligned": {"bits": 3, "entropy": "zstd-aligned"},
+             "b6-zstd-aligned": {"bits": 6, "entropy": "zstd-aligned"},
+             "b1-zstd-aligned": {"bits": 1, "entropy": "zstd-aligned"}, "b7-zstd": {"bits": 7, "entropy": "zstd"}},
 }
 
 
