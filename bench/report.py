@@ -395,7 +395,7 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
         md += ["## 4. Speed and memory", "",
                f"{speed['adapter']['params']:,}-parameter adapter (fp16 {speed['adapter']['fp16_bytes'] / 1e6:.2f} MB), "
                f"{m['cpus']} threads, Python {m['python']}, torch {m['torch']}, sqz {m['sqz']}. Times are the best of "
-               "3 runs, each reader beside the others in the same run, warm page cache.", "",
+               f"{speed['repeat']} rounds in which the readers compared take turns, warm page cache.", "",
                speed_tables(speed), "", f"![scaling]({rel(out / 'scaling.png')})", ""]
     report_path.write_text("\n".join(md))
     if readme is not None and heads and not quick:

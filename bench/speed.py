@@ -26,14 +26,19 @@ def touch(tensors) -> float:
     return sum(float(tensors[name].float().sum()) for name in tensors)
 
 
-def best_of(repeat: int, fn) -> float:
-    """Minimum wall time of `repeat` runs: the least disturbed by the shared, noisy machine."""
-    times = []
+def best_of(repeat: int, *fns) -> list[float]:
+    """Minimum wall time of each function over `repeat` rounds, the functions taking turns in every round.
+
+    Taking turns puts the readers being compared under the same machine state; the minimum is the
+    run least disturbed by the shared, noisy machine.
+    """
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [min(t) for t in times]
 
 
 def zipnn_codec():
@@ -89,10 +94,8 @@ def sizes_and_times(src: Path, workdir: Path, params: int, bits: list[int], entr
         for stage in entropies:
             out = workdir / f"b{b}-{stage}.sqz"
             options = sqz.EncodeOptions(bits=b, entropy=stage)
-            encode_s = best_of(1, lambda: sqz.encode(src, out, options, force=True, progress=False))
-            # interleave the two loads so that both see the same machine state
-            safetensors_s = best_of(repeat, lambda: touch(load_file(str(weights))))
-            sqz_s = best_of(repeat, lambda: touch(sqz.load(out)))
+            encode_s, = best_of(1, lambda: sqz.encode(src, out, options, force=True, progress=False))
+            safetensors_s, sqz_s = best_of(repeat, lambda: touch(load_file(str(weights))), lambda: touch(sqz.load(out)))
             size = out.stat().st_size
             rows.append({"bits": b, "entropy": stage, "file_bytes": size, "bits_per_param": 8 * size / params,
                          "ratio_to_fp16": weights.stat().st_size / size, "encode_s": encode_s,
@@ -116,8 +119,9 @@ def lossless_rows(weights: Path, workdir: Path, repeat: int) -> list[dict]:
         "zstd": (zst, zstd_encode, lambda: touch(load(zstandard.ZstdDecompressor().decompress(zst.read_bytes())))),
         "zipnn": (zpn, zipnn_encode, lambda: touch(load(bytes(zipnn_codec().decompress(zpn.read_bytes()))))),
     }
-    return [{"format": name, "file_bytes": path.stat().st_size, "encode_s": enc, "load_touch_s": best_of(repeat, fn)}
-            for name, (path, enc, fn) in readers.items()]
+    times = best_of(repeat, *(fn for _, _, fn in readers.values()))
+    return [{"format": name, "file_bytes": path.stat().st_size, "encode_s": enc, "load_touch_s": spent}
+            for (name, (path, enc, _)), spent in zip(readers.items(), times)]
 
 
 def scaling_rows(workdir: Path, scales: list[float], bits: int, repeat: int) -> list[dict]:
@@ -127,9 +131,8 @@ def scaling_rows(workdir: Path, scales: list[float], bits: int, repeat: int) -> 
         weights = src / "adapter_model.safetensors"
         params = sum(t.numel() for t in load_file(str(weights)).values())
         out = workdir / f"scale-{scale}.sqz"
-        encode_s = best_of(1, lambda: sqz.encode(src, out, sqz.EncodeOptions(bits=bits), force=True, progress=False))
-        safetensors_s = best_of(repeat, lambda: touch(load_file(str(weights))))
-        sqz_s = best_of(repeat, lambda: touch(sqz.load(out)))
+        encode_s, = best_of(1, lambda: sqz.encode(src, out, sqz.EncodeOptions(bits=bits), force=True, progress=False))
+        safetensors_s, sqz_s = best_of(repeat, lambda: touch(load_file(str(weights))), lambda: touch(sqz.load(out)))
         rows.append({"scale": scale, "params": params, "bits": bits, "file_bytes": out.stat().st_size,
                      "encode_s": encode_s, "load_touch_s": sqz_s, "safetensors_load_touch_s": safetensors_s,
                      "load_ratio": sqz_s / safetensors_s})
@@ -141,7 +144,7 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
     src = write_llama_adapter(workdir / "adapter", scale=scale)
     weights = src / "adapter_model.safetensors"
     params = sum(t.numel() for t in load_file(str(weights)).values())
-    repeat = 1 if quick else 3
+    repeat = 1 if quick else 5
     log(f"speed: {params:,} params")
     rows = sizes_and_times(src, workdir, params, [3] if quick else [2, 3, 5],
                            ["auto", "zstd-aligned", "zstd", "rans"], repeat)
@@ -157,7 +160,7 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()[-1]
     log("speed: scaling")
     scaling = scaling_rows(workdir, [1 / 128, 1 / 32] if quick else [0.25, 1.0, 4.0], 3, repeat)
-    return {"adapter": {"params": params, "fp16_bytes": weights.stat().st_size, "scale": scale},
+    return {"adapter": {"params": params, "fp16_bytes": weights.stat().st_size, "scale": scale}, "repeat": repeat,
             "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
                         "torch": torch.__version__, "sqz": sqz.__version__, "platform": platform.platform()},
             "rows": rows, "lossless": lossless,

@@ -102,31 +102,38 @@ def lookup(data: bytes | memoryview | np.ndarray, count: int, bits: int, table: 
     group = GROUP_BYTES[code_bits]
     per_group = 8 * group // code_bits
     groups = -(-buf.size // group)
-    if buf.size % group:
-        buf = np.concatenate([buf, np.zeros(groups * group - buf.size, dtype=np.uint8)])
-    rows = buf.reshape(groups, group)
+    padded = np.zeros(groups * group + 8, dtype=np.uint8)  # 8 spare bytes: the last group reads a whole word
+    padded[: buf.size] = buf
+    # Group g as the little-endian u64 at byte g*group (an overlapping, unaligned strided view: no copy);
+    # bits past the group's own are the next group's and are never looked at.
+    words = np.ndarray((groups,), dtype="<u8", buffer=padded, strides=(group,))
     out = np.empty((groups * per_group, lanes), dtype=table.dtype)
     mask = np.uint64((1 << code_bits) - 1)
     step = LOOKUP_CHUNK // per_group
     for start in range(0, groups, step):
-        part = rows[start:start + step]
-        padded = np.zeros((part.shape[0], 8), dtype=np.uint8)
-        padded[:, :group] = part
-        words = padded.view("<u8").ravel()
-        _check_lanes(words, bits, 8 * group // bits, table.size)
-        index = np.empty((part.shape[0], per_group), dtype=np.intp)
+        part = words[start:start + step]
+        _check_lanes(part, bits, 8 * group // bits, table.size)
+        index = np.empty((part.size, per_group), dtype=np.intp)
         for j in range(per_group):
-            index[:, j] = (words >> np.uint64(j * code_bits)) & mask
-        np.take(codes, index.ravel(), axis=0, out=out[start * per_group:(start + part.shape[0]) * per_group])
+            np.bitwise_and(part >> np.uint64(j * code_bits), mask, out=index[:, j], casting="unsafe")
+        np.take(codes, index.ravel(), axis=0, out=out[start * per_group:(start + part.size) * per_group])
     return out.reshape(-1)[:count]
 
 
 def _code_table(table: np.ndarray, bits: int, lanes: int) -> np.ndarray:
-    """[2^(lanes*bits), lanes]: row c holds table[lane i of c] for each lane (entries past the table read 0)."""
-    padded = np.zeros(1 << bits, dtype=table.dtype)
+    """[2^(lanes*bits), lanes]: row c holds table[lane j of c] in column j (entries past the table read 0).
+
+    Built by broadcasting: lane j of code c is axis lanes-1-j of c viewed as a lanes-dim index.
+    """
+    size = 1 << bits
+    padded = np.zeros(size, dtype=table.dtype)
     padded[: table.size] = table
-    code = np.arange(1 << (lanes * bits), dtype=np.uint32)
-    return padded[(code[:, None] >> (np.arange(lanes, dtype=np.uint32) * bits)) & ((1 << bits) - 1)]
+    out = np.empty((size,) * lanes + (lanes,), dtype=table.dtype)
+    for j in range(lanes):
+        shape = [1] * lanes
+        shape[lanes - 1 - j] = size
+        out[..., j] = padded.reshape(shape)
+    return out.reshape(size**lanes, lanes)
 
 
 def _check_lanes(words: np.ndarray, bits: int, lanes: int, limit: int) -> None:
