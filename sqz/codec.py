@@ -82,7 +82,7 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions) -> tuple[d
         raise InputError(f"{t.name}: {exc}") from None
     k = int(q.codebook.size)
     stages = ENTROPY_STAGES if options.entropy == ENTROPY_AUTO else (options.entropy,)
-    stage, payload = _smallest({s: entropy.encode_indices(q.indices, options.bits, k, s) for s in stages})
+    stage, payload = _smallest(entropy.encode_stages(q.indices, options.bits, k, stages))
     if k == 1:
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
     record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=options.bits, codebook_size=k,

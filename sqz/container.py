@@ -221,6 +221,9 @@ def validate_header(header: dict[str, Any], where: str) -> None:
         modules.add(pair["module"])
 
 
+_NEWER = f"(a newer minor version? this sqz reads {VERSION_MAJOR}.0-{VERSION_MAJOR}.{VERSION_MINOR}; upgrade sqz)"
+
+
 def _validate_record(r: dict[str, Any], where: str) -> None:
     name = r.get("name")
     _need(isinstance(name, str) and 0 < len(name.encode("utf-8")) <= MAX_NAME_BYTES, where, "tensor name must be a non-empty string")
@@ -240,10 +243,9 @@ def _validate_record(r: dict[str, Any], where: str) -> None:
         raise LimitError(f"{where}: {label} would expand {r['length']} bytes into {decoded}, beyond what a "
                          f"{r['length']}-byte section can justify")
     _need(r.get("role") in ROLES, where, f"{label}: unknown role {r.get('role')!r}")
-    newer = f"(a newer minor version? this sqz reads {VERSION_MAJOR}.0-{VERSION_MAJOR}.{VERSION_MINOR}; upgrade sqz)"
-    _need(r.get("encoding") in ENCODINGS, where, f"{label}: unknown encoding {r.get('encoding')!r} {newer}")
+    _need(r.get("encoding") in ENCODINGS, where, f"{label}: unknown encoding {r.get('encoding')!r} {_NEWER}")
     if r["encoding"] == ENCODING_KMEANS:
-        _need(r.get("entropy") in ENTROPY_STAGES, where, f"{label}: unknown entropy stage {r.get('entropy')!r} {newer}")
+        _need(r.get("entropy") in ENTROPY_STAGES, where, f"{label}: unknown entropy stage {r.get('entropy')!r} {_NEWER}")
         _need(r["dtype"] in QUANTIZABLE_DTYPES, where, f"{label}: kmeans needs a float dtype")
         _need(_is_int(r.get("bits")) and MIN_BITS <= r["bits"] <= MAX_BITS, where, f"{label}: bits must be 1..8")
         k = r.get("codebook_size")

@@ -76,21 +76,36 @@ def zstd_decompress(payload: bytes | memoryview, size: int, exact: bool = True) 
 
 def encode_indices(indices: np.ndarray, bits: int, codebook_size: int, stage: str) -> bytes:
     """Entropy-code uint8 indices (< codebook_size <= 2**bits) with one stage."""
+    return encode_stages(indices, bits, codebook_size, (stage,))[stage]
+
+
+def encode_stages(indices: np.ndarray, bits: int, codebook_size: int, stages: tuple[str, ...]) -> dict[str, bytes]:
+    """The payload of each stage; auto tries them all, and each packed width is packed once."""
     if codebook_size == 1:
-        return b""  # every index is 0: the codebook alone says it all
-    if stage == ENTROPY_NONE:
-        return bitpack.pack(indices, bits)
-    if stage == ENTROPY_ZSTD:
-        return zstd_compress(bitpack.pack(indices, bits))
-    if stage == ENTROPY_ZSTD_ALIGNED:
-        packed = bitpack.pack(indices, bitpack.aligned_width(bits))
-        return zstandard.ZstdCompressor(compression_params=ZSTD_ALIGNED_PARAMS).compress(packed)
-    if stage == ENTROPY_RANS:
-        counts = np.bincount(indices, minlength=codebook_size).astype("<u4")
-        coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(indices.astype(np.int32), _rans_model(counts))
-        return counts.tobytes() + coder.get_compressed().astype("<u4").tobytes()
-    raise ValueError(f"unknown entropy stage {stage!r}")
+        return dict.fromkeys(stages, b"")  # every index is 0: the codebook alone says it all
+    packed: dict[int, bytes] = {}
+
+    def packed_at(width: int) -> bytes:
+        if width not in packed:
+            packed[width] = bitpack.pack(indices, width)
+        return packed[width]
+
+    def encode(stage: str) -> bytes:
+        if stage == ENTROPY_NONE:
+            return packed_at(bits)
+        if stage == ENTROPY_ZSTD:
+            return zstd_compress(packed_at(bits))
+        if stage == ENTROPY_ZSTD_ALIGNED:
+            return zstandard.ZstdCompressor(compression_params=ZSTD_ALIGNED_PARAMS).compress(
+                packed_at(bitpack.aligned_width(bits)))
+        if stage == ENTROPY_RANS:
+            counts = np.bincount(indices, minlength=codebook_size).astype("<u4")
+            coder = constriction.stream.stack.AnsCoder()
+            coder.encode_reverse(indices.astype(np.int32), _rans_model(counts))
+            return counts.tobytes() + coder.get_compressed().astype("<u4").tobytes()
+        raise ValueError(f"unknown entropy stage {stage!r}")
+
+    return {stage: encode(stage) for stage in stages}
 
 
 def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int,
