@@ -3,11 +3,13 @@
 Every time is a ratio to something measured in the same run on the same file: `sqz.load` + touching every
 tensor against `safetensors.torch.load_file` of the fp16 original (+ touching), and against decompressing
 zstd / ZipNN copies of that file (+ loading + touching). Touching = summing every tensor, which forces
-every byte to be read or decoded. Peak memory is measured in a fresh process per reader (peak RSS above
-the process's RSS after imports). Scaling: encode and load at 0.25x, 1x and 4x the adapter.
+every byte to be read or decoded. The 3-bit file is also timed from a cold page cache (each file evicted
+before each read) and as the first load of a fresh process. Peak memory is measured in a fresh process per
+reader (peak RSS above the process's RSS after imports). Scaling: encode and load at 0.25x, 1x and 4x.
 """
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -86,6 +88,57 @@ def peak_memory(reader: str, path: Path) -> int:
     return int(result.stdout.strip().splitlines()[-1])
 
 
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (written back first), so its next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# One read + touch, timed in a fresh process once its imports are done: what a program that loads an
+# adapter once pays, fresh memory included (a warm process reuses the pages freed by its previous loads).
+FIRST_LOAD = """
+import sys, time
+from bench.speed import touch
+import torch, numpy, safetensors, zstandard, sqz
+PATH = sys.argv[1]
+start = time.perf_counter()
+{reader}
+touch(t)
+print(time.perf_counter() - start)
+"""
+
+
+def first_load_s(reader: str, path: Path) -> float:
+    code = FIRST_LOAD.format(reader=READERS[reader])
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parent.parent)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def load_conditions(weights: Path, packed: Path, repeat: int) -> list[dict]:
+    """sqz.load against safetensors' load_file (both + touch) of the same adapter, in three conditions."""
+    read_st, read_sqz = lambda: touch(load_file(str(weights))), lambda: touch(sqz.load(packed))
+    cold: list[list[float]] = [[], []]
+    for _ in range(repeat):  # taking turns, as best_of does; the eviction is not timed
+        for path, read, spent in ((weights, read_st, cold[0]), (packed, read_sqz, cold[1])):
+            evict(path)
+            start = time.perf_counter()
+            read()
+            spent.append(time.perf_counter() - start)
+    first = [[first_load_s("safetensors", weights), first_load_s("sqz", packed)] for _ in range(repeat)]
+    timings = {
+        "warm page cache, warm process": best_of(repeat, read_st, read_sqz),
+        "cold page cache (file evicted before each read)": [min(t) for t in cold],
+        "first load in a fresh process, warm page cache": [min(t) for t in zip(*first)],
+    }
+    return [{"condition": name, "safetensors_load_touch_s": st, "load_touch_s": ours, "load_ratio": ours / st}
+            for name, (st, ours) in timings.items()]
+
+
 def sizes_and_times(src: Path, workdir: Path, params: int, bits: list[int], entropies: list[str],
                     repeat: int) -> list[dict]:
     weights = src / "adapter_model.safetensors"
@@ -149,6 +202,8 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
     rows = sizes_and_times(src, workdir, params, [3] if quick else [2, 3, 5],
                            ["auto", "zstd-aligned", "zstd", "rans"], repeat)
     lossless = lossless_rows(weights, workdir, repeat)
+    log("speed: load conditions")
+    conditions = load_conditions(weights, workdir / "b3-auto.sqz", repeat)
     memory = {"safetensors": peak_memory("safetensors", weights), "sqz": peak_memory("sqz", workdir / "b3-auto.sqz"),
               "zstd": peak_memory("zstd", workdir / "fp16.safetensors.zst"),
               "zipnn": peak_memory("zipnn", workdir / "fp16.safetensors.znn")}
@@ -163,5 +218,5 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
     return {"adapter": {"params": params, "fp16_bytes": weights.stat().st_size, "scale": scale}, "repeat": repeat,
             "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
                         "torch": torch.__version__, "sqz": sqz.__version__, "platform": platform.platform()},
-            "rows": rows, "lossless": lossless,
+            "rows": rows, "lossless": lossless, "conditions": conditions,
             "peak_memory_bytes": {**memory, "sqz_encode_3bit": int(encode_memory)}, "scaling": scaling}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -21,12 +22,12 @@ from tqdm import tqdm
 from . import __version__, container
 from .adapter import CONFIG_NAME, TORCH_DTYPES, Adapter, Pair, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable
-from .codec import EncodeOptions, decode_tensor, encode_tensor
+from .codec import EncodeOptions, decode_tensors, encode_tensor
 from .constants import ENCODING_KMEANS, PAIR_SINE
 from .bitpack import packed_size
 from .delta import delta_weight
 from .dtypes import itemsize
-from .errors import InputError, LimitError, SqzError
+from .errors import InputError, SqzError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -91,18 +92,33 @@ def _encode_adapter(adapter: Adapter, options: EncodeOptions, progress: bool | N
     return header, [section for _, section in encoded]
 
 
+READ_AHEAD_BYTES = 16 << 20
+"""A lookup that misses decodes the tensors after it in the file as well, up to this many decoded bytes, in
+one batch on every core: reading a whole adapter in file order (what loading it into a model does) runs in
+parallel, while a single lookup decodes at most this much more than it asked for."""
+
+
+def decoder_threads() -> int:
+    """Threads a batch decodes on: the cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class SqzAdapter(Mapping):
-    """A read-only mapping name -> torch.Tensor over a .sqz file, decoding each tensor on first access.
+    """A read-only mapping name -> torch.Tensor over a .sqz file, decoding tensors on first access.
 
     Tensors come back under their original names, in their original dtype (or `dtype`), on `device`.
-    Decoded tensors are cached; the mapping is safe to share between threads.
+    A miss also decodes the tensors that follow it in the file (READ_AHEAD_BYTES) in the same batch;
+    tensors decoded together share one buffer. Decoded tensors are cached; the mapping is safe to share
+    between threads.
     """
 
     def __init__(self, path: str | Path | bytes, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         self._file = container.Container(path)
         self._index = {r["name"]: i for i, r in enumerate(self._file.records)}
+        self._sizes = [math.prod(r["shape"]) * itemsize(r["dtype"]) for r in self._file.records]
         self._device = torch.device(device)
         self._dtype = dtype
+        self._threads = decoder_threads()
         self._cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self.pairs: list[Pair] = [Pair(p["module"], p["a"], p["b"], p["kind"], p["layer"], p["scaling"],
@@ -130,17 +146,48 @@ class SqzAdapter(Mapping):
             cached = self._cache.get(name)
         if cached is not None:
             return cached
-        tensor = self._decode(name)
+        decoded = self._decode_batch(self._read_ahead(self._index[name]))
         with self._lock:
-            return self._cache.setdefault(name, tensor)
+            for i, result in decoded.items():
+                if isinstance(result, torch.Tensor):
+                    self._cache.setdefault(self._file.records[i]["name"], result)
+            result = decoded[self._index[name]]
+            if isinstance(result, SqzError):
+                raise result  # a tensor read ahead that fails is left out, and reports when it is asked for
+            return self._cache[name]
 
-    def _decode(self, name: str) -> torch.Tensor:
-        i = self._index[name]
-        record = self._file.records[i]
-        try:
-            tensor = _to_torch(decode_tensor(record, self._file.section(i)), record)
-        except MemoryError:
-            raise LimitError(f"{self._file.path}: tensor {name!r} ({record['shape']}) does not fit in memory") from None
+    def _read_ahead(self, first: int) -> list[int]:
+        """`first` and the uncached tensors right after it, up to READ_AHEAD_BYTES of output."""
+        batch, size = [first], self._sizes[first]
+        with self._lock:
+            for i in range(first + 1, len(self._sizes)):
+                if size >= READ_AHEAD_BYTES or self._file.records[i]["name"] in self._cache:
+                    break
+                batch.append(i)
+                size += self._sizes[i]
+        return batch
+
+    def _decode_batch(self, batch: list[int]) -> dict[int, torch.Tensor | SqzError]:
+        """Decode tensors together (they share one buffer); each result is a tensor or the error it raised."""
+        sections, decoded = {}, {}
+        for i in batch:
+            try:
+                sections[i] = self._file.section(i)
+            except SqzError as exc:
+                decoded[i] = exc
+        results = decode_tensors([(self._file.records[i], section) for i, section in sections.items()],
+                                 threads=self._threads)
+        for i, result in zip(sections, results):
+            decoded[i] = result if isinstance(result, SqzError) else self._to_torch(result, self._file.records[i])
+        return decoded
+
+    def _to_torch(self, data: np.ndarray, record: dict[str, Any]) -> torch.Tensor:
+        """A tensor's little-endian bytes as a tensor of the record's dtype and shape (or self._dtype), on the device."""
+        dtype = TORCH_DTYPES[record["dtype"]]
+        if data.size == 0:
+            tensor = torch.empty(record["shape"], dtype=dtype)
+        else:
+            tensor = torch.from_numpy(data).view(dtype).reshape(record["shape"])
         if self._dtype is not None:
             tensor = tensor.to(self._dtype)
         return tensor.to(self._device)
@@ -171,14 +218,6 @@ class SqzAdapter(Mapping):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _to_torch(words, record: dict[str, Any]) -> torch.Tensor:
-    """Little-endian element bytes (any numpy word type) as a tensor of the record's dtype and shape."""
-    dtype = TORCH_DTYPES[record["dtype"]]
-    if words.size == 0:
-        return torch.empty(record["shape"], dtype=dtype)
-    return torch.from_numpy(words.view("u1")).view(dtype).reshape(record["shape"])
 
 
 def load(path: str | Path | bytes, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SqzAdapter:

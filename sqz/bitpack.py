@@ -5,15 +5,23 @@ of byte j // 8, and bit t of the index is stream bit i*b + t. Every 8 indices fi
 bytes, so `pack` works on (groups, b) byte matrices with 8 vectorised shift/mask steps and no
 per-bit temporaries.
 
-A decoder never needs the indices themselves: `lookup` reads the stream as codes of a few whole
-indices (a byte at the aligned widths 1, 2, 4, 8, where every byte holds 8/b indices; 10 to 14 bits
-otherwise) and maps each code straight to its output elements through a table of all codes.
+A decoder never needs the indices themselves: `lookup` and `lookup_many` map the stream straight to
+output elements. The C extension sqz._lookup (built at install where a C compiler is at hand) runs a
+whole batch of tensors on every core in one call. Without it, numpy reads the stream as codes of a few
+whole indices (a byte at the aligned widths 1, 2, 4, 8, where every byte holds 8/b indices; 10 to 14
+bits otherwise) and maps each code to its output elements through a table of all codes, about 3x slower.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .constants import MAX_BITS, MIN_BITS
+
+try:
+    from ._lookup import HAS_ZSTD as NATIVE_ZSTD
+    from ._lookup import lookup_many as native_lookup
+except ImportError:  # installed without a C compiler: the numpy path below gives the same values
+    native_lookup, NATIVE_ZSTD = None, False
 
 ALIGNED_WIDTHS = (1, 2, 4, 8)
 LOOKUP_CHUNK = 1 << 16
@@ -69,19 +77,17 @@ def _pack_aligned(idx: np.ndarray, width: int) -> bytes:
 
 
 CODE_BITS = {1: 8, 2: 8, 3: 12, 4: 8, 5: 10, 6: 12, 7: 14, 8: 8}
-"""Bits decoded per table lookup: a whole number of indices, at most 14 so a code table stays small."""
+"""numpy path: bits decoded per table lookup, a whole number of indices, at most 14 so a code table stays small."""
 GROUP_BYTES = {10: 5, 12: 3, 14: 7}
-"""Unaligned codes come in groups of whole bytes: 4 ten-bit, 2 twelve-bit or 4 fourteen-bit codes."""
+"""numpy path: unaligned codes come in groups of whole bytes: 4 ten-bit, 2 twelve-bit or 4 fourteen-bit codes."""
+
+LookupJob = tuple[np.ndarray | memoryview, int, int, np.ndarray, np.ndarray, bool]
+"""(stream, count, bits, table, out, framed): out[i] = table[index i of the b-bit stream]. A framed job's
+stream is a zstd frame of the packed stream, which the C extension decompresses itself (NATIVE_ZSTD)."""
 
 
-def lookup(data: bytes | memoryview | np.ndarray, count: int, bits: int, table: np.ndarray) -> np.ndarray:
-    """table[index] for each of the `count` indices of a b-bit stream (the inverse of `pack` composed with a gather).
-
-    Raises ValueError unless the stream has exactly packed_size bytes, zero padding bits and every
-    index < table.size. A table of the 2^code_bits codes (CODE_BITS) turns the gather into one numpy
-    take per code, with no index array in between; the stream goes through in cache-sized chunks
-    because take wants intp indices.
-    """
+def check_stream(data: bytes | memoryview | np.ndarray, count: int, bits: int) -> np.ndarray:
+    """The stream as uint8; ValueError unless it has exactly packed_size bytes and zero padding bits."""
     _check_bits(bits)
     buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     if buf.size != packed_size(count, bits):
@@ -89,6 +95,47 @@ def lookup(data: bytes | memoryview | np.ndarray, count: int, bits: int, table: 
     spare = (-count * bits) % 8
     if spare and buf[-1] >> (8 - spare):
         raise ValueError("unused bits of the last byte are not zero")
+    return buf
+
+
+def lookup(data: bytes | memoryview | np.ndarray, count: int, bits: int, table: np.ndarray,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """table[index] for each of the `count` indices of a b-bit stream (the inverse of `pack` composed with a gather).
+
+    Raises ValueError unless the stream has exactly packed_size bytes, zero padding bits and every
+    index < table.size.
+    """
+    buf = check_stream(data, count, bits)
+    out = np.empty(count, dtype=table.dtype) if out is None else out
+    if lookup_many([(buf, count, bits, table, out, False)]):
+        raise ValueError(f"an index is outside the {table.size}-entry codebook")
+    return out
+
+
+def lookup_many(jobs: list[LookupJob], threads: int = 1) -> list[tuple[int, str]]:
+    """Run many lookups at once; returns (job, problem) for each that failed, the problem being 'index'
+    (one outside the table) or, for framed jobs, 'frame', 'size', 'padding' or 'memory' (see _lookup.c).
+
+    Unframed streams must have passed check_stream. The C extension runs all the jobs on `threads`
+    threads with one GIL hand-off; numpy runs them one by one, and takes no framed jobs.
+    """
+    if native_lookup is not None:
+        return native_lookup([(buf, count, bits, np.ascontiguousarray(table), out, framed)
+                              for buf, count, bits, table, out, framed in jobs], threads)
+    problems = []
+    for n, (buf, count, bits, table, out, framed) in enumerate(jobs):
+        if framed:
+            raise ValueError("framed jobs need the C extension with libzstd (NATIVE_ZSTD)")
+        try:
+            out[:] = _lookup_numpy(buf, count, bits, table)
+        except ValueError:
+            problems.append((n, "index"))
+    return problems
+
+
+def _lookup_numpy(buf: np.ndarray, count: int, bits: int, table: np.ndarray) -> np.ndarray:
+    """A table of the 2^code_bits codes (CODE_BITS) turns the gather into one numpy take per code, with no
+    index array in between; the stream goes through in cache-sized chunks because take wants intp indices."""
     code_bits = CODE_BITS[bits]
     lanes = code_bits // bits
     codes = _code_table(table, bits, lanes)

@@ -6,16 +6,18 @@ raw section:    the tensor's little-endian bytes through the entropy stage (none
 from __future__ import annotations
 
 import fnmatch
+import itertools
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import entropy
+from . import bitpack, entropy
 from .adapter import SourceTensor
 from .constants import (ENCODING_KMEANS, ENCODING_RAW, ENTROPY_NONE, ENTROPY_RANS, ENTROPY_STAGES, ENTROPY_ZSTD,
                         ENTROPY_ZSTD_ALIGNED, MAX_BITS, MIN_BITS, QUANTIZABLE_DTYPES, ROLE_A, ROLE_B, ROLE_OTHER)
 from .dtypes import float32_to_bits, itemsize, to_float64
-from .errors import FormatError, InputError
+from .errors import FormatError, InputError, LimitError, SqzError
 from .quantize import DEFAULT_SAMPLE, quantize, tensor_seed
 
 ENTROPY_AUTO = "auto"
@@ -108,15 +110,126 @@ def codebook_of(record: dict, section: memoryview) -> np.ndarray:
     return np.frombuffer(section[: 4 * record["codebook_size"]], dtype="<f4")
 
 
-def decode_tensor(record: dict, section: memoryview) -> np.ndarray:
-    """The tensor's little-endian bytes as a flat numpy array (uint8 for raw, uint16/32/64 words for kmeans)."""
-    count = int(np.prod(record["shape"], dtype=np.int64))
+OUTPUT_ALIGNMENT = 64
+"""Each tensor decode_tensors returns starts at a multiple of this in their shared buffer (a cache line)."""
+
+
+def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1) -> list[np.ndarray | SqzError]:
+    """Decode many (record, section) pairs; each result is the tensor's little-endian bytes (a flat uint8
+    array) or the error that tensor raised.
+
+    The entropy stages run first, one tensor at a time, then the codebooks are checked and converted
+    all at once. Only then is one buffer for all the outputs allocated (a header's size claims cost memory
+    only once the data has backed them), and the lookups of every kmeans tensor run in one
+    bitpack.lookup_many call on `threads` threads: one GIL hand-off for the batch, where threads decoding
+    a tensor each would fight over the GIL at every step. One bad tensor never spoils the others.
+    """
+    results: list[np.ndarray | SqzError | None] = [None] * len(items)
+    stages: dict[int, tuple] = {}
+    for n, (record, section) in enumerate(items):
+        try:
+            stages[n] = _entropy_stage(record, section)
+        except SqzError as exc:
+            results[n] = exc
+        except MemoryError:
+            results[n] = _too_big(record)
+    kmeans = [n for n, stage in stages.items() if stage[0] == ENCODING_KMEANS]
+    tables = _code_tables([items[n][0] for n in kmeans], [stages[n][5] for n in kmeans])
+    for n, table in zip(kmeans, tables):
+        if isinstance(table, SqzError):
+            results[n] = table
+            del stages[n]
+        else:
+            stages[n] = (*stages[n][:5], table)
+    outputs = _output_buffers({n: _nbytes(items[n][0]) for n in stages})
+    lookups: list[tuple[int, bitpack.LookupJob]] = []
+    for n, stage in stages.items():
+        out = results[n] = outputs[n]
+        if out is None:
+            results[n] = _too_big(items[n][0])
+        elif stage[0] == ENCODING_RAW:
+            out[:] = np.frombuffer(stage[1], dtype=np.uint8)
+        else:
+            _, stream, count, width, framed, table = stage
+            lookups.append((n, (stream, count, width, table, out.view(table.dtype), framed)))
+    for job, problem in bitpack.lookup_many([job for _, job in lookups], threads):
+        n, (_, _, _, table, _, _) = lookups[job]
+        results[n] = _lookup_error(items[n][0], problem, table.size)
+    return results  # type: ignore[return-value]  # every slot is filled above
+
+
+def _lookup_error(record: dict, problem: str, k: int) -> SqzError:
+    """The error for a problem bitpack.lookup_many reports."""
+    if problem == "memory":
+        return _too_big(record)
+    what = {"index": f"packed indices: an index is outside the {k}-entry codebook",
+            "frame": "bad zstd stream (not one valid frame)",
+            "size": "zstd stream gave another size than its frame declares",
+            "padding": "packed indices: unused bits of the last byte are not zero"}[problem]
+    return FormatError(f"{record['name']!r}: {what}")
+
+
+def _code_tables(records: list[dict], codebooks: list[np.ndarray]) -> list[np.ndarray | FormatError]:
+    """Each codebook checked (finite, strictly increasing) and rounded to its tensor's dtype, as the bit
+    patterns the lookup writes. All at once: one numpy pass over the concatenated codebooks."""
+    if not codebooks:
+        return []
+    values = np.concatenate(codebooks)
+    ends = np.cumsum([c.size for c in codebooks])
+    rising = np.diff(values) > 0
+    rising[ends[:-1] - 1] = True  # one codebook's last entry against the next one's first is no rule
+    if not (np.isfinite(values).all() and rising.all()):
+        if len(codebooks) == 1:
+            return [FormatError(f"{records[0]['name']!r}: codebook must be finite and strictly increasing")]
+        return [_code_tables([r], [c])[0] for r, c in zip(records, codebooks)]  # which ones
+    dtypes = [r["dtype"] for r in records]
+    if len(set(dtypes)) == 1:
+        return np.split(float32_to_bits(values, dtypes[0]), ends[:-1])
+    return [float32_to_bits(c, dtype) for c, dtype in zip(codebooks, dtypes)]
+
+
+def _nbytes(record: dict) -> int:
+    return math.prod(record["shape"]) * itemsize(record["dtype"])
+
+
+def _too_big(record: dict) -> LimitError:
+    return LimitError(f"{record['name']!r} ({record['shape']}) does not fit in memory")
+
+
+def _output_buffers(sizes: dict[int, int]) -> dict[int, np.ndarray | None]:
+    """Views of one fresh uint8 buffer, aligned; if that does not fit, a buffer each (None where even that fails)."""
+    offsets = itertools.accumulate((-(-size // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT for size in sizes.values()),
+                                   initial=0)
+    starts = dict(zip(sizes, offsets))
+    try:
+        buffer = np.empty(sum(-(-size // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT for size in sizes.values()), np.uint8)
+        return {n: buffer[starts[n]:starts[n] + size] for n, size in sizes.items()}
+    except MemoryError:
+        return {n: _try_empty(size) for n, size in sizes.items()}
+
+
+def _try_empty(size: int) -> np.ndarray | None:
+    try:
+        return np.empty(size, dtype=np.uint8)
+    except MemoryError:
+        return None
+
+
+def _entropy_stage(record: dict, section: memoryview) -> tuple:
+    """Undo the entropy stage, or get it ready for the lookup to undo: ('raw', bytes), or
+    ('kmeans', stream, count, width, framed, float32 codebook) where a framed stream is the zstd frame
+    of the packed indices, which the C extension decompresses in its own threads (NATIVE_ZSTD)."""
+    count = math.prod(record["shape"])
     if record["encoding"] == ENCODING_RAW:
-        raw = entropy.decode_bytes(section, count * itemsize(record["dtype"]), record["entropy"])
-        return np.frombuffer(raw, dtype=np.uint8).copy()
-    k = record["codebook_size"]
-    codebook = codebook_of(record, section)
-    if not np.isfinite(codebook).all() or (k > 1 and not (np.diff(codebook) > 0).all()):
-        raise FormatError(f"{record['name']!r}: codebook must be finite and strictly increasing")
-    return entropy.decode_values(section[4 * k:], count, record["bits"], float32_to_bits(codebook, record["dtype"]),
-                                 record["entropy"])
+        return ENCODING_RAW, entropy.decode_bytes(section, count * itemsize(record["dtype"]), record["entropy"])
+    k, stage = record["codebook_size"], record["entropy"]
+    payload = section[4 * k:]
+    if bitpack.NATIVE_ZSTD and k > 1 and stage in (ENTROPY_ZSTD, ENTROPY_ZSTD_ALIGNED):
+        frame, width = entropy.index_frame(payload, count, record["bits"], stage)
+        return ENCODING_KMEANS, frame, count, width, True, codebook_of(record, section)
+    stream, width = entropy.decode_stream(payload, count, record["bits"], k, stage)
+    try:
+        stream = bitpack.check_stream(stream, count, width)
+    except ValueError as exc:
+        raise FormatError(f"{record['name']!r}: packed indices: {exc}") from None
+    return ENCODING_KMEANS, stream, count, width, False, codebook_of(record, section)

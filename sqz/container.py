@@ -16,9 +16,10 @@ import math
 import mmap
 import os
 import struct
-import zlib
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
+
+from zlib_ng import zlib_ng
 
 from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, ENCODING_KMEANS, ENCODINGS, ENTROPY_STAGES, EXPANSION_FLOOR,
                         LAYER_KINDS, MAGIC, MAX_BITS, MAX_EXPANSION, MAX_HEADER_BYTES, MAX_KMEANS_NUMEL, MAX_NAME_BYTES,
@@ -35,7 +36,8 @@ def align(n: int) -> int:
 
 
 def crc32(data: bytes | memoryview) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+    """CRC-32 (ISO-HDLC, as zlib; spec §1, §3.1) by zlib-ng, whose SIMD crc32 is about 8x faster than zlib's."""
+    return zlib_ng.crc32(data) & 0xFFFFFFFF
 
 
 def serialize(header: dict[str, Any], sections: list[bytes]) -> list[bytes]:
@@ -176,9 +178,9 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in the header")
 
 
-def _need(cond: bool, where: str, what: str) -> None:
-    if not cond:
-        raise FormatError(f"{where}: bad header: {what}")
+def _bad(where: str, what: str) -> NoReturn:
+    """Validation checks read `if not (cond): _bad(...)`: the message is built only for a bad header."""
+    raise FormatError(f"{where}: bad header: {what}")
 
 
 def _is_int(v: Any) -> bool:
@@ -192,32 +194,43 @@ def _is_num(v: Any) -> bool:
 def validate_header(header: dict[str, Any], where: str) -> None:
     """Every field a reader relies on has the right type and a sane value; sections tile the data area."""
     records = header.get("tensors")
-    _need(isinstance(records, list), where, "'tensors' must be a list")
+    if not isinstance(records, list):
+        _bad(where, "'tensors' must be a list")
     if len(records) > MAX_TENSORS:
         raise LimitError(f"{where}: {len(records)} tensors, over the limit of {MAX_TENSORS}")
-    _need(_is_int(header.get("data_size")) and header["data_size"] >= 0, where, "'data_size' must be an integer >= 0")
+    if not (_is_int(header.get("data_size")) and header["data_size"] >= 0):
+        _bad(where, "'data_size' must be an integer >= 0")
     for key in ("config", "metadata"):
-        _need(header.get(key) is None or isinstance(header[key], dict), where, f"'{key}' must be an object or null")
+        if not (header.get(key) is None or isinstance(header[key], dict)):
+            _bad(where, f"'{key}' must be an object or null")
     metadata = header.get("metadata") or {}
-    _need(all(isinstance(v, str) for v in metadata.values()), where, "metadata values must be strings")
+    if not all(isinstance(v, str) for v in metadata.values()):
+        _bad(where, "metadata values must be strings")
     names: set[str] = set()
     end = 0
     for i, record in enumerate(records):
-        _need(isinstance(record, dict), where, f"tensor record {i} must be an object")
+        if not isinstance(record, dict):
+            _bad(where, f"tensor record {i} must be an object")
         _validate_record(record, where)
-        _need(record["name"] not in names, where, f"duplicate tensor name {record['name']!r}")
+        if record["name"] in names:
+            _bad(where, f"duplicate tensor name {record['name']!r}")
         names.add(record["name"])
-        _need(record["offset"] % ALIGNMENT == 0, where, f"{record['name']!r}: offset not {ALIGNMENT}-byte aligned")
-        _need(record["offset"] >= end, where, f"{record['name']!r}: section overlaps the previous one")
+        if record["offset"] % ALIGNMENT:
+            _bad(where, f"{record['name']!r}: offset not {ALIGNMENT}-byte aligned")
+        if record["offset"] < end:
+            _bad(where, f"{record['name']!r}: section overlaps the previous one")
         end = record["offset"] + record["length"]
-        _need(end <= header["data_size"], where, f"{record['name']!r}: section runs past data_size")
+        if end > header["data_size"]:
+            _bad(where, f"{record['name']!r}: section runs past data_size")
     pairs = header.get("pairs")
-    _need(isinstance(pairs, list), where, "'pairs' must be a list")
+    if not isinstance(pairs, list):
+        _bad(where, "'pairs' must be a list")
     by_name = {r["name"]: r for r in records}
     modules: set[str] = set()
     for pair in pairs:
         _validate_pair(pair, by_name, where)
-        _need(pair["module"] not in modules, where, f"duplicate pair module {pair['module']!r}")
+        if pair["module"] in modules:
+            _bad(where, f"duplicate pair module {pair['module']!r}")
         modules.add(pair["module"])
 
 
@@ -226,54 +239,75 @@ _NEWER = f"(a newer minor version? this sqz reads {VERSION_MAJOR}.0-{VERSION_MAJ
 
 def _validate_record(r: dict[str, Any], where: str) -> None:
     name = r.get("name")
-    _need(isinstance(name, str) and 0 < len(name.encode("utf-8")) <= MAX_NAME_BYTES, where, "tensor name must be a non-empty string")
+    if not (isinstance(name, str) and 0 < len(name.encode("utf-8")) <= MAX_NAME_BYTES):
+        _bad(where, "tensor name must be a non-empty string")
     label = f"{name!r}"
     for key in ("offset", "length", "crc32"):
-        _need(_is_int(r.get(key)) and r[key] >= 0, where, f"{label}: '{key}' must be an integer >= 0")
-    _need(r["crc32"] <= 0xFFFFFFFF, where, f"{label}: crc32 out of range")
+        if not (_is_int(r.get(key)) and r[key] >= 0):
+            _bad(where, f"{label}: '{key}' must be an integer >= 0")
+    if r["crc32"] > 0xFFFFFFFF:
+        _bad(where, f"{label}: crc32 out of range")
     shape = r.get("shape")
-    _need(isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape),
-          where, f"{label}: 'shape' must be a list of at most {MAX_NDIM} integers >= 0")
+    if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape)):
+        _bad(where, f"{label}: 'shape' must be a list of at most {MAX_NDIM} integers >= 0")
     numel = math.prod(shape)
     if numel > MAX_NUMEL:
         raise LimitError(f"{where}: {label} claims {numel} elements, over the limit of {MAX_NUMEL}")
-    _need(r.get("dtype") in DTYPE_ITEMSIZE, where, f"{label}: unknown dtype {r.get('dtype')!r}")
+    if r.get("dtype") not in DTYPE_ITEMSIZE:
+        _bad(where, f"{label}: unknown dtype {r.get('dtype')!r}")
     decoded = numel * DTYPE_ITEMSIZE[r["dtype"]]
     if decoded > max(EXPANSION_FLOOR, MAX_EXPANSION * r["length"]):
         raise LimitError(f"{where}: {label} would expand {r['length']} bytes into {decoded}, beyond what a "
                          f"{r['length']}-byte section can justify")
-    _need(r.get("role") in ROLES, where, f"{label}: unknown role {r.get('role')!r}")
-    _need(r.get("encoding") in ENCODINGS, where, f"{label}: unknown encoding {r.get('encoding')!r} {_NEWER}")
+    if r.get("role") not in ROLES:
+        _bad(where, f"{label}: unknown role {r.get('role')!r}")
+    if r.get("encoding") not in ENCODINGS:
+        _bad(where, f"{label}: unknown encoding {r.get('encoding')!r} {_NEWER}")
     if r["encoding"] == ENCODING_KMEANS:
-        _need(r.get("entropy") in ENTROPY_STAGES, where, f"{label}: unknown entropy stage {r.get('entropy')!r} {_NEWER}")
-        _need(r["dtype"] in QUANTIZABLE_DTYPES, where, f"{label}: kmeans needs a float dtype")
-        _need(_is_int(r.get("bits")) and MIN_BITS <= r["bits"] <= MAX_BITS, where, f"{label}: bits must be 1..8")
+        if r.get("entropy") not in ENTROPY_STAGES:
+            _bad(where, f"{label}: unknown entropy stage {r.get('entropy')!r} {_NEWER}")
+        if r["dtype"] not in QUANTIZABLE_DTYPES:
+            _bad(where, f"{label}: kmeans needs a float dtype")
+        if not (_is_int(r.get("bits")) and MIN_BITS <= r["bits"] <= MAX_BITS):
+            _bad(where, f"{label}: bits must be 1..8")
         k = r.get("codebook_size")
-        _need(_is_int(k) and 1 <= k <= (1 << r["bits"]), where, f"{label}: codebook_size must be 1..2**bits")
-        _need(numel > 0, where, f"{label}: kmeans tensor must not be empty")
+        if not (_is_int(k) and 1 <= k <= (1 << r["bits"])):
+            _bad(where, f"{label}: codebook_size must be 1..2**bits")
+        if numel <= 0:
+            _bad(where, f"{label}: kmeans tensor must not be empty")
         if numel > MAX_KMEANS_NUMEL:
             raise LimitError(f"{where}: {label} claims {numel} quantized elements, over the limit of {MAX_KMEANS_NUMEL}")
-        _need(r["length"] >= 4 * k, where, f"{label}: section shorter than its codebook")
+        if r["length"] < 4 * k:
+            _bad(where, f"{label}: section shorter than its codebook")
         for key in ("sample_size", "seed"):
-            _need(_is_int(r.get(key)) and r[key] >= 0, where, f"{label}: '{key}' must be an integer >= 0")
+            if not (_is_int(r.get(key)) and r[key] >= 0):
+                _bad(where, f"{label}: '{key}' must be an integer >= 0")
     else:
-        _need(r.get("entropy") in RAW_ENTROPY_STAGES, where, f"{label}: raw tensors use entropy 'none' or 'zstd'")
+        if r.get("entropy") not in RAW_ENTROPY_STAGES:
+            _bad(where, f"{label}: raw tensors use entropy 'none' or 'zstd'")
         if r["entropy"] == "none":
-            _need(r["length"] == numel * DTYPE_ITEMSIZE[r["dtype"]], where, f"{label}: raw section length != shape x dtype")
+            if r["length"] != numel * DTYPE_ITEMSIZE[r["dtype"]]:
+                _bad(where, f"{label}: raw section length != shape x dtype")
 
 
 def _validate_pair(p: Any, records: dict[str, dict[str, Any]], where: str) -> None:
-    _need(isinstance(p, dict) and isinstance(p.get("module"), str), where, "pair must be an object with a 'module'")
+    if not (isinstance(p, dict) and isinstance(p.get("module"), str)):
+        _bad(where, "pair must be an object with a 'module'")
     label = f"pair {p['module']!r}"
-    _need(p.get("a") in records and p.get("b") in records, where, f"{label}: 'a' and 'b' must name tensors")
+    if not (p.get("a") in records and p.get("b") in records):
+        _bad(where, f"{label}: 'a' and 'b' must name tensors")
     a, b = records[p["a"]], records[p["b"]]
-    _need(all(r["dtype"] in QUANTIZABLE_DTYPES for r in (a, b)), where, f"{label}: factors must be floats")
-    _need(len(a["shape"]) in (2, 4) and len(b["shape"]) in (2, 4) and a["shape"][0] == b["shape"][1] > 0
-          and math.prod(b["shape"][2:]) == 1,
-          where, f"{label}: factor shapes {a['shape']} and {b['shape']} do not make a LoRA pair")
-    _need(p.get("kind") in PAIR_KINDS, where, f"{label}: unknown kind {p.get('kind')!r}")
-    _need(p.get("layer") in LAYER_KINDS, where, f"{label}: unknown layer {p.get('layer')!r}")
-    _need(_is_num(p.get("scaling")), where, f"{label}: 'scaling' must be a finite number")
+    if not all(r["dtype"] in QUANTIZABLE_DTYPES for r in (a, b)):
+        _bad(where, f"{label}: factors must be floats")
+    if not (len(a["shape"]) in (2, 4) and len(b["shape"]) in (2, 4) and a["shape"][0] == b["shape"][1] > 0
+            and math.prod(b["shape"][2:]) == 1):
+        _bad(where, f"{label}: factor shapes {a['shape']} and {b['shape']} do not make a LoRA pair")
+    if p.get("kind") not in PAIR_KINDS:
+        _bad(where, f"{label}: unknown kind {p.get('kind')!r}")
+    if p.get("layer") not in LAYER_KINDS:
+        _bad(where, f"{label}: unknown layer {p.get('layer')!r}")
+    if not _is_num(p.get("scaling")):
+        _bad(where, f"{label}: 'scaling' must be a finite number")
     if p["kind"] == PAIR_SINE:
-        _need(_is_num(p.get("omega")) and _is_num(p.get("gamma")) and p["gamma"] != 0, where,
-              f"{label}: sine pairs need finite 'omega' and non-zero 'gamma'")
+        if not (_is_num(p.get("omega")) and _is_num(p.get("gamma")) and p["gamma"] != 0):
+            _bad(where, f"{label}: sine pairs need finite 'omega' and non-zero 'gamma'")

@@ -5,7 +5,7 @@
 - zstd-aligned (1.1): one zstd frame over the indices packed at the aligned width w = 1, 2, 4, 8
   (every byte holds whole indices). zstd's Huffman literal coder then models the index
   distribution, within about 1% of rANS, and it decodes about 15x faster; the decoder maps
-  bytes to values with one table lookup (bitpack.lookup).
+  bytes to values with one table lookup (bitpack.lookup_many).
 - rans: the tensor's own frequency table (k little-endian u32 counts) followed by a rANS stream
   (constriction's AnsCoder, little-endian u32 words) under the categorical model of those counts.
 
@@ -53,18 +53,24 @@ def zstd_compress(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
 
 
-def zstd_decompress(payload: bytes | memoryview, size: int, exact: bool = True) -> bytes:
-    """Decompress one frame of exactly `size` bytes (at most `size` if not exact).
-
-    The frame's declared content size is checked before decompressing: python-zstandard would
-    otherwise allocate whatever the frame declares, whatever max_output_size says.
-    """
+def check_frame(payload: bytes | memoryview, size: int, exact: bool = True) -> int:
+    """The content size a zstd frame declares; LimitError unless it is `size` (at most `size` if not exact)."""
     try:
         declared = zstandard.get_frame_parameters(payload).content_size
     except zstandard.ZstdError as exc:
         raise FormatError(f"bad zstd frame: {exc}") from None
     if declared == zstandard.CONTENTSIZE_UNKNOWN or declared > size or (exact and declared != size):
         raise LimitError(f"zstd frame declares {declared} bytes, expected {'' if exact else 'at most '}{size}")
+    return declared
+
+
+def zstd_decompress(payload: bytes | memoryview, size: int, exact: bool = True) -> bytes:
+    """Decompress one frame of exactly `size` bytes (at most `size` if not exact).
+
+    The frame's declared content size is checked before decompressing: python-zstandard would
+    otherwise allocate whatever the frame declares, whatever max_output_size says.
+    """
+    declared = check_frame(payload, size, exact)
     try:
         out = _decompressor().decompress(payload, max_output_size=size)
     except zstandard.ZstdError as exc:
@@ -130,18 +136,21 @@ def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int
     raise FormatError(f"unknown entropy stage {stage!r}")
 
 
-def decode_values(payload: memoryview, count: int, bits: int, table: np.ndarray, stage: str) -> np.ndarray:
-    """table[index] for every index of the payload; an index outside the table is a FormatError, never a value."""
-    stream, width = decode_stream(payload, count, bits, table.size, stage)
-    try:
-        return bitpack.lookup(stream, count, width, table)
-    except ValueError as exc:
-        raise FormatError(f"packed indices: {exc}") from None
+def index_frame(payload: memoryview, count: int, bits: int, stage: str) -> tuple[memoryview, int]:
+    """(frame, w) of a zstd or zstd-aligned payload, its declared size checked, for a decoder that
+    decompresses it itself (bitpack's framed jobs): the indices packed at w bits are its content."""
+    width = bitpack.aligned_width(bits) if stage == ENTROPY_ZSTD_ALIGNED else bits
+    check_frame(payload, bitpack.packed_size(count, width))
+    return payload, width
 
 
 def decode_indices(payload: memoryview, count: int, bits: int, codebook_size: int, stage: str) -> np.ndarray:
-    """The indices themselves (for tests and tools)."""
-    return decode_values(payload, count, bits, np.arange(codebook_size, dtype=np.uint8), stage)
+    """The indices themselves (for tests and tools; the decoder maps the stream straight to values)."""
+    stream, width = decode_stream(payload, count, bits, codebook_size, stage)
+    try:
+        return bitpack.lookup(stream, count, width, np.arange(codebook_size, dtype=np.uint8))
+    except ValueError as exc:
+        raise FormatError(f"packed indices: {exc}") from None
 
 
 def _decode_rans(payload: memoryview, count: int, codebook_size: int) -> np.ndarray:

@@ -80,3 +80,23 @@ def sine_dir(path: Path, freq: float = 200.0) -> Path:
     (path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "SINLORA", "r": 2, "lora_alpha": 4, "freq": freq, "s": 1.0, "target_modules": ["q_proj", "v_proj"]}))
     return path
+
+
+DECODERS = ["native+zstd", "native", "numpy"]
+
+
+@pytest.fixture(params=DECODERS)
+def decoder(request, monkeypatch):
+    """Decode with each path a machine may have: the C extension decompressing zstd frames itself, the C
+    extension after python-zstandard (no libzstd found), or numpy (no C compiler at install)."""
+    from sqz import bitpack
+
+    if request.param != "numpy" and bitpack.native_lookup is None:
+        pytest.skip("sqz._lookup was not built (no C compiler at install)")
+    if request.param == "native+zstd" and not bitpack.NATIVE_ZSTD:
+        pytest.skip("sqz._lookup found no libzstd")
+    if request.param != "native+zstd":
+        monkeypatch.setattr(bitpack, "NATIVE_ZSTD", False)
+    if request.param == "numpy":
+        monkeypatch.setattr(bitpack, "native_lookup", None)
+    return request.param

@@ -88,9 +88,13 @@ def test_speed_and_report(quick_run):
     loads = {x["entropy"]: x["load_touch_s"] for x in speed["rows"] if x["bits"] == 3}
     assert loads["zstd-aligned"] < loads["rans"]  # the point of the 1.1 stage (a wide margin even on a noisy machine)
     assert all(v > 0 for v in speed["peak_memory_bytes"].values())
+    conditions = {x["condition"]: x for x in speed["conditions"]}
+    assert len(conditions) == 3 and all(x["load_touch_s"] > 0 and x["safetensors_load_touch_s"] > 0
+                                        for x in conditions.values())
     assert [x["scale"] for x in speed["scaling"]] == sorted(x["scale"] for x in speed["scaling"])
     report = (out / "REPORT.md").read_text()
-    for heading in ("## 1. Real adapters", "## 2. sqz against", "## 3. The paper's Figure 1", "## 4. Speed"):
+    for heading in ("## 1. Real adapters", "## 2. sqz against", "## 3. The paper's Figure 1", "## 4. Speed",
+                    "| cold page cache (file evicted before each read) |"):
         assert heading in report
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

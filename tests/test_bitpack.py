@@ -1,9 +1,31 @@
+import os
+
 import numpy as np
 import pytest
-from hypothesis import given, settings
+import zstandard
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sqz import bitpack
+
+IMPLEMENTATIONS = ["native", "numpy"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request, monkeypatch):
+    """Run a test with the C extension's lookup, then with the numpy one it stands in for."""
+    if request.param == "numpy":
+        monkeypatch.setattr(bitpack, "native_lookup", None)
+    elif bitpack.native_lookup is None:
+        pytest.skip("sqz._lookup was not built (no C compiler at install)")
+    return request.param
+
+
+def test_the_c_extension_was_built_where_ci_requires_it():
+    """CI sets SQZ_REQUIRE_NATIVE=1: there the fast path, libzstd included, must exist, so its tests never
+    skip silently."""
+    if os.environ.get("SQZ_REQUIRE_NATIVE") == "1":
+        assert bitpack.native_lookup is not None and bitpack.NATIVE_ZSTD
 
 
 def reference_pack(indices: np.ndarray, bits: int) -> bytes:
@@ -22,9 +44,9 @@ def packed_cases(draw):
     return bits, np.array(values, dtype=np.uint8), np.array(table, dtype=np.uint16)
 
 
-@settings(max_examples=400, deadline=None)
-@given(packed_cases())
-def test_pack_matches_spec_and_lookup_inverts_it(case):
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(packed_cases())  # the fixture picks the implementation once; every example uses it
+def test_pack_matches_spec_and_lookup_inverts_it(implementation, case):
     bits, indices, table = case
     packed = bitpack.pack(indices, bits)
     assert len(packed) == bitpack.packed_size(indices.size, bits)
@@ -37,7 +59,7 @@ def test_pack_matches_spec_and_lookup_inverts_it(case):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_every_width_across_chunk_boundaries(bits):
+def test_every_width_across_chunk_boundaries(implementation, bits):
     """Large enough that every width takes several chunks; a bad index in the last chunk is still found."""
     rng = np.random.default_rng(bits)
     k = max(1, (1 << bits) - 1)  # not a power of two (except at 1 bit): the per-lane check
@@ -52,7 +74,7 @@ def test_every_width_across_chunk_boundaries(bits):
             bitpack.lookup(bitpack.pack(indices, bits), indices.size, bits, table)
 
 
-def test_power_of_two_limit_below_the_width():
+def test_power_of_two_limit_below_the_width(implementation):
     """k = 4 at 3 bits: any index with its top bit set is caught, wherever it is."""
     indices = np.zeros(100_000, np.uint8)
     indices[77_777] = 4
@@ -69,9 +91,65 @@ def test_aligned_width_is_the_next_power_of_two():
     assert [bitpack.aligned_width(b) for b in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
 
 
-def test_wrong_length_and_dirty_tail_are_rejected():
+def test_wrong_length_and_dirty_tail_are_rejected(implementation):
     table = np.arange(4, dtype=np.uint8)
     with pytest.raises(ValueError, match="expected"):
         bitpack.lookup(b"\x00\x00", 3, 2, table)
     with pytest.raises(ValueError, match="unused bits"):
         bitpack.lookup(bytes([0b11000000]), 3, 2, table)
+
+
+def test_a_batch_of_lookups_on_several_threads_reports_exactly_the_bad_jobs(implementation):
+    """Many streams of every width, table size and element type in one call: each output is table[index],
+    and only the jobs holding an index >= their table size are reported (the others are still filled)."""
+    rng = np.random.default_rng(7)
+    jobs, expected, bad = [], [], set()
+    for n, (bits, count, dtype) in enumerate((b, c, d) for b in range(1, 9) for c in (0, 5, 8, 4099, 300_001)
+                                             for d in (np.uint8, np.uint16, np.uint32, np.uint64)):
+        k = int(rng.integers(1, (1 << bits) + 1)) if n % 3 else 1 << bits
+        indices = rng.integers(0, k, count).astype(np.uint8)
+        if k < 1 << bits and count and n % 4 == 0:
+            indices[rng.integers(count)] = rng.integers(k, 1 << bits)
+            bad.add((n, "index"))
+        table = rng.integers(0, np.iinfo(dtype).max, k, dtype=dtype, endpoint=True)
+        stream = bitpack.check_stream(bitpack.pack(indices, bits), count, bits)
+        jobs.append((stream, count, bits, table, np.empty(count, dtype), False))
+        expected.append(table[np.minimum(indices, k - 1)])
+    for threads in (1, 3):
+        assert set(bitpack.lookup_many(jobs, threads)) == bad
+        for n, (job, want) in enumerate(zip(jobs, expected)):
+            if (n, "index") not in bad:
+                assert np.array_equal(job[4], want), (n, job[1:3], job[3].size)
+
+
+@pytest.mark.skipif(not bitpack.NATIVE_ZSTD, reason="the C extension found no libzstd")
+def test_framed_lookups_decompress_in_the_extension_and_report_bad_frames():
+    """zstd frames of packed streams, mapped by the C extension itself: good frames give table[index];
+    a corrupt frame, one of the wrong content size, trailing bytes or dirty padding bits are reported."""
+    rng = np.random.default_rng(3)
+    compress = zstandard.ZstdCompressor(write_content_size=True).compress
+    jobs, expected, problems = [], {}, set()
+    for n, (bits, count) in enumerate((b, c) for b in range(1, 9) for c in (1, 7, 1000, 300_001)):
+        indices = rng.integers(0, 1 << bits, count).astype(np.uint8)
+        packed = bitpack.pack(indices, bits)
+        frame = compress(packed)
+        fault = ("", "frame", "size", "trailing", "padding")[n % 5]
+        if fault == "frame":
+            frame = frame[:-3]  # cut short: a frame without a checksum has no other tell-tale
+        elif fault == "size":
+            frame = compress(packed + b"\0")
+        elif fault == "trailing":
+            frame += b"\0"
+        elif fault == "padding" and (count * bits) % 8:
+            frame = compress(packed[:-1] + bytes([packed[-1] | 0x80]))
+        else:
+            fault = ""
+        table = rng.integers(0, 2**16, 1 << bits, dtype=np.uint16)
+        jobs.append((memoryview(frame), count, bits, table, np.empty(count, np.uint16), True))
+        expected[n] = table[indices]
+        if fault:
+            problems.add((n, "frame" if fault == "trailing" else fault))
+    assert set(bitpack.lookup_many(jobs, 2)) == problems
+    for n, job in enumerate(jobs):
+        if not any(p[0] == n for p in problems):
+            assert np.array_equal(job[4], expected[n]), job[1:3]

@@ -17,7 +17,7 @@ def test_there_are_golden_files_for_every_version_up_to_this_one():
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_golden_file_decodes_exactly(path):
+def test_golden_file_decodes_exactly(path, decoder):
     expected = load_file(str(path.with_suffix(".expected.safetensors")))
     adapter = sqz.load(path)
     names = [n for n in expected if not n.startswith("delta::")]

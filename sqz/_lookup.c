@@ -1,0 +1,421 @@
+/* sqz._lookup: the decoder's hot loop in C (optional; bitpack.py does the same in numpy).
+ *
+ * lookup_many(jobs, threads) takes jobs (stream, count, bits, table, out, framed) and writes, for each,
+ * table[index] of every one of the `count` b-bit indices of the packed stream (spec "Bit packing":
+ * index i is bits [i*b, i*b + b) of a little-endian bit stream) into `out`. Table entries are 1, 2, 4
+ * or 8 bytes: indices themselves, or the element bit patterns of F16/BF16, F32 and F64. A framed job's
+ * stream is the zstd frame of the packed stream (entropy stages zstd and zstd-aligned): the worker
+ * thread decompresses it into its own scratch, still in cache when the lookup reads it. It returns
+ * (job, problem) for each job that failed; that job's `out` is then garbage.
+ *
+ * All buffers are taken with the GIL held; the work runs without it, in chunks over `threads` threads
+ * (the caller's thread is one of them), so one call decodes a batch of tensors on every core with a
+ * single GIL hand-off. libzstd is found at import with dlopen, so the extension builds without its
+ * headers; HAS_ZSTD says whether framed jobs are available.
+ *
+ * Every 8 indices fill exactly b bytes, so a chunk goes through in groups of 8 indices, each group
+ * read as one little-endian word. Two loops:
+ *   codes:  when the table has 2^m entries, each word is cut into codes of a few whole indices
+ *           (8 to 12 bits) and each code is copied from a table of all codes: one load and one store
+ *           per 2 to 8 values. A lane >= 2^m has a high bit set, found by one AND per group.
+ *   lanes:  otherwise (or for small chunks, where building the code table would cost more) each lane
+ *           is compared with the entry count and looked up on its own.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "sqz._lookup assumes a little-endian host; bitpack.py's numpy path serves the others"
+#endif
+
+#define CHUNK_GROUPS (1 << 15)   /* work item: 2^18 indices, so one large tensor still spreads over threads */
+#define MAX_CODE_BYTES (64 << 10) /* largest code table: 4096 codes x 4 lanes x 4 bytes */
+#define MAX_THREADS 64
+
+typedef struct {
+    Py_buffer stream, table, out;
+    Py_ssize_t count;
+    int bits;
+    uint64_t entries;
+    uint64_t padded[256]; /* the table, zero past its entries: any lane reads inside it */
+    int framed;           /* stream is a zstd frame of the packed stream, decompressed by the worker */
+    int status;           /* a JOB_* code */
+} Job;
+
+enum { JOB_OK, JOB_INDEX, JOB_FRAME, JOB_SIZE, JOB_PADDING, JOB_MEMORY };
+static const char *const JOB_PROBLEMS[] = {"", "index", "frame", "size", "padding", "memory"};
+
+typedef struct {
+    Job *job;
+    Py_ssize_t first, groups; /* groups of 8 indices; the job's last item also takes the tail */
+} Item;
+
+typedef struct {
+    Item *items;
+    Py_ssize_t n_items;
+    Py_ssize_t next; /* taken with an atomic add */
+} Work;
+
+static inline uint64_t load_group(const uint8_t *src, Py_ssize_t g, int b, Py_ssize_t stream_len)
+{
+    uint64_t word = 0; /* bits past the group's own 8b are the next group's, and are ignored */
+    const Py_ssize_t at = g * b;
+    if (at + 8 <= stream_len)
+        memcpy(&word, src + at, 8);
+    else
+        memcpy(&word, src + at, stream_len - at < b ? (size_t)(stream_len - at) : (size_t)b);
+    return word;
+}
+
+/* lanes and code widths: 8 / (indices per code) codes per group, each code <= 12 bits */
+static inline int lanes_per_code(int b) { return b == 1 ? 8 : b <= 3 ? 4 : b <= 6 ? 2 : 1; }
+
+#define DEFINE_KERNELS(T)                                                                          \
+    static inline __attribute__((always_inline)) uint64_t lanes_##T##_at(                          \
+        const uint8_t *restrict src, Py_ssize_t len, Py_ssize_t first, Py_ssize_t count,           \
+        const T *restrict table, uint64_t entries, T *restrict out, const int b)                   \
+    {                                                                                              \
+        const uint64_t mask = (1u << b) - 1;                                                       \
+        uint64_t bad = 0;                                                                          \
+        for (Py_ssize_t i = first; i < first + count; i += 8) {                                    \
+            const uint64_t word = load_group(src, i / 8, b, len);                                  \
+            const int n = first + count - i < 8 ? (int)(first + count - i) : 8;                    \
+            for (int j = 0; j < n; j++) {                                                          \
+                const uint64_t index = (word >> (j * b)) & mask;                                   \
+                bad |= index >= entries;                                                           \
+                out[i + j] = table[index];                                                         \
+            }                                                                                      \
+        }                                                                                          \
+        return bad;                                                                                \
+    }                                                                                              \
+    static inline __attribute__((always_inline)) uint64_t codes_##T##_at(                          \
+        const uint8_t *restrict src, Py_ssize_t len, Py_ssize_t g0, Py_ssize_t groups,             \
+        const T *restrict codes, uint64_t high, T *restrict out, const int b)                      \
+    {                                                                                              \
+        const int lanes = lanes_per_code(b), code_bits = lanes * b;                                \
+        const uint64_t code_mask = (1u << code_bits) - 1;                                          \
+        uint64_t bad = 0;                                                                          \
+        for (Py_ssize_t g = g0; g < g0 + groups; g++) {                                            \
+            const uint64_t word = load_group(src, g, b, len);                                      \
+            bad |= word & high;                                                                    \
+            _Pragma("GCC unroll 8") for (int j = 0; j < 8 / lanes; j++)                            \
+                memcpy(out + 8 * g + j * lanes, codes + ((word >> (j * code_bits)) & code_mask) * lanes, \
+                       lanes * sizeof(T));                                                         \
+        }                                                                                          \
+        return bad;                                                                                \
+    }                                                                                              \
+    static uint64_t run_##T(const Job *job, const uint8_t *src, Py_ssize_t len, Py_ssize_t g0,     \
+                            Py_ssize_t groups, Py_ssize_t tail, T *scratch)                        \
+    {                                                                                              \
+        const int b = job->bits, lanes = lanes_per_code(b), code_bits = lanes * b;                 \
+        const T *table = (const T *)job->padded;                                                   \
+        T *out = job->out.buf;                                                                     \
+        const uint64_t e = job->entries;                                                           \
+        uint64_t bad = 0;                                                                          \
+        const int power_of_two = (e & (e - 1)) == 0;                                               \
+        Py_ssize_t first = 8 * (g0 + groups), n = tail; /* what the lanes loop does */            \
+        if (power_of_two && lanes > 1 &&                                                           \
+            ((Py_ssize_t)lanes * (Py_ssize_t)sizeof(T) << code_bits) <= MAX_CODE_BYTES &&          \
+            groups * 8 >= 4 << code_bits) {                                                        \
+            uint64_t high = 0; /* the bits of every lane that an index < e never sets */           \
+            for (int j = 0; j < 8; j++)                                                            \
+                high |= (((1u << b) - 1) & ~(e - 1)) << (j * b);                                   \
+            for (uint64_t c = 0; c < (1u << code_bits); c++)                                       \
+                for (int l = 0; l < lanes; l++)                                                    \
+                    scratch[c * lanes + l] = table[(c >> (l * b)) & ((1u << b) - 1)];              \
+            switch (b) {                                                                           \
+            case 1: bad = codes_##T##_at(src, len, g0, groups, scratch, high, out, 1); break;      \
+            case 2: bad = codes_##T##_at(src, len, g0, groups, scratch, high, out, 2); break;      \
+            case 3: bad = codes_##T##_at(src, len, g0, groups, scratch, high, out, 3); break;      \
+            case 4: bad = codes_##T##_at(src, len, g0, groups, scratch, high, out, 4); break;      \
+            case 5: bad = codes_##T##_at(src, len, g0, groups, scratch, high, out, 5); break;      \
+            default: bad = codes_##T##_at(src, len, g0, groups, scratch, high, out, 6); break;     \
+            }                                                                                      \
+        } else {                                                                                   \
+            first = 8 * g0;                                                                        \
+            n = 8 * groups + tail;                                                                 \
+        }                                                                                          \
+        if (n) {                                                                                   \
+            switch (b) {                                                                           \
+            case 1: bad |= lanes_##T##_at(src, len, first, n, table, e, out, 1); break;            \
+            case 2: bad |= lanes_##T##_at(src, len, first, n, table, e, out, 2); break;            \
+            case 3: bad |= lanes_##T##_at(src, len, first, n, table, e, out, 3); break;            \
+            case 4: bad |= lanes_##T##_at(src, len, first, n, table, e, out, 4); break;            \
+            case 5: bad |= lanes_##T##_at(src, len, first, n, table, e, out, 5); break;            \
+            case 6: bad |= lanes_##T##_at(src, len, first, n, table, e, out, 6); break;            \
+            case 7: bad |= lanes_##T##_at(src, len, first, n, table, e, out, 7); break;            \
+            default: bad |= lanes_##T##_at(src, len, first, n, table, e, out, 8); break;           \
+            }                                                                                      \
+        }                                                                                          \
+        return bad;                                                                                \
+    }
+
+DEFINE_KERNELS(uint8_t)
+DEFINE_KERNELS(uint16_t)
+DEFINE_KERNELS(uint32_t)
+DEFINE_KERNELS(uint64_t)
+
+/* libzstd, looked up at import (dlopen) so that the extension builds without its headers: a frame is
+ * then decompressed by the worker thread that maps it, into that thread's scratch, while it is hot. */
+typedef struct ZSTD_DCtx_s ZSTD_DCtx;
+static struct {
+    ZSTD_DCtx *(*create)(void);
+    size_t (*free)(ZSTD_DCtx *);
+    size_t (*decompress)(ZSTD_DCtx *, void *, size_t, const void *, size_t);
+    unsigned long long (*content_size)(const void *, size_t);
+    size_t (*frame_size)(const void *, size_t);
+    unsigned (*is_error)(size_t);
+} zstd;
+
+typedef struct {
+    void *codes;          /* MAX_CODE_BYTES for the code tables */
+    uint8_t *stream;      /* a decompressed frame */
+    size_t stream_size;
+    ZSTD_DCtx *dctx;
+} Scratch;
+
+static const uint8_t *unframe(Job *job, Scratch *scratch, Py_ssize_t packed)
+{
+    if (zstd.content_size(job->stream.buf, job->stream.len) != (unsigned long long)packed) {
+        job->status = JOB_SIZE;
+        return NULL;
+    }
+    if (zstd.frame_size(job->stream.buf, job->stream.len) != (size_t)job->stream.len) {
+        job->status = JOB_FRAME; /* not exactly one frame */
+        return NULL;
+    }
+    if ((size_t)packed > scratch->stream_size) {
+        uint8_t *grown = realloc(scratch->stream, packed);
+        if (!grown) {
+            job->status = JOB_MEMORY;
+            return NULL;
+        }
+        scratch->stream = grown;
+        scratch->stream_size = packed;
+    }
+    if (!scratch->dctx && !(scratch->dctx = zstd.create())) {
+        job->status = JOB_MEMORY;
+        return NULL;
+    }
+    const size_t got = zstd.decompress(scratch->dctx, scratch->stream, packed, job->stream.buf, job->stream.len);
+    if (zstd.is_error(got) || got != (size_t)packed) {
+        job->status = JOB_FRAME;
+        return NULL;
+    }
+    const int spare = (int)((8 - (job->count * job->bits) % 8) % 8);
+    if (spare && packed && scratch->stream[packed - 1] >> (8 - spare)) {
+        job->status = JOB_PADDING;
+        return NULL;
+    }
+    return scratch->stream;
+}
+
+static void run_item(const Item *item, Scratch *scratch)
+{
+    Job *job = item->job;
+    const Py_ssize_t packed = (job->count * job->bits + 7) / 8;
+    const uint8_t *src = job->framed ? unframe(job, scratch, packed) : job->stream.buf;
+    if (!src)
+        return;
+    const Py_ssize_t end = 8 * (item->first + item->groups);
+    const Py_ssize_t tail = end + 8 > job->count ? job->count - end : 0;
+    uint64_t bad;
+    switch (job->table.itemsize) {
+    case 1: bad = run_uint8_t(job, src, packed, item->first, item->groups, tail, scratch->codes); break;
+    case 2: bad = run_uint16_t(job, src, packed, item->first, item->groups, tail, scratch->codes); break;
+    case 4: bad = run_uint32_t(job, src, packed, item->first, item->groups, tail, scratch->codes); break;
+    default: bad = run_uint64_t(job, src, packed, item->first, item->groups, tail, scratch->codes); break;
+    }
+    if (bad)
+        __atomic_store_n(&job->status, JOB_INDEX, __ATOMIC_RELAXED);
+}
+
+static void *worker(void *arg)
+{
+    Work *work = arg;
+    Scratch scratch = {malloc(MAX_CODE_BYTES), NULL, 0, NULL};
+    if (scratch.codes) /* else the other threads take the items this one would have */
+        for (;;) {
+            const Py_ssize_t i = __atomic_fetch_add(&work->next, 1, __ATOMIC_RELAXED);
+            if (i >= work->n_items)
+                break;
+            run_item(&work->items[i], &scratch);
+        }
+    free(scratch.codes);
+    free(scratch.stream);
+    if (scratch.dctx)
+        zstd.free(scratch.dctx);
+    return NULL;
+}
+
+static int take_job(PyObject *spec, Job *job)
+{
+    PyObject *table_obj, *out_obj;
+    if (!PyArg_ParseTuple(spec, "y*niOOp;a job is (stream, count, bits, table, out, framed)", &job->stream,
+                          &job->count, &job->bits, &table_obj, &out_obj, &job->framed))
+        return -1;
+    /* FORMAT so that itemsize is the element size, not 1 */
+    if (PyObject_GetBuffer(table_obj, &job->table, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    if (PyObject_GetBuffer(out_obj, &job->out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        return -1;
+    const Py_ssize_t item = job->table.itemsize;
+    const Py_ssize_t entries = item ? job->table.len / item : 0;
+    if (job->bits < 1 || job->bits > 8 || job->count < 0) {
+        PyErr_SetString(PyExc_ValueError, "bits must be in [1, 8] and count >= 0");
+        return -1;
+    }
+    if ((item != 1 && item != 2 && item != 4 && item != 8) || entries < 1 || entries > (1 << job->bits)) {
+        PyErr_SetString(PyExc_ValueError, "table must hold 1 to 2**bits entries of 1, 2, 4 or 8 bytes");
+        return -1;
+    }
+    if (job->framed && !zstd.decompress) {
+        PyErr_SetString(PyExc_ValueError, "framed jobs need libzstd, which was not found (HAS_ZSTD)");
+        return -1;
+    }
+    if (!job->framed && job->stream.len != (job->count * job->bits + 7) / 8) {
+        PyErr_SetString(PyExc_ValueError, "packed stream has the wrong length");
+        return -1;
+    }
+    if (job->out.itemsize != item || job->out.len != job->count * item) {
+        PyErr_SetString(PyExc_ValueError, "out must hold count entries of the table's type");
+        return -1;
+    }
+    memset(job->padded, 0, sizeof job->padded);
+    memcpy(job->padded, job->table.buf, job->table.len);
+    job->entries = (uint64_t)entries;
+    job->status = JOB_OK;
+    return 0;
+}
+
+static PyObject *lookup_many(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *specs_obj, *result = NULL;
+    int threads;
+    if (!PyArg_ParseTuple(args, "Oi", &specs_obj, &threads))
+        return NULL;
+    PyObject *specs = PySequence_Fast(specs_obj, "jobs must be a sequence");
+    if (!specs)
+        return NULL;
+    const Py_ssize_t n_jobs = PySequence_Fast_GET_SIZE(specs);
+    Job *jobs = PyMem_Calloc(n_jobs ? n_jobs : 1, sizeof(Job));
+    Py_ssize_t taken = 0, n_items = 0;
+    Item *items = NULL;
+    if (!jobs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; taken < n_jobs; taken++) {
+        if (take_job(PySequence_Fast_GET_ITEM(specs, taken), &jobs[taken]) < 0) {
+            taken++; /* its buffers that were taken are released below */
+            goto done;
+        }
+        const Py_ssize_t groups = jobs[taken].count / 8;
+        n_items += groups && !jobs[taken].framed ? (groups + CHUNK_GROUPS - 1) / CHUNK_GROUPS : 1;
+    }
+    items = PyMem_Malloc((n_items ? n_items : 1) * sizeof(Item));
+    if (!items) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t k = 0;
+    for (Py_ssize_t j = 0; j < n_jobs; j++) {
+        const Py_ssize_t groups = jobs[j].count / 8;
+        Py_ssize_t g = 0;
+        do { /* a frame is decompressed whole: its job is one item */
+            const Py_ssize_t size = groups - g < CHUNK_GROUPS || jobs[j].framed ? groups - g : CHUNK_GROUPS;
+            items[k++] = (Item){&jobs[j], g, size};
+            g += size;
+        } while (g < groups);
+    }
+    Work work = {items, n_items, 0};
+    if (threads < 1)
+        threads = 1;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > n_items)
+        threads = (int)n_items;
+    pthread_t helpers[MAX_THREADS];
+    int started = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (; started < threads - 1; started++)
+        if (pthread_create(&helpers[started], NULL, worker, &work) != 0)
+            break; /* fewer threads: the items still all get taken */
+    worker(&work);
+    for (int t = 0; t < started; t++)
+        pthread_join(helpers[t], NULL);
+    Py_END_ALLOW_THREADS
+    if (work.next < n_items) { /* not even the calling thread got its scratch */
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = PyList_New(0);
+    for (Py_ssize_t j = 0; result && j < n_jobs; j++) {
+        if (jobs[j].status == JOB_OK)
+            continue;
+        PyObject *problem = Py_BuildValue("(ns)", j, JOB_PROBLEMS[jobs[j].status]);
+        if (!problem || PyList_Append(result, problem) < 0)
+            Py_CLEAR(result);
+        Py_XDECREF(problem);
+    }
+done:
+    for (Py_ssize_t j = 0; j < taken; j++) {
+        if (jobs[j].stream.obj)
+            PyBuffer_Release(&jobs[j].stream);
+        if (jobs[j].table.obj)
+            PyBuffer_Release(&jobs[j].table);
+        if (jobs[j].out.obj)
+            PyBuffer_Release(&jobs[j].out);
+    }
+    PyMem_Free(items);
+    PyMem_Free(jobs);
+    Py_DECREF(specs);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"lookup_many", lookup_many, METH_VARARGS,
+     "lookup_many(jobs, threads) -> [(job, problem)] for the jobs that failed: 'index' (outside the table),\n"
+     "and for framed jobs 'frame' (not one good zstd frame), 'size' (wrong content size), 'padding'\n"
+     "(unused bits of the last byte set) or 'memory' (no room to decompress it).\n"
+     "Each job is (stream, count, bits, table, out, framed): out[i] = table[index i of the b-bit stream],\n"
+     "the stream being a zstd frame of it if framed (only when HAS_ZSTD)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "sqz._lookup", .m_size = -1, .m_methods = methods};
+
+static void find_zstd(void)
+{
+    static const char *const names[] = {"libzstd.so.1", "libzstd.1.dylib", "libzstd.so"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        void *lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+        if (!lib)
+            continue;
+        *(void **)&zstd.create = dlsym(lib, "ZSTD_createDCtx");
+        *(void **)&zstd.free = dlsym(lib, "ZSTD_freeDCtx");
+        *(void **)&zstd.content_size = dlsym(lib, "ZSTD_getFrameContentSize");
+        *(void **)&zstd.frame_size = dlsym(lib, "ZSTD_findFrameCompressedSize");
+        *(void **)&zstd.is_error = dlsym(lib, "ZSTD_isError");
+        *(void **)&zstd.decompress = dlsym(lib, "ZSTD_decompressDCtx");
+        if (zstd.create && zstd.free && zstd.content_size && zstd.frame_size && zstd.is_error && zstd.decompress)
+            return; /* the library stays loaded for the life of the process */
+        memset(&zstd, 0, sizeof zstd);
+        dlclose(lib);
+    }
+}
+
+PyMODINIT_FUNC PyInit__lookup(void)
+{
+    find_zstd();
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "HAS_ZSTD", zstd.decompress != NULL) < 0)
+        Py_CLEAR(m);
+    return m;
+}

@@ -1,0 +1,111 @@
+"""sqz.load decodes in batches: a miss reads ahead, the batch shares one buffer and one native lookup call.
+
+These tests pin what that must never change: what a lookup returns, how far it reads ahead, and that a
+bad tensor in a batch reports on its own and spoils none of the others.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import sqz
+from sqz import api, container
+from sqz.constants import DTYPE_ITEMSIZE, ENCODING_KMEANS
+
+from conftest import mixed_tensors
+
+
+@pytest.fixture(params=["auto", "zstd-aligned"])
+def mixed_sqz(request, tmp_path: Path, mixed_file: Path) -> Path:
+    """Every dtype and role; with zstd-aligned, every kmeans tensor goes through a zstd frame."""
+    out = tmp_path / "m.sqz"
+    sqz.encode(mixed_file, out, sqz.EncodeOptions(bits=3, sample=0, entropy=request.param))
+    return out
+
+
+def read_all(adapter: sqz.SqzAdapter) -> dict[str, torch.Tensor | sqz.SqzError]:
+    """Every tensor, in file order, or the error reading it raised."""
+    out: dict[str, torch.Tensor | sqz.SqzError] = {}
+    for name in adapter:
+        try:
+            out[name] = adapter[name]
+        except sqz.SqzError as exc:
+            out[name] = exc
+    return out
+
+
+def rewrite(path: Path, edit) -> bytes:
+    """The file re-serialized after edit(records, sections): every CRC and offset is valid again."""
+    f = container.Container(path)
+    header = copy.deepcopy(f.header)
+    sections = [bytes(f.section(i)) for i in range(len(f.records))]
+    f.close()
+    edit(header["tensors"], sections)
+    return b"".join(container.serialize(header, sections))
+
+
+def test_a_miss_reads_ahead_in_file_order_up_to_the_limit(monkeypatch, mixed_sqz):
+    monkeypatch.setattr(api, "READ_AHEAD_BYTES", 1000)
+    adapter = sqz.load(mixed_sqz)
+    records = adapter.header["tensors"]
+    sizes = [math.prod(r["shape"]) * DTYPE_ITEMSIZE[r["dtype"]] for r in records]
+    adapter[records[1]["name"]]
+    expected, total = [records[1]["name"]], sizes[1]
+    for record, size in zip(records[2:], sizes[2:]):
+        if total >= 1000:
+            break
+        expected.append(record["name"])
+        total += size
+    assert len(expected) > 1 and list(adapter._cache) == expected  # the asked-for one, then those after it
+    adapter[records[0]["name"]]  # a miss before a decoded tensor stops there
+    assert list(adapter._cache) == expected + [records[0]["name"]]
+
+
+def test_batched_decoding_returns_what_one_at_a_time_does(monkeypatch, mixed_sqz, decoder):
+    batched = read_all(sqz.load(mixed_sqz))
+    monkeypatch.setattr(api, "READ_AHEAD_BYTES", 0)  # one tensor per batch
+    single = read_all(sqz.load(mixed_sqz))
+    assert batched.keys() == single.keys() == mixed_tensors().keys()
+    for name, tensor in batched.items():
+        assert tensor.dtype == single[name].dtype and torch.equal(tensor, single[name]), name
+
+
+def first_kmeans(records: list[dict], after: int = 0) -> int:
+    return next(i for i, r in enumerate(records) if i > after and r["encoding"] == ENCODING_KMEANS
+                and r["codebook_size"] > 2)
+
+
+@pytest.mark.parametrize("damage", ["checksum", "codebook", "index"])
+def test_a_bad_tensor_in_a_batch_reports_alone(tmp_path, mixed_sqz, damage, decoder):
+    """One damaged tensor, read ahead with the others: only it raises, and only when it is asked for."""
+    clean = read_all(sqz.load(mixed_sqz))
+    records = sqz.load(mixed_sqz).header["tensors"]
+    victim = first_kmeans(records, after=1)
+
+    def edit(records: list[dict], sections: list[bytes]) -> None:
+        k = records[victim]["codebook_size"]
+        if damage == "codebook":  # two entries swapped: no longer strictly increasing
+            cb = sections[victim]
+            sections[victim] = cb[4:8] + cb[:4] + cb[8:]
+        elif damage == "index":  # the last entry dropped: the indices that used it point past the codebook
+            sections[victim] = sections[victim][:4 * (k - 1)] + sections[victim][4 * k:]
+            records[victim]["codebook_size"] = k - 1
+
+    data = bytearray(rewrite(mixed_sqz, edit))
+    if damage == "checksum":
+        f = container.Container(bytes(data))
+        data[f.data_start + f.records[victim]["offset"] + 1] ^= 0x10
+    expected = {"checksum": sqz.ChecksumError, "codebook": sqz.FormatError, "index": sqz.FormatError}[damage]
+    match = {"checksum": "CRC-32", "codebook": "strictly increasing", "index": "outside"}[damage]
+    adapter = sqz.load(bytes(data))
+    assert torch.equal(adapter[records[0]["name"]], clean[records[0]["name"]])  # its batch holds the victim
+    got = read_all(adapter)
+    for name, tensor in got.items():
+        if name == records[victim]["name"]:
+            assert isinstance(tensor, expected) and match in str(tensor), tensor
+        else:
+            assert torch.equal(tensor, clean[name]), name
