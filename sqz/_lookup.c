@@ -10,8 +10,9 @@
  *
  * All buffers are taken with the GIL held; the work runs without it, in chunks over `threads` threads
  * (the caller's thread is one of them), so one call decodes a batch of tensors on every core with a
- * single GIL hand-off. libzstd is found at import with dlopen, so the extension builds without its
- * headers; HAS_ZSTD says whether framed jobs are available.
+ * single GIL hand-off. The threads are those of the OpenMP runtime torch loaded, when there is one
+ * (see openmp_parallel), else sqz's own. libzstd is found at import with dlopen, so the extension builds
+ * without its headers; HAS_ZSTD says whether framed jobs are available.
  *
  * Every 8 indices fill exactly b bytes, so a chunk goes through in groups of 8 indices, each group
  * read as one little-endian word. Two loops:
@@ -253,6 +254,39 @@ static void *worker(void *arg)
     return NULL;
 }
 
+static void run_on_threads(Work *work, int threads)
+{
+    pthread_t helpers[MAX_THREADS];
+    int started = 0;
+    for (; started < threads - 1; started++)
+        if (pthread_create(&helpers[started], NULL, worker, work) != 0)
+            break; /* fewer threads: the items still all get taken */
+    worker(work);
+    for (int t = 0; t < started; t++)
+        pthread_join(helpers[t], NULL);
+}
+
+/* When torch has loaded an OpenMP runtime, its worker threads spin for a while after each parallel op,
+ * waiting for the next one: threads of our own would share the cores with them. A batch then runs as
+ * a parallel region of that runtime instead (GOMP_parallel: libgomp's entry point, which LLVM's and
+ * Intel's runtimes also provide), on the threads that are already spinning. Looked up in the process
+ * only (RTLD_NOLOAD), never loaded by sqz. */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+
+static gomp_parallel_fn openmp_parallel(void)
+{
+    static gomp_parallel_fn found;
+    static const char *const names[] = {"libgomp.so.1", "libomp.so", "libiomp5.so", "libomp.dylib"};
+    for (size_t i = 0; !found && i < sizeof names / sizeof *names; i++) {
+        void *lib = dlopen(names[i], RTLD_NOW | RTLD_NOLOAD);
+        if (lib)
+            *(void **)&found = dlsym(lib, "GOMP_parallel"); /* the handle stays open with the runtime */
+    }
+    return found;
+}
+
+static void openmp_worker(void *work) { worker(work); }
+
 static int take_job(PyObject *spec, Job *job)
 {
     PyObject *table_obj, *out_obj;
@@ -340,15 +374,12 @@ static PyObject *lookup_many(PyObject *Py_UNUSED(self), PyObject *args)
         threads = MAX_THREADS;
     if (threads > n_items)
         threads = (int)n_items;
-    pthread_t helpers[MAX_THREADS];
-    int started = 0;
+    const gomp_parallel_fn parallel = threads > 1 ? openmp_parallel() : NULL;
     Py_BEGIN_ALLOW_THREADS
-    for (; started < threads - 1; started++)
-        if (pthread_create(&helpers[started], NULL, worker, &work) != 0)
-            break; /* fewer threads: the items still all get taken */
-    worker(&work);
-    for (int t = 0; t < started; t++)
-        pthread_join(helpers[t], NULL);
+    if (parallel)
+        parallel(openmp_worker, &work, (unsigned)threads, 0);
+    else
+        run_on_threads(&work, threads);
     Py_END_ALLOW_THREADS
     if (work.next < n_items) { /* not even the calling thread got its scratch */
         PyErr_NoMemory();

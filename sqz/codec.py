@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -113,8 +114,16 @@ def codebook_of(record: dict, section: memoryview) -> np.ndarray:
 OUTPUT_ALIGNMENT = 64
 """Each tensor decode_tensors returns starts at a multiple of this in their shared buffer (a cache line)."""
 
+Allocator = Callable[[int], np.ndarray]
+"""Makes an uninitialised uint8 array of n bytes; raises MemoryError if it cannot."""
 
-def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1) -> list[np.ndarray | SqzError]:
+
+def _numpy_empty(size: int) -> np.ndarray:
+    return np.empty(size, dtype=np.uint8)
+
+
+def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1,
+                   allocate: Allocator = _numpy_empty) -> list[np.ndarray | SqzError]:
     """Decode many (record, section) pairs; each result is the tensor's little-endian bytes (a flat uint8
     array) or the error that tensor raised.
 
@@ -141,7 +150,7 @@ def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1) -> li
             del stages[n]
         else:
             stages[n] = (*stages[n][:5], table)
-    outputs = _output_buffers({n: _nbytes(items[n][0]) for n in stages})
+    outputs = _output_buffers({n: _nbytes(items[n][0]) for n in stages}, allocate)
     lookups: list[tuple[int, bitpack.LookupJob]] = []
     for n, stage in stages.items():
         out = results[n] = outputs[n]
@@ -196,21 +205,21 @@ def _too_big(record: dict) -> LimitError:
     return LimitError(f"{record['name']!r} ({record['shape']}) does not fit in memory")
 
 
-def _output_buffers(sizes: dict[int, int]) -> dict[int, np.ndarray | None]:
+def _output_buffers(sizes: dict[int, int], allocate: Allocator) -> dict[int, np.ndarray | None]:
     """Views of one fresh uint8 buffer, aligned; if that does not fit, a buffer each (None where even that fails)."""
     offsets = itertools.accumulate((-(-size // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT for size in sizes.values()),
                                    initial=0)
     starts = dict(zip(sizes, offsets))
     try:
-        buffer = np.empty(sum(-(-size // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT for size in sizes.values()), np.uint8)
+        buffer = allocate(sum(-(-size // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT for size in sizes.values()))
         return {n: buffer[starts[n]:starts[n] + size] for n, size in sizes.items()}
     except MemoryError:
-        return {n: _try_empty(size) for n, size in sizes.items()}
+        return {n: _try_allocate(size, allocate) for n, size in sizes.items()}
 
 
-def _try_empty(size: int) -> np.ndarray | None:
+def _try_allocate(size: int, allocate: Allocator) -> np.ndarray | None:
     try:
-        return np.empty(size, dtype=np.uint8)
+        return allocate(size)
     except MemoryError:
         return None
 

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -153,3 +155,35 @@ def test_framed_lookups_decompress_in_the_extension_and_report_bad_frames():
     for n, job in enumerate(jobs):
         if not any(p[0] == n for p in problems):
             assert np.array_equal(job[4], expected[n]), job[1:3]
+
+
+PTHREADS_ONLY = """
+import importlib.util, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("sqz._lookup", sys.argv[1])
+native = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(native)  # the extension alone: no torch, so no OpenMP runtime in this process
+assert not any("omp" in line for line in open("/proc/self/maps")), "an OpenMP runtime is loaded"
+rng = np.random.default_rng(5)
+indices = rng.integers(0, 6, 1_000_003).astype(np.uint8)
+packed = np.packbits(np.unpackbits(indices[:, None], axis=1, bitorder="little")[:, :3].ravel(), bitorder="little")
+table = rng.integers(0, 2**16, 6, dtype=np.uint16)
+out = np.empty(indices.size, np.uint16)
+assert native.lookup_many([(packed, indices.size, 3, table, out, False)] * 3, 2) == []
+assert np.array_equal(out, table[indices])
+indices[-1] = 7
+packed = np.packbits(np.unpackbits(indices[:, None], axis=1, bitorder="little")[:, :3].ravel(), bitorder="little")
+assert native.lookup_many([(packed, indices.size, 3, table, out, False)], 2) == [(0, "index")]
+print("ok")
+"""
+
+
+@pytest.mark.skipif(bitpack.native_lookup is None or not sys.platform.startswith("linux"),
+                    reason="needs the C extension and /proc")
+def test_without_an_openmp_runtime_the_extension_runs_its_own_threads():
+    """With torch loaded, batches run on its OpenMP threads; a process without one gets sqz's own."""
+    import sqz._lookup
+
+    result = subprocess.run([sys.executable, "-c", PTHREADS_ONLY, sqz._lookup.__file__], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

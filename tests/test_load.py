@@ -109,3 +109,28 @@ def test_a_bad_tensor_in_a_batch_reports_alone(tmp_path, mixed_sqz, damage, deco
             assert isinstance(tensor, expected) and match in str(tensor), tensor
         else:
             assert torch.equal(tensor, clean[name]), name
+
+
+def test_out_of_memory_falls_back_to_a_buffer_per_tensor(mixed_sqz):
+    """When a batch's buffer does not fit, each tensor gets its own; one that still does not fit is a
+    LimitError of its own, and the others decode as usual."""
+    import numpy as np
+
+    from sqz.codec import decode_tensors
+
+    f = container.Container(mixed_sqz)
+    items = [(r, f.section(i)) for i, r in enumerate(f.records)]
+    sizes = [math.prod(r["shape"]) * DTYPE_ITEMSIZE[r["dtype"]] for r in f.records]
+    limit = sorted(sizes)[len(sizes) // 2]
+
+    def tight(size: int) -> np.ndarray:
+        if size > limit:
+            raise MemoryError(size)
+        return np.empty(size, np.uint8)
+
+    reference = decode_tensors(items)
+    for result, want, size, (record, _) in zip(decode_tensors(items, allocate=tight), reference, sizes, items):
+        if size > limit:
+            assert isinstance(result, sqz.LimitError) and "does not fit in memory" in str(result), record["name"]
+        else:
+            assert np.array_equal(result, want), record["name"]
