@@ -98,15 +98,14 @@ def check_stream(data: bytes | memoryview | np.ndarray, count: int, bits: int) -
     return buf
 
 
-def lookup(data: bytes | memoryview | np.ndarray, count: int, bits: int, table: np.ndarray,
-           out: np.ndarray | None = None) -> np.ndarray:
+def lookup(data: bytes | memoryview | np.ndarray, count: int, bits: int, table: np.ndarray) -> np.ndarray:
     """table[index] for each of the `count` indices of a b-bit stream (the inverse of `pack` composed with a gather).
 
     Raises ValueError unless the stream has exactly packed_size bytes, zero padding bits and every
     index < table.size.
     """
     buf = check_stream(data, count, bits)
-    out = np.empty(count, dtype=table.dtype) if out is None else out
+    out = np.empty(count, dtype=table.dtype)
     if lookup_many([(buf, count, bits, table, out, False)]):
         raise ValueError(f"an index is outside the {table.size}-entry codebook")
     return out

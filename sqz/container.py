@@ -184,7 +184,7 @@ def _bad(where: str, what: str) -> NoReturn:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return type(v) is int  # JSON gives exact ints; this also leaves out bool, an int subclass
 
 
 def _is_num(v: Any) -> bool:
