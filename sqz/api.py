@@ -94,13 +94,8 @@ def _encode_adapter(adapter: Adapter, options: EncodeOptions, progress: bool | N
 
 READ_AHEAD_BYTES = 16 << 20
 """A lookup that misses decodes the tensors after it in the file as well, up to this many decoded bytes, in
-one batch on every core: reading a whole adapter in file order (what loading it into a model does) runs in
+one batch on torch's threads: reading a whole adapter in file order (what loading it into a model does) runs in
 parallel, while a single lookup decodes at most this much more than it asked for."""
-
-
-def _decoder_threads() -> int:
-    """Threads a batch decodes on: the cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _torch_empty(size: int) -> np.ndarray:
@@ -128,7 +123,7 @@ class SqzAdapter(Mapping):
         self._sizes = [math.prod(r["shape"]) * itemsize(r["dtype"]) for r in self._file.records]
         self._device = torch.device(device)
         self._dtype = dtype
-        self._threads = _decoder_threads()
+        self._threads = torch.get_num_threads()  # as many as torch computes with (OMP_NUM_THREADS, set_num_threads)
         self._cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self.pairs: list[Pair] = [Pair(p["module"], p["a"], p["b"], p["kind"], p["layer"], p["scaling"],

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sqz
-from sqz import api, container
+from sqz import api, bitpack, container
 from sqz.constants import DTYPE_ITEMSIZE, ENCODING_KMEANS
 
 from conftest import mixed_tensors
@@ -134,3 +134,25 @@ def test_out_of_memory_falls_back_to_a_buffer_per_tensor(mixed_sqz):
             assert isinstance(result, sqz.LimitError) and "does not fit in memory" in str(result), record["name"]
         else:
             assert np.array_equal(result, want), record["name"]
+
+
+def test_decoding_follows_torchs_thread_count(monkeypatch, mixed_sqz):
+    """sqz decodes on as many threads as torch computes with, so a process limited to one stays on one."""
+    monkeypatch.setattr(api, "READ_AHEAD_BYTES", 1 << 30)
+    calls = []
+    lookup_many = bitpack.lookup_many
+
+    def spy(jobs, threads=1):
+        calls.append(threads)
+        return lookup_many(jobs, threads)
+
+    monkeypatch.setattr(bitpack, "lookup_many", spy)
+    reference = read_all(sqz.load(mixed_sqz))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = read_all(sqz.load(mixed_sqz))
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [before, 1]
+    assert all(torch.equal(single[name], tensor) for name, tensor in reference.items())
