@@ -207,12 +207,11 @@ def _too_big(record: dict) -> LimitError:
 
 def _output_buffers(sizes: dict[int, int], allocate: Allocator) -> dict[int, np.ndarray | None]:
     """Views of one fresh uint8 buffer, aligned; if that does not fit, a buffer each (None where even that fails)."""
-    offsets = itertools.accumulate((-(-size // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT for size in sizes.values()),
-                                   initial=0)
-    starts = dict(zip(sizes, offsets))
+    offsets = list(itertools.accumulate((-(-size // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT for size in sizes.values()),
+                                        initial=0))
     try:
-        buffer = allocate(sum(-(-size // OUTPUT_ALIGNMENT) * OUTPUT_ALIGNMENT for size in sizes.values()))
-        return {n: buffer[starts[n]:starts[n] + size] for n, size in sizes.items()}
+        buffer = allocate(offsets[-1])
+        return {n: buffer[start:start + size] for (n, size), start in zip(sizes.items(), offsets)}
     except MemoryError:
         return {n: _try_allocate(size, allocate) for n, size in sizes.items()}
 

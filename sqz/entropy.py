@@ -126,10 +126,8 @@ def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int
         return np.zeros(count, dtype=np.uint8), 8
     if stage == ENTROPY_NONE:
         return payload, bits
-    if stage == ENTROPY_ZSTD:
-        return zstd_decompress(payload, bitpack.packed_size(count, bits)), bits
-    if stage == ENTROPY_ZSTD_ALIGNED:
-        width = bitpack.aligned_width(bits)
+    if stage in (ENTROPY_ZSTD, ENTROPY_ZSTD_ALIGNED):
+        width = _frame_width(bits, stage)
         return zstd_decompress(payload, bitpack.packed_size(count, width)), width
     if stage == ENTROPY_RANS:
         return _decode_rans(payload, count, codebook_size), 8
@@ -139,9 +137,14 @@ def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int
 def index_frame(payload: memoryview, count: int, bits: int, stage: str) -> tuple[memoryview, int]:
     """(frame, w) of a zstd or zstd-aligned payload, its declared size checked, for a decoder that
     decompresses it itself (bitpack's framed jobs): the indices packed at w bits are its content."""
-    width = bitpack.aligned_width(bits) if stage == ENTROPY_ZSTD_ALIGNED else bits
+    width = _frame_width(bits, stage)
     check_frame(payload, bitpack.packed_size(count, width))
     return payload, width
+
+
+def _frame_width(bits: int, stage: str) -> int:
+    """The packing width of the indices inside a zstd (b) or zstd-aligned (aligned width) frame."""
+    return bitpack.aligned_width(bits) if stage == ENTROPY_ZSTD_ALIGNED else bits
 
 
 def decode_indices(payload: memoryview, count: int, bits: int, codebook_size: int, stage: str) -> np.ndarray:
