@@ -7,7 +7,9 @@
 raw: the input is a whole file, so most mutations stop at a CRC check (which is the point of them).
 structured: the input is header JSON, a NUL byte, then the data area; the target wraps it in a container
 with correct CRCs, so mutations reach header validation and every decoder.
-Seeds are the golden files (tests/golden), copied into a fresh corpus when none is given. Any other
+Seeds are the golden files (tests/golden), copied into a fresh corpus when none is given; structured mode adds
+variants at the edges of the ranges validation allows (edge_seeds). Every value a lossy tensor or a ΔW
+yields must be finite (spec §5): a non-finite one is a finding like a crash. Any other
 exception, a hang or a crash is a finding: libFuzzer saves the input as crash-*, which becomes a
 regression test in tests/test_robustness.py.
 """
@@ -22,11 +24,13 @@ from pathlib import Path
 
 import atheris
 
+import torch
+
 with atheris.instrument_imports():
     import zstandard
 
     import sqz
-    from sqz.constants import MAGIC
+    from sqz.constants import MAGIC, MAX_PAIR_MAGNITUDE, MIN_GAMMA_MAGNITUDE
     from sqz.container import Container, align
 
 STRUCTURED = os.environ.get("SQZ_FUZZ") == "structured"
@@ -56,15 +60,40 @@ def unwrap(data: bytes) -> bytes:
     return json.dumps(f.header).encode() + b"\0" + data[f.data_start:]
 
 
+def edge_seeds(seed: bytes) -> list[bytes]:
+    """Structured seeds at the edges of what validation allows (spec §3.2, §4.2): pair numbers at their limits,
+    and each float16 codebook's last entry at 65504, the largest finite float16, so that one mutation away
+    lies a file that must be refused."""
+    text, _, area = seed.partition(b"\0")
+    header = json.loads(text)
+    seeds = []
+    for fields in ({"scaling": MAX_PAIR_MAGNITUDE}, {"omega": -MAX_PAIR_MAGNITUDE, "gamma": MIN_GAMMA_MAGNITUDE}):
+        edited = json.loads(text)
+        for pair in edited["pairs"]:
+            pair.update({k: v for k, v in fields.items() if k == "scaling" or pair["kind"] == "sine"})
+        seeds.append(json.dumps(edited).encode() + b"\0" + area)
+    edited_area = bytearray(area)
+    for record in header["tensors"]:
+        if record["encoding"] == "kmeans" and record["dtype"] == "F16" and record["codebook_size"] > 1:
+            last = record["offset"] + 4 * (record["codebook_size"] - 1)
+            edited_area[last:last + 4] = struct.pack("<f", 65504.0)
+    seeds.append(text + b"\0" + bytes(edited_area))
+    return seeds
+
+
 def test_one_input(data: bytes) -> None:
     if STRUCTURED:
         data = wrap(data)
     try:
         adapter = sqz.load(data)
+        lossy = {r["name"] for r in adapter.header["tensors"] if r["encoding"] == "kmeans"}
         for name in adapter:
-            adapter[name]
+            tensor = adapter[name]
+            if name in lossy and not torch.isfinite(tensor).all():
+                raise AssertionError(f"{name}: a lossy tensor decoded to a non-finite value")
         for pair in adapter.pairs:
-            adapter.delta(pair.module)
+            if not torch.isfinite(adapter.delta(pair.module)).all():
+                raise AssertionError(f"{pair.module}: delta() returned a non-finite value")
         adapter.close()
     except sqz.SqzError:
         pass
@@ -77,7 +106,10 @@ def main() -> None:
         for seed in GOLDEN.glob("v*/*.sqz"):
             name = f"{seed.parent.name}-{seed.name}"  # versions reuse file names
             if STRUCTURED:
-                (corpus / name).write_bytes(unwrap(seed.read_bytes()))
+                structured = unwrap(seed.read_bytes())
+                (corpus / name).write_bytes(structured)
+                for n, edge in enumerate(edge_seeds(structured)):
+                    (corpus / f"{name}.edge{n}").write_bytes(edge)
             else:
                 shutil.copy(seed, corpus / name)
         args.append(str(corpus))

@@ -6,9 +6,9 @@ __version__ = "1.1.0"
 from .adapter import SineOptions  # noqa: E402
 from .api import EncodeReport, SqzAdapter, SqzWarning, decode, encode, info, load  # noqa: E402
 from .codec import EncodeOptions  # noqa: E402
-from .errors import (ChecksumError, FormatError, InputError, LimitError, OutputExistsError, SqzError,  # noqa: E402
-                     TruncatedError, UnsupportedVersionError)
+from .errors import (ChecksumError, FormatError, InputError, LimitError, NonFiniteError, OutputExistsError,  # noqa: E402
+                     SqzError, TruncatedError, UnsupportedVersionError)
 
 __all__ = ["ChecksumError", "EncodeOptions", "EncodeReport", "FormatError", "InputError", "LimitError",
-           "OutputExistsError", "SineOptions", "SqzAdapter", "SqzError", "SqzWarning", "TruncatedError",
+           "NonFiniteError", "OutputExistsError", "SineOptions", "SqzAdapter", "SqzError", "SqzWarning", "TruncatedError",
            "UnsupportedVersionError", "__version__", "decode", "encode", "info", "load"]

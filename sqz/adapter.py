@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .constants import (LAYER_CONV, LAYER_EMBEDDING, LAYER_LINEAR, PAIR_LORA, PAIR_SINE,
-                        ROLE_A, ROLE_ALPHA, ROLE_B, ROLE_MAGNITUDE, ROLE_OTHER)
+from .constants import (LAYER_CONV, LAYER_EMBEDDING, LAYER_LINEAR, MAX_PAIR_MAGNITUDE, MIN_GAMMA_MAGNITUDE, PAIR_LORA,
+                        PAIR_SINE, ROLE_A, ROLE_ALPHA, ROLE_B, ROLE_MAGNITUDE, ROLE_OTHER)
 from .errors import InputError
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -247,8 +247,23 @@ def _make_pair(module: str, a: SourceTensor, b: SourceTensor, embedding: bool, a
     layer = LAYER_EMBEDDING if embedding else (LAYER_CONV if len(a.shape) == 4 else LAYER_LINEAR)
     scaling = _scaling(module, rank, adapter, config, sine)
     if omega is None:
-        return Pair(module, a.name, b.name, PAIR_LORA, layer, scaling)
-    return Pair(module, a.name, b.name, PAIR_SINE, layer, scaling, float(omega), float(gamma_of(in_features)))
+        pair = Pair(module, a.name, b.name, PAIR_LORA, layer, scaling)
+    else:
+        pair = Pair(module, a.name, b.name, PAIR_SINE, layer, scaling, float(omega), float(gamma_of(in_features)))
+    _check_numbers(pair)
+    return pair
+
+
+def _check_numbers(pair: Pair) -> None:
+    """The ranges the format allows a pair's numbers (spec §3.2): far outside any real adapter, and a reader
+    refuses them, so the encoder says so now rather than write a file nothing can read."""
+    limit = MAX_PAIR_MAGNITUDE
+    if not (math.isfinite(pair.scaling) and abs(pair.scaling) <= limit):
+        raise InputError(f"{pair.module}: scaling {pair.scaling:g} (lora_alpha/r) is outside ±{limit:g}")
+    if pair.kind == PAIR_SINE and not (math.isfinite(pair.omega) and abs(pair.omega) <= limit):
+        raise InputError(f"{pair.module}: sine frequency ω = {pair.omega:g} is outside ±{limit:g}")
+    if pair.kind == PAIR_SINE and not (math.isfinite(pair.gamma) and MIN_GAMMA_MAGNITUDE <= abs(pair.gamma) <= limit):
+        raise InputError(f"{pair.module}: γ = {pair.gamma:g} must have {MIN_GAMMA_MAGNITUDE:g} <= |γ| <= {limit:g}")
 
 
 def _scaling(module: str, rank: int, adapter: Adapter, config: dict, sine: SineOptions) -> float:

@@ -17,7 +17,7 @@ from . import bitpack, entropy
 from .adapter import SourceTensor
 from .constants import (ENCODING_KMEANS, ENCODING_RAW, ENTROPY_NONE, ENTROPY_RANS, ENTROPY_STAGES, ENTROPY_ZSTD,
                         ENTROPY_ZSTD_ALIGNED, MAX_BITS, MIN_BITS, QUANTIZABLE_DTYPES, ROLE_A, ROLE_B, ROLE_OTHER)
-from .dtypes import float32_to_bits, itemsize, to_float64
+from .dtypes import finite_bits, float32_to_bits, itemsize, to_float64
 from .errors import FormatError, InputError, LimitError, SqzError
 from .quantize import DEFAULT_SAMPLE, quantize, tensor_seed
 
@@ -179,8 +179,9 @@ def _lookup_error(record: dict, problem: str, k: int) -> SqzError:
 
 
 def _code_tables(records: list[dict], codebooks: list[np.ndarray]) -> list[np.ndarray | FormatError]:
-    """Each codebook checked (finite, strictly increasing) and rounded to its tensor's dtype, as the bit
-    patterns the lookup writes. All at once: one numpy pass over the concatenated codebooks."""
+    """Each codebook checked (finite, strictly increasing, and still finite once rounded to its tensor's dtype:
+    3e38 is a float32 but not a float16) and rounded to that dtype, as the bit patterns the lookup writes.
+    All at once: one numpy pass over the concatenated codebooks."""
     if not codebooks:
         return []
     values = np.concatenate(codebooks)
@@ -193,8 +194,20 @@ def _code_tables(records: list[dict], codebooks: list[np.ndarray]) -> list[np.nd
         return [_code_tables([r], [c])[0] for r, c in zip(records, codebooks)]  # which ones
     dtypes = [r["dtype"] for r in records]
     if len(set(dtypes)) == 1:
-        return np.split(float32_to_bits(values, dtypes[0]), ends[:-1])
-    return [float32_to_bits(c, dtype) for c, dtype in zip(codebooks, dtypes)]
+        table = float32_to_bits(values, dtypes[0])
+        if finite_bits(table, dtypes[0]).all():
+            return np.split(table, ends[:-1])
+    return [_code_table(r, c) for r, c in zip(records, codebooks)]
+
+
+def _code_table(record: dict, codebook: np.ndarray) -> np.ndarray | FormatError:
+    """One (finite, increasing) codebook as its dtype's bit patterns, or the error for an entry that rounds to inf."""
+    table = float32_to_bits(codebook, record["dtype"])
+    finite = finite_bits(table, record["dtype"])
+    if finite.all():
+        return table
+    entry = float(codebook[np.argmin(finite)])
+    return FormatError(f"{record['name']!r}: codebook entry {entry:g} is not finite as {record['dtype']}")
 
 
 def _nbytes(record: dict) -> int:

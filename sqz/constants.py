@@ -70,3 +70,9 @@ DTYPE_ITEMSIZE = {
 """Tensor element types, named as safetensors names them."""
 
 QUANTIZABLE_DTYPES = ("F64", "F32", "F16", "BF16")
+
+MAX_PAIR_MAGNITUDE = 1e6
+MIN_GAMMA_MAGNITUDE = 1e-6
+"""A pair's numbers (spec §3.2): |scaling| <= 1e6, |omega| <= 1e6, 1e-6 <= |gamma| <= 1e6. Real adapters sit orders
+of magnitude inside (alpha/r is at most a few thousand, Sine-LoRA's ω a few hundred, γ = √in a few hundred), and
+within these bounds a reader's ΔW of any float16 factors stays finite in float32."""

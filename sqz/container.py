@@ -23,7 +23,7 @@ from zlib_ng import zlib_ng
 
 from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, ENCODING_KMEANS, ENCODINGS, ENTROPY_STAGES, EXPANSION_FLOOR,
                         LAYER_KINDS, MAGIC, MAX_BITS, MAX_EXPANSION, MAX_HEADER_BYTES, MAX_KMEANS_NUMEL, MAX_NAME_BYTES,
-                        MAX_NDIM, MAX_NUMEL, MAX_TENSORS, MIN_BITS, PAIR_KINDS, PAIR_SINE, PREAMBLE_SIZE,
+                        MAX_NDIM, MAX_NUMEL, MAX_PAIR_MAGNITUDE, MAX_TENSORS, MIN_BITS, MIN_GAMMA_MAGNITUDE, PAIR_KINDS, PAIR_SINE, PREAMBLE_SIZE,
                         QUANTIZABLE_DTYPES, RAW_ENTROPY_STAGES, ROLES, VERSION_MAJOR, VERSION_MINOR)
 from .entropy import ZSTD_HEADER_LEVEL, zstd_compress, zstd_decompress
 from .errors import ChecksumError, FormatError, LimitError, TruncatedError, UnsupportedVersionError
@@ -306,8 +306,11 @@ def _validate_pair(p: Any, records: dict[str, dict[str, Any]], where: str) -> No
         _bad(where, f"{label}: unknown kind {p.get('kind')!r}")
     if p.get("layer") not in LAYER_KINDS:
         _bad(where, f"{label}: unknown layer {p.get('layer')!r}")
-    if not _is_num(p.get("scaling")):
-        _bad(where, f"{label}: 'scaling' must be a finite number")
+    if not (_is_num(p.get("scaling")) and abs(p["scaling"]) <= MAX_PAIR_MAGNITUDE):
+        _bad(where, f"{label}: 'scaling' must be a number with |scaling| <= {MAX_PAIR_MAGNITUDE:g}")
     if p["kind"] == PAIR_SINE:
-        if not (_is_num(p.get("omega")) and _is_num(p.get("gamma")) and p["gamma"] != 0):
-            _bad(where, f"{label}: sine pairs need finite 'omega' and non-zero 'gamma'")
+        if not (_is_num(p.get("omega")) and abs(p["omega"]) <= MAX_PAIR_MAGNITUDE):
+            _bad(where, f"{label}: sine pairs need a number 'omega' with |omega| <= {MAX_PAIR_MAGNITUDE:g}")
+        if not (_is_num(p.get("gamma")) and MIN_GAMMA_MAGNITUDE <= abs(p["gamma"]) <= MAX_PAIR_MAGNITUDE):
+            _bad(where, f"{label}: sine pairs need a number 'gamma' with {MIN_GAMMA_MAGNITUDE:g} <= |gamma| <= "
+                        f"{MAX_PAIR_MAGNITUDE:g}")

@@ -35,4 +35,14 @@ def float32_to_bits(values: np.ndarray, dtype: str) -> np.ndarray:
         rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
         return rounded.astype("<u2")
     float_t, uint_t = _FLOAT_VIEWS[dtype]
-    return v.astype(float_t).view(uint_t)
+    with np.errstate(over="ignore"):  # a value beyond float16 becomes inf, which finite_bits reports
+        return v.astype(float_t).view(uint_t)
+
+
+_EXPONENT_MASKS = {"F64": 0x7FF0_0000_0000_0000, "F32": 0x7F80_0000, "F16": 0x7C00, "BF16": 0x7F80}
+
+
+def finite_bits(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """Which bit patterns of a float `dtype` are finite numbers (an all-ones exponent is inf or NaN)."""
+    mask = _EXPONENT_MASKS[dtype]
+    return (bits & bits.dtype.type(mask)) != mask

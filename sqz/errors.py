@@ -30,5 +30,9 @@ class LimitError(FormatError):
     """A header claims sizes beyond the reader's limits; refused before any allocation."""
 
 
+class NonFiniteError(SqzError):
+    """A computed ΔW holds inf or NaN (lossless factors that hold them, or an update beyond float32): never returned."""
+
+
 class OutputExistsError(SqzError):
     """The output path exists and --force was not given."""
