@@ -52,7 +52,7 @@ def run_codecs(quick: bool) -> dict:
                 continue
             log(f"codecs: {kind} r={rank}")
             result["task_adapters"][f"{kind}-r{rank}"] = codecs.run(
-                directory, {"delta": params["omega"]}, quick, progress_factory=lambda n: bar(n, f"{kind} r={rank}"))
+                directory, {"delta": params["omega"]}, quick, progress_factory=lambda n, kind=kind, rank=rank: bar(n, f"{kind} r={rank}"))
     with tempfile.TemporaryDirectory() as tmp:
         scale = 1 / 32 if quick else 1.0
         src = write_llama_adapter(Path(tmp) / "llama", scale=scale)

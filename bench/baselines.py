@@ -17,7 +17,7 @@ import zstandard
 from safetensors.numpy import save
 
 from sqz.bitpack import pack
-from sqz.quantize import dequantize, quantize, tensor_seed
+from sqz.quantize import PAPER_SAMPLE, dequantize, quantize, tensor_seed
 
 Tensors = dict[str, np.ndarray]
 Codec = Callable[[Tensors], tuple[bytes, Tensors]]
@@ -105,7 +105,7 @@ def nf4(tensors: Tensors) -> tuple[bytes, Tensors]:
     return _per_factor(tensors, one)
 
 
-def paper_pipeline(bits: int, sample: int = 10_000, seed: int = 0) -> Codec:
+def paper_pipeline(bits: int, sample: int = PAPER_SAMPLE, seed: int = 0) -> Codec:
     """The paper as published: k-means on 10,000 samples, fp32 codebook, bit-packed indices, then zip."""
 
     def one(name: str, x: np.ndarray):

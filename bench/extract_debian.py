@@ -31,7 +31,7 @@ def extract(dump: str) -> list[tuple[str, str, str]]:
         section = rec["Section"].rsplit("/", 1)[-1]  # "contrib/games" -> "games"
         text = " ".join(rec["Description"].split())
         if section in SECTIONS and text:
-            sections, package = seen.setdefault(text, (set(), rec["Package"]))
+            sections, _package = seen.setdefault(text, (set(), rec["Package"]))
             sections.add(section)
     return sorted((next(iter(s)), text, pkg) for text, (s, pkg) in seen.items() if len(s) == 1)
 

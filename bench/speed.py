@@ -147,8 +147,8 @@ def sizes_and_times(src: Path, workdir: Path, params: int, bits: list[int], entr
         for stage in entropies:
             out = workdir / f"b{b}-{stage}.sqz"
             options = sqz.EncodeOptions(bits=b, entropy=stage)
-            encode_s, = best_of(1, lambda: sqz.encode(src, out, options, force=True, progress=False))
-            safetensors_s, sqz_s = best_of(repeat, lambda: touch(load_file(str(weights))), lambda: touch(sqz.load(out)))
+            encode_s, = best_of(1, lambda out=out, options=options: sqz.encode(src, out, options, force=True, progress=False))
+            safetensors_s, sqz_s = best_of(repeat, lambda: touch(load_file(str(weights))), lambda out=out: touch(sqz.load(out)))
             size = out.stat().st_size
             rows.append({"bits": b, "entropy": stage, "file_bytes": size, "bits_per_param": 8 * size / params,
                          "ratio_to_fp16": weights.stat().st_size / size, "encode_s": encode_s,
@@ -184,8 +184,10 @@ def scaling_rows(workdir: Path, scales: list[float], bits: int, repeat: int) -> 
         weights = src / "adapter_model.safetensors"
         params = sum(t.numel() for t in load_file(str(weights)).values())
         out = workdir / f"scale-{scale}.sqz"
-        encode_s, = best_of(1, lambda: sqz.encode(src, out, sqz.EncodeOptions(bits=bits), force=True, progress=False))
-        safetensors_s, sqz_s = best_of(repeat, lambda: touch(load_file(str(weights))), lambda: touch(sqz.load(out)))
+        encode_s, = best_of(1, lambda src=src, out=out: sqz.encode(src, out, sqz.EncodeOptions(bits=bits), force=True,
+                                                                  progress=False))
+        safetensors_s, sqz_s = best_of(repeat, lambda weights=weights: touch(load_file(str(weights))),
+                                       lambda out=out: touch(sqz.load(out)))
         rows.append({"scale": scale, "params": params, "bits": bits, "file_bytes": out.stat().st_size,
                      "encode_s": encode_s, "load_touch_s": sqz_s, "safetensors_load_touch_s": safetensors_s,
                      "load_ratio": sqz_s / safetensors_s})
@@ -208,10 +210,10 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
               "zstd": peak_memory("zstd", workdir / "fp16.safetensors.zst"),
               "zipnn": peak_memory("zipnn", workdir / "fp16.safetensors.znn")}
     encode_memory = subprocess.run(
-        [sys.executable, "-c", "import sqz, sys; from bench.speed import vm_kib; "
+        [sys.executable, "-c", ("import sqz, sys; from bench.speed import vm_kib; "
          "open('/proc/self/clear_refs', 'w').write('5'); b = vm_kib('VmRSS'); "
          "sqz.encode(sys.argv[1], sys.argv[2], sqz.EncodeOptions(bits=3), force=True, progress=False); "
-         "print((vm_kib('VmHWM') - b) * 1024)", str(src), str(workdir / "m.sqz")],
+         "print((vm_kib('VmHWM') - b) * 1024)"), str(src), str(workdir / "m.sqz")],
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()[-1]
     log("speed: scaling")
     scaling = scaling_rows(workdir, [1 / 128, 1 / 32] if quick else [0.25, 1.0, 4.0], 3, repeat)

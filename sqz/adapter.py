@@ -11,15 +11,27 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .constants import (LAYER_CONV, LAYER_EMBEDDING, LAYER_LINEAR, MAX_PAIR_MAGNITUDE, MIN_GAMMA_MAGNITUDE, PAIR_LORA,
-                        PAIR_SINE, ROLE_A, ROLE_ALPHA, ROLE_B, ROLE_MAGNITUDE, ROLE_OTHER)
+from .constants import (
+    LAYER_CONV,
+    LAYER_EMBEDDING,
+    LAYER_LINEAR,
+    MAX_PAIR_MAGNITUDE,
+    MIN_GAMMA_MAGNITUDE,
+    PAIR_LORA,
+    PAIR_SINE,
+    ROLE_A,
+    ROLE_ALPHA,
+    ROLE_B,
+    ROLE_MAGNITUDE,
+    ROLE_OTHER,
+)
 from .errors import InputError
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -124,7 +136,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, SourceTensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
-            tensors = {k: _torch_to_source(k, f.get_tensor(k)) for k in f.keys()}
+            tensors = {k: _torch_to_source(k, f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     return tensors, metadata
@@ -134,7 +146,7 @@ def _read_pickle(path: Path) -> dict[str, SourceTensor]:
     """A PyTorch state dict, loaded with weights_only=True so that a crafted pickle runs no code."""
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ... all mean "refused"
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ... all mean "refused"
         raise InputError(f"{path}: refused by the restricted (weights_only) loader: {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InputError(f"{path}: not a flat state dict of named tensors")

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,12 +22,15 @@ from tqdm import tqdm
 from . import __version__, container
 from .adapter import CONFIG_NAME, TORCH_DTYPES, Adapter, Pair, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable
+from .bitpack import packed_size
 from .codec import EncodeOptions, decode_tensors, encode_tensor
 from .constants import ENCODING_KMEANS, PAIR_SINE
-from .bitpack import packed_size
 from .delta import delta_weight
 from .dtypes import itemsize
 from .errors import InputError, SqzError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -57,8 +60,11 @@ class EncodeReport:
         return 8 * self.file_bytes / self.params if self.params else 0.0
 
 
-def encode(src: str | Path, dst: str | Path, options: EncodeOptions = EncodeOptions(),
-           sine: SineOptions = SineOptions(), force: bool = False, progress: bool | None = None,
+DEFAULT_OPTIONS, NO_SINE = EncodeOptions(), SineOptions()
+
+
+def encode(src: str | Path, dst: str | Path, options: EncodeOptions = DEFAULT_OPTIONS,
+           sine: SineOptions = NO_SINE, force: bool = False, progress: bool | None = None,
            workers: int | None = None) -> EncodeReport:
     """Encode an adapter file or PEFT directory into a .sqz file (atomically; never a partial output)."""
     dst = Path(dst)
@@ -218,7 +224,7 @@ class SqzAdapter(Mapping):
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "SqzAdapter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

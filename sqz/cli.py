@@ -14,6 +14,7 @@ from .api import SqzWarning, decode, encode, info
 from .codec import ENTROPY_AUTO, EncodeOptions
 from .constants import ENTROPY_STAGES
 from .errors import SqzError
+from .quantize import DEFAULT_SAMPLE, PAPER_SAMPLE
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -48,8 +49,10 @@ def _emit(data: dict, as_json: bool, text: str) -> None:
 @click.argument("src", type=click.Path(exists=False))
 @click.option("-o", "--output", required=True, type=click.Path(), help="The .sqz file to write.")
 @click.option("-b", "--bits", default=3, show_default=True, type=int, help="Bits per index, 1..8 (codebook of 2^b).")
-@click.option("--sample", default=10_000, show_default=True, type=int, help="Values the centroids are fitted on (0 = all).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fitting sample.")
+@click.option("--sample", default=DEFAULT_SAMPLE, show_default=True, type=int,
+              help=f"0 fits the centroids on every value (exact); N > 0 on a seeded sample of N values, as the "
+                   f"paper did with {PAPER_SAMPLE:,}.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fitting sample (--sample N).")
 @click.option("--entropy", default=ENTROPY_AUTO, show_default=True,
               type=click.Choice([ENTROPY_AUTO, *ENTROPY_STAGES]),
               help="Entropy stage; auto keeps the smallest per tensor (rANS only where it saves 2% more).")
@@ -116,10 +119,10 @@ def _info_table(data: dict) -> str:
     lines = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     t = data["totals"]
     lines += ["",
-              f"file {data['path']}: format {data['version']}, {t['file_bytes']:,} bytes "
-              f"(header {t['header_bytes']:,}, sections {t['section_bytes']:,})",
-              f"{t['params']:,} params in {t['tensors']} tensors ({t['quantized']} quantized, {t['pairs']} pairs): "
-              f"{t['bits_per_param']:.3f} bits/param, {t['ratio_to_fp16']:.2f}x smaller than fp16"]
+              (f"file {data['path']}: format {data['version']}, {t['file_bytes']:,} bytes "
+              f"(header {t['header_bytes']:,}, sections {t['section_bytes']:,})"),
+              (f"{t['params']:,} params in {t['tensors']} tensors ({t['quantized']} quantized, {t['pairs']} pairs): "
+              f"{t['bits_per_param']:.3f} bits/param, {t['ratio_to_fp16']:.2f}x smaller than fp16")]
     return "\n".join(lines)
 
 

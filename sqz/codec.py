@@ -15,8 +15,21 @@ import numpy as np
 
 from . import bitpack, entropy
 from .adapter import SourceTensor
-from .constants import (ENCODING_KMEANS, ENCODING_RAW, ENTROPY_NONE, ENTROPY_RANS, ENTROPY_STAGES, ENTROPY_ZSTD,
-                        ENTROPY_ZSTD_ALIGNED, MAX_BITS, MIN_BITS, QUANTIZABLE_DTYPES, ROLE_A, ROLE_B, ROLE_OTHER)
+from .constants import (
+    ENCODING_KMEANS,
+    ENCODING_RAW,
+    ENTROPY_NONE,
+    ENTROPY_RANS,
+    ENTROPY_STAGES,
+    ENTROPY_ZSTD,
+    ENTROPY_ZSTD_ALIGNED,
+    MAX_BITS,
+    MIN_BITS,
+    QUANTIZABLE_DTYPES,
+    ROLE_A,
+    ROLE_B,
+    ROLE_OTHER,
+)
 from .dtypes import finite_bits, float32_to_bits, itemsize, to_float64
 from .errors import FormatError, InputError, LimitError, SqzError
 from .quantize import DEFAULT_SAMPLE, quantize, tensor_seed
@@ -80,7 +93,8 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions) -> tuple[d
     if not should_quantize(t, role, options):
         return _encode_raw(t, record, options)
     try:
-        q = quantize(to_float64(t.raw, t.dtype), options.bits, options.sample, tensor_seed(options.seed, t.name))
+        q = quantize(to_float64(t.raw, t.dtype), options.bits, options.sample, tensor_seed(options.seed, t.name),
+                     t.dtype)
     except InputError as exc:
         raise InputError(f"{t.name}: {exc}") from None
     k = int(q.codebook.size)

@@ -21,10 +21,35 @@ from typing import Any, BinaryIO, NoReturn
 
 from zlib_ng import zlib_ng
 
-from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, ENCODING_KMEANS, ENCODINGS, ENTROPY_STAGES, EXPANSION_FLOOR,
-                        LAYER_KINDS, MAGIC, MAX_BITS, MAX_EXPANSION, MAX_HEADER_BYTES, MAX_KMEANS_NUMEL, MAX_NAME_BYTES,
-                        MAX_NDIM, MAX_NUMEL, MAX_PAIR_MAGNITUDE, MAX_TENSORS, MIN_BITS, MIN_GAMMA_MAGNITUDE, PAIR_KINDS, PAIR_SINE, PREAMBLE_SIZE,
-                        QUANTIZABLE_DTYPES, RAW_ENTROPY_STAGES, ROLES, VERSION_MAJOR, VERSION_MINOR)
+from .constants import (
+    ALIGNMENT,
+    DTYPE_ITEMSIZE,
+    ENCODING_KMEANS,
+    ENCODINGS,
+    ENTROPY_STAGES,
+    EXPANSION_FLOOR,
+    LAYER_KINDS,
+    MAGIC,
+    MAX_BITS,
+    MAX_EXPANSION,
+    MAX_HEADER_BYTES,
+    MAX_KMEANS_NUMEL,
+    MAX_NAME_BYTES,
+    MAX_NDIM,
+    MAX_NUMEL,
+    MAX_PAIR_MAGNITUDE,
+    MAX_TENSORS,
+    MIN_BITS,
+    MIN_GAMMA_MAGNITUDE,
+    PAIR_KINDS,
+    PAIR_SINE,
+    PREAMBLE_SIZE,
+    QUANTIZABLE_DTYPES,
+    RAW_ENTROPY_STAGES,
+    ROLES,
+    VERSION_MAJOR,
+    VERSION_MINOR,
+)
 from .entropy import ZSTD_HEADER_LEVEL, zstd_compress, zstd_decompress
 from .errors import ChecksumError, FormatError, LimitError, TruncatedError, UnsupportedVersionError
 
@@ -285,9 +310,8 @@ def _validate_record(r: dict[str, Any], where: str) -> None:
     else:
         if r.get("entropy") not in RAW_ENTROPY_STAGES:
             _bad(where, f"{label}: raw tensors use entropy 'none' or 'zstd'")
-        if r["entropy"] == "none":
-            if r["length"] != numel * DTYPE_ITEMSIZE[r["dtype"]]:
-                _bad(where, f"{label}: raw section length != shape x dtype")
+        if r["entropy"] == "none" and r["length"] != numel * DTYPE_ITEMSIZE[r["dtype"]]:
+            _bad(where, f"{label}: raw section length != shape x dtype")
 
 
 def _validate_pair(p: Any, records: dict[str, dict[str, Any]], where: str) -> None:

@@ -171,7 +171,7 @@ def _decode_rans(payload: memoryview, count: int, codebook_size: int) -> np.ndar
         for start in range(0, count, RANS_CHUNK):
             stop = min(count, start + RANS_CHUNK)
             indices[start:stop] = coder.decode(model, stop - start)
-    except Exception as exc:  # constriction raises plain Python errors on malformed streams
+    except Exception as exc:  # noqa: BLE001 - constriction raises plain Python errors on malformed streams
         raise FormatError(f"bad rANS stream: {exc}") from None
     if not coder.is_empty():
         raise FormatError("rANS stream has data left after the last symbol")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
-                 max_position_embeddings=32)
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 64,
+                 "max_position_embeddings": 32}
 
 
 def tiny_bert():
@@ -25,7 +25,7 @@ def peft_lora_dir(path: Path, dtype: torch.dtype = torch.float32, **lora_kwargs)
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
-    kwargs = dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], init_lora_weights=False)
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value", "dense"], "init_lora_weights": False}
     kwargs.update(lora_kwargs)
     model = get_peft_model(tiny_bert(), LoraConfig(**kwargs))
     model.to(dtype).save_pretrained(str(path))

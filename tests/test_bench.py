@@ -22,7 +22,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "SQZ_BENCH_CACHE": str(out / "cache")}
     proc = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, {step: json.loads((out / f"{step}.json").read_text()) for step in ("task", "codecs", "figure1", "speed")}
 
@@ -52,10 +52,12 @@ def test_codecs_rank_as_the_theory_says(quick_run):
     rows = r["codecs"]["llama"]["rows"]
     get = lambda codec, bits=None: next(x for x in rows if x["codec"] == codec and x.get("bits") == bits)
     for bits in (2, 3):
-        ours, paper = get("sqz-auto", bits), get("paper (k-means+zip)", bits)
+        ours, sampled, paper = get("sqz-auto", bits), get("sqz-auto --sample 10000", bits), get("paper (k-means+zip)", bits)
         # the same quantizer; sqz rounds the codebook to the fp16 source dtype on decode, the paper keeps fp32
-        assert ours["sqnr_db_plain"] == pytest.approx(paper["sqnr_db_plain"], rel=1e-3)
-        assert ours["file_bytes"] < paper["file_bytes"]  # entropy coding beats zip on the same indices
+        assert sampled["sqnr_db_plain"] == pytest.approx(paper["sqnr_db_plain"], rel=1e-3)
+        assert sampled["file_bytes"] < paper["file_bytes"]  # entropy coding beats zip on the same indices
+        # the default fits every value: the optimum the sample only approximates, in a file no larger
+        assert ours["sqnr_db_plain"] > sampled["sqnr_db_plain"] and ours["file_bytes"] < 1.01 * sampled["file_bytes"]
         fast = min(get(f"sqz-{s}", bits)["file_bytes"] for s in ("none", "zstd", "zstd-aligned"))
         assert ours["file_bytes"] <= fast + 64  # auto: the smallest fast stage per tensor, or rANS if smaller still
         assert ours["file_bytes"] <= get("sqz-rans", bits)["file_bytes"] / (1 - RANS_MIN_SAVING) + 64

@@ -10,7 +10,8 @@ import sqz
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sqz.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "sqz.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          check=False)
 
 
 def test_encode_info_decode(tmp_path, peft_dir):

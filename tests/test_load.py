@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import mixed_tensors
 
 import sqz
 from sqz import api, bitpack, container
 from sqz.constants import DTYPE_ITEMSIZE, ENCODING_KMEANS
-
-from conftest import mixed_tensors
 
 
 @pytest.fixture(params=["auto", "zstd-aligned"])

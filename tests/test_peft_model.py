@@ -1,8 +1,8 @@
 """A real PEFT model: its outputs survive encode/decode, and the decoded folder loads with PeftModel.from_pretrained."""
 import torch
+from conftest import peft_lora_dir, tiny_bert
 
 import sqz
-from conftest import peft_lora_dir, tiny_bert
 
 
 def outputs(model) -> torch.Tensor:

@@ -1,7 +1,12 @@
+import itertools
+import os
+
 import kmeans1d
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sqz import quantize as q
 from sqz.dtypes import float32_to_bits, to_float64
@@ -63,7 +68,7 @@ def test_error_shrinks_with_bits():
     values = heavy_tailed()
     errors = [np.mean((q.dequantize(r.codebook, r.indices) - values) ** 2)
               for r in (q.quantize(values, b) for b in range(1, 9))]
-    assert all(a > b for a, b in zip(errors, errors[1:]))
+    assert all(a > b for a, b in itertools.pairwise(errors))
 
 
 @pytest.mark.parametrize("dtype,name", [(torch.float16, "F16"), (torch.bfloat16, "BF16"), (torch.float32, "F32")])
@@ -74,3 +79,74 @@ def test_dtype_conversions_match_torch(dtype, name):
     assert np.array_equal(to_float64(raw, name), original.to(torch.float64).numpy())
     bits = float32_to_bits(values.numpy(), name)
     assert torch.equal(torch.from_numpy(bits.view(np.uint8).copy()).view(dtype), original)
+
+
+def sse(values: np.ndarray, codebook: np.ndarray) -> float:
+    """Squared error of the nearest-centroid assignment (what the decoder reproduces)."""
+    return float(((codebook.astype(np.float64)[q.assign(values, codebook)] - values) ** 2).sum())
+
+
+def kmeans1d_sse(values: np.ndarray, bits: int) -> float:
+    """The optimum on every value, by kmeans1d (the paper's fitter)."""
+    return sse(values, q.fit_codebook(values, bits))
+
+
+def test_the_histogram_kernel_was_built_where_ci_requires_it():
+    """CI sets SQZ_REQUIRE_NATIVE=1: there sqz._kmeans must exist, so the exact fit is never the slow fallback."""
+    if os.environ.get("SQZ_REQUIRE_NATIVE") == "1":
+        assert q.native_fit is not None
+
+
+@pytest.fixture(params=["native", "fallback"])
+def fitter(request, monkeypatch):
+    """Every fit test runs on the C kernel and on the fallback (kmeans1d on every value)."""
+    if request.param == "fallback":
+        monkeypatch.setattr(q, "native_fit", None)
+    elif q.native_fit is None:
+        pytest.skip("sqz._kmeans was not built (no C compiler at install)")
+    return request.param
+
+
+half_tensors = st.builds(
+    lambda n, scale, tail, seed: np.clip(np.random.default_rng(seed).standard_t(tail, n) * scale, -6e4, 6e4).astype(
+        np.float16),
+    st.integers(1, 3000), st.sampled_from([1e-3, 0.05, 3.0, 2e3]), st.sampled_from([2.0, 3.0, 30.0]),
+    st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=half_tensors, bits=st.integers(1, 8), dtype=st.sampled_from(["F16", "BF16"]))
+def test_histogram_fit_is_the_optimum_over_every_value(fitter, values, bits, dtype):
+    """The kernel on the histogram of a 16-bit tensor reaches kmeans1d's optimum over all of its values."""
+    x = torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16 if dtype == "BF16" else torch.float16)
+    x = x.double().numpy()
+    codebook = q.fit_histogram(x, dtype, bits)
+    assert codebook.dtype == np.float32 and np.all(np.diff(codebook) > 0) and codebook.size <= 1 << bits
+    assert sse(x, codebook) <= kmeans1d_sse(x, bits) * (1 + 1e-6) + 1e-12
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 4000), bits=st.integers(1, 6))
+def test_float32_bins_lose_nothing_measurable(fitter, seed, n, bits):
+    """float32 values are fitted on bins of float16 precision: the optimum among partitions that keep each
+    bin whole, within a millionth of the optimum over the raw values."""
+    x = (np.random.default_rng(seed).standard_t(3, n) * 0.01).astype(np.float32).astype(np.float64)
+    assert sse(x, q.fit_histogram(x, "F32", bits)) <= kmeans1d_sse(x, bits) * (1 + 1e-6) + 1e-15
+
+
+def test_default_fit_beats_the_sample_on_heavy_tails():
+    """The reason for the default: a 10,000-value sample of a Student-t(3) tensor clips its tails."""
+    x = (heavy_tailed(200_000, 4).astype(np.float16)).astype(np.float64)
+    exact, sampled = q.quantize(x, 8, dtype="F16"), q.quantize(x, 8, sample=q.PAPER_SAMPLE, dtype="F16")
+    assert exact.sample_size == x.size and sampled.sample_size == q.PAPER_SAMPLE
+    gain_db = 10 * np.log10(sse(x, sampled.codebook) / sse(x, exact.codebook))
+    assert gain_db > 6, gain_db
+
+
+def test_float32_tensor_with_too_many_bins_is_binned_coarser():
+    """A tensor spanning every binade has more float16-precision bins than the kernel's table allows."""
+    rng = np.random.default_rng(3)
+    x = (rng.choice([-1, 1], 300_000) * np.exp2(rng.uniform(-120, 120, 300_000))).astype(np.float32).astype(np.float64)
+    weight, sums, _ = q.histogram(x, "F32")
+    assert weight.size <= q.MAX_BINS and weight.sum() == x.size and np.all(np.diff(sums / weight) > 0)
+    assert q.fit_histogram(x, "F32", 3).size == 8

@@ -5,11 +5,11 @@ import pickle
 
 import pytest
 import torch
+from conftest import mixed_tensors, sine_dir
 from safetensors.torch import load_file, save_file
 
 import sqz
 from sqz.adapter import read_adapter
-from conftest import mixed_tensors, sine_dir
 
 LOSSY_ROLES = {"lora_A", "lora_B"}
 
@@ -214,7 +214,7 @@ def test_decode_writes_safetensors_peft_folder_and_delta(tmp_path, peft_dir):
     [single] = sqz.decode(out, tmp_path / "r.safetensors")
     restored = load_file(str(single))
     assert set(restored) == set(load_file(str(peft_dir / "adapter_model.safetensors")))
-    weights, config = sqz.decode(out, str(tmp_path / "folder") + "/")
+    _weights, config = sqz.decode(out, str(tmp_path / "folder") + "/")
     assert json.loads(config.read_text()) == json.loads((peft_dir / "adapter_config.json").read_text())
     [delta] = sqz.decode(out, tmp_path / "d.safetensors", delta=True)
     deltas = load_file(str(delta))

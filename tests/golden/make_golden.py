@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import sqz  # noqa: E402
-from sqz.constants import VERSION_MAJOR, VERSION_MINOR  # noqa: E402
-from conftest import mixed_tensors, sine_dir  # noqa: E402
+from conftest import mixed_tensors, sine_dir
+
+import sqz
+from sqz.constants import VERSION_MAJOR, VERSION_MINOR
 
 CASES = {  # per version: the stages and widths that version added, and auto as that version wrote it
     (1, 0): {"b3-auto": {"bits": 3}, "b2-zstd": {"bits": 2, "entropy": "zstd"},
