@@ -18,6 +18,10 @@ Tensors = dict[str, np.ndarray]
 ENTROPY_STAGES = ("none", "zstd", "zstd-aligned", "rans", "auto")
 
 
+TARGET_BPP = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+"""The rate-distortion encoder's curve: bits/param targets from 0.5 to 8."""
+
+
 def read_adapter(directory: Path) -> Tensors:
     return {k: v.astype(np.float32) for k, v in load_file(str(directory / "adapter_model.safetensors")).items()}
 
@@ -38,10 +42,27 @@ def sqz_codec(src: Path, bits: int, entropy: str, workdir: Path,
     return codec
 
 
+def sqz_target_codec(src: Path, bpp: float, workdir: Path) -> Callable[[Tensors], tuple[bytes, Tensors]]:
+    """sqz's rate-distortion encoder at a bits/param target, through the public API."""
+
+    def codec(_: Tensors) -> tuple[bytes, Tensors]:
+        out = workdir / f"bpp{bpp:g}.sqz"
+        sqz.encode(src, out, sqz.EncodeOptions(bpp=bpp), force=True, progress=False)
+        with sqz.load(out) as adapter:
+            recon = {name: adapter[name].float().numpy() for name in adapter}
+        data = out.read_bytes()
+        out.unlink()
+        return data, recon
+
+    return codec
+
+
 def plan(src: Path, workdir: Path, sqz_bits: dict[str, list[int]], paper_bits: list[int],
-         quant_bits: list[int], int_bits: list[int]) -> list[tuple[dict, Callable]]:
+         quant_bits: list[int], int_bits: list[int], target_bpp: list[float]) -> list[tuple[dict, Callable]]:
     """(labels, codec) for every point to measure. `sqz_bits` maps an entropy stage to its bit widths."""
-    points = [({"codec": f"sqz-{stage}", "family": "sqz", "bits": b, "entropy": stage},
+    points = [({"codec": "sqz --bpp", "family": "sqz", "target_bpp": bpp}, sqz_target_codec(src, bpp, workdir))
+              for bpp in target_bpp]
+    points += [({"codec": f"sqz-{stage}", "family": "sqz", "bits": b, "entropy": stage},
                sqz_codec(src, b, stage, workdir)) for stage, widths in sqz_bits.items() for b in widths]
     points += [({"codec": "paper (k-means+zip)", "family": "paper", "bits": b}, baselines.paper_pipeline(b))
                for b in paper_bits]
@@ -86,8 +107,9 @@ def run(src: Path, omegas: dict[str, float | None], quick: bool, max_rows: int |
     low = [b for b in widths if b <= 5]  # forced stages stop at 5 bits: 6-8-bit fits cost minutes on 28.3M
     with tempfile.TemporaryDirectory() as tmp:
         points = plan(src, Path(tmp), {stage: (widths if stage == "auto" else low) for stage in ENTROPY_STAGES},
-                      paper_bits=[2, 3] if quick else [2, 3, 5], quant_bits=widths,
-                      int_bits=[b for b in widths if b >= 2])  # symmetric 1-bit ints have one level: 0
+                      paper_bits=[2, 3] if quick else [1, 2, 3, 4, 5], quant_bits=widths,
+                      int_bits=[b for b in widths if b >= 2],  # symmetric 1-bit ints have one level: 0
+                      target_bpp=[2.0, 3.0] if quick else list(TARGET_BPP))
         bar = progress_factory(len(points)) if progress_factory else None
         rows = measure(src, points, omegas, max_rows, bar)
         if bar is not None:

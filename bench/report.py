@@ -115,7 +115,7 @@ def plot_table5(task: dict, path: Path) -> str:
 
 
 # ---------------------------------------------------------------- codecs: rate-distortion
-STYLE = {"sqz-auto": ("C0", "o-"), "sqz-auto --sample 10000": ("C9", "s:"), "sqz-rans": ("C0", "x:"),
+STYLE = {"sqz --bpp": ("C5", "*-"), "sqz-auto": ("C0", "o-"), "sqz-auto --sample 10000": ("C9", "s:"), "sqz-rans": ("C0", "x:"),
          "sqz-zstd-aligned": ("C0", "1:"), "sqz-zstd": ("C0", "+:"), "sqz-none": ("C0", ".:"),
          "paper (k-means+zip)": ("C1", "s--"), "uniform min-max": ("C2", "^-"),
          "absmax int (block 64)": ("C3", "v-"), "NF4 (block 64)": ("C4", "D")}
@@ -182,6 +182,45 @@ def table_rd(result: dict, kinds: list[str]) -> str:
         cells = " | ".join(f"{_fmt(r[f'rel_fro_{k}'], 4)} | {_fmt(r[f'sqnr_db_{k}'], 1)}" for k in kinds)
         lines.append(f"| {r['codec']} | {r.get('bits', '')} | {r['file_bytes']:,} | {r['bits_per_param']:.3f} | {cells} |")
     return "\n".join(lines)
+
+
+BD_ANCHORS = ("paper (k-means+zip)", "sqz-auto", "uniform min-max", "absmax int (block 64)")
+
+
+def curve(result: dict, codec: str, kind: str) -> list[tuple[float, float]]:
+    """(bits/param, ΔW SQNR) of one codec, by rate; lossless points (infinite SQNR) left out."""
+    return sorted((r["bits_per_param"], r[f"sqnr_db_{kind}"]) for r in result["rows"]
+                  if r["codec"] == codec and math.isfinite(r[f"sqnr_db_{kind}"]))
+
+
+def bd_rates(result: dict, kind: str) -> dict[str, float | str]:
+    """BD-rate (%) of sqz --bpp against each anchor codec on ΔW SQNR: negative = fewer bytes at equal SQNR."""
+    from bench.task import bd_metrics
+
+    test = curve(result, "sqz --bpp", kind)
+    out: dict[str, float | str] = {}
+    for anchor in BD_ANCHORS:
+        points = curve(result, anchor, kind)
+        out[anchor] = bd_metrics(points, test)["bd_rate_pct"] if len(points) >= 2 and len(test) >= 2 else "n/a"
+    return out
+
+
+def table_bd_codecs(codecs: dict) -> str:
+    """One row per adapter (and ΔW kind): BD-rate of the rate-distortion encoder against every anchor."""
+    lines = ["| adapter | ΔW | " + " | ".join(f"vs {a}" for a in BD_ANCHORS) + " |",
+             "|---|---|" + "---|" * len(BD_ANCHORS)]
+    adapters = ([("LLaMA-shaped (synthetic)", codecs["llama"], ("plain", "sine"))] if "llama" in codecs else []) + [
+        (f"{KIND_LABEL[name.split('-r')[0]]} r={name.split('-r')[1]}", res, ("delta",))
+        for name, res in codecs.get("task_adapters", {}).items()]
+    for label, result, kinds in adapters:
+        for kind in kinds:
+            cells = " | ".join(_fmt_bd(v) for v in bd_rates(result, kind).values())
+            lines.append(f"| {label} | {kind} | {cells} |")
+    return "\n".join(lines)
+
+
+def _fmt_bd(value: float | str) -> str:
+    return f"{value:+.1f}%" if isinstance(value, float) else str(value).split(" (")[0]
 
 
 def paper_table1(llama: dict) -> str:
@@ -378,6 +417,10 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "relative Frobenius error of the effective update ΔW over all modules. Baselines are written as "
                "real files (`bench/baselines.py`). sqz runs with `auto` at 1–8 bits and with each forced stage at 1–5 bits. "
                "SQNR = −20·log10(relative Frobenius error), so the plots show SQNR and the tables both."), ""]
+        md += ["### The rate-distortion encoder (`sqz --bpp`) against every other codec", "",
+               ("BD-rate on ΔW SQNR (Akima, `bjontegaard`): the change in file size at equal SQNR, over the rates "
+               "where both curves exist; negative means `--bpp` needs fewer bytes. `sqz-auto` is `-b` at 1–8 bits."),
+               "", table_bd_codecs(codecs), ""]
         if "llama" in codecs:
             ll = codecs["llama"]
             plot_rd(ll, ["plain", "sine"], f"LLaMA-3-8B-shaped adapter, rank 16 ({ll['params']:,} params)",

@@ -1,9 +1,10 @@
 /* sqz._kmeans: optimal 1-D k-means over a histogram, in C (optional; quantize.py falls back to kmeans1d).
  *
- * fit(weight, sum, sum_sq, k) takes n bins in increasing order of value, each given by its weight (the
+ * fit(weight, sum, sum_sq, ks) takes n bins in increasing order of value, each given by its weight (the
  * count of values in it), the sum of those values and the sum of their squares (float64 buffers), and
- * returns the k starting bins of the partition into k runs of consecutive bins with the least total
- * squared error, as bytes holding k int32 (bin 0 first). A float16 tensor has at most 65,536 distinct
+ * returns, for each k of the increasing sequence ks, the k starting bins of the partition into k runs of
+ * consecutive bins with the least total squared error, as bytes holding k int32 (bin 0 first). One run of
+ * the programme serves every k up to the largest: row m of the table is the best partition into m + 1 runs. A float16 tensor has at most 65,536 distinct
  * values, one bin each, so this is the exact optimum over every value of the tensor at O(n) input size.
  *
  * The dynamic programme: D[m][i] = min over j of D[m-1][j-1] + cost(j..i), cost from prefix sums. The best j
@@ -22,7 +23,6 @@ typedef struct {
     double *cur;                /* D[m][.] */
     int32_t *arg;               /* best j of row m */
     const int32_t *below;       /* best j of row m-1: a lower bound on row m's */
-    Py_ssize_t below_end;       /* row m-1 is filled for i < below_end */
 } Row;
 
 static inline double cost(const Row *r, Py_ssize_t j, Py_ssize_t i) {
@@ -34,7 +34,7 @@ static inline double cost(const Row *r, Py_ssize_t j, Py_ssize_t i) {
 static void fill(const Row *r, Py_ssize_t ilo, Py_ssize_t ihi, Py_ssize_t jlo, Py_ssize_t jhi) {
     while (ilo <= ihi) {
         Py_ssize_t mid = ilo + (ihi - ilo) / 2, stop = jhi < mid ? jhi : mid, start = jlo;
-        if (mid < r->below_end && r->below[mid] > start) start = r->below[mid];
+        if (r->below[mid] > start) start = r->below[mid];
         Py_ssize_t best = start;
         double value = r->prev[start - 1] + cost(r, start, mid);
         for (Py_ssize_t j = start + 1; j <= stop; j++) {
@@ -48,7 +48,10 @@ static void fill(const Row *r, Py_ssize_t ilo, Py_ssize_t ihi, Py_ssize_t jlo, P
     }
 }
 
-static int solve(const double *w, const double *s1, const double *s2, Py_ssize_t n, Py_ssize_t k, int32_t *starts) {
+/* Fill the table up to row ks[count-1] - 1, then write each ks[c]'s starts at out[c]. */
+static int solve(const double *w, const double *s1, const double *s2, Py_ssize_t n, const Py_ssize_t *ks,
+                 Py_ssize_t count, int32_t **out) {
+    Py_ssize_t k = ks[count - 1];
     double total_w = 0, total_s = 0;
     for (Py_ssize_t i = 0; i < n; i++) total_w += w[i], total_s += s1[i];
     double c = total_s / total_w;
@@ -65,51 +68,77 @@ static int solve(const double *w, const double *s1, const double *s2, Py_ssize_t
         p1[i + 1] = p1[i] + (s1[i] - c * w[i]);
         p2[i + 1] = p2[i] + (s2[i] - 2 * c * s1[i] + c * c * w[i]);
     }
-    Row r = {pw, p1, p2, rows, rows + n, arg, arg, 0};
+    Row r = {pw, p1, p2, rows, rows + n, arg, arg};
     for (Py_ssize_t i = 0; i < n; i++) rows[i] = cost(&r, 0, i), arg[i] = 0;
-    for (Py_ssize_t m = 1; m < k; m++) {
-        r.below = arg + (m - 1) * n, r.below_end = m == 1 ? n : n - (k - m);
-        r.arg = arg + m * n;
-        fill(&r, m, n - 1 - (k - 1 - m), m, n - 1);
+    for (Py_ssize_t m = 1; m < k; m++) { /* whole rows: every k <= kmax is read off at i = n - 1 */
+        r.below = arg + (m - 1) * n, r.arg = arg + m * n;
+        fill(&r, m, n - 1, m, n - 1);
         double *t = (double *)r.prev;
         r.prev = r.cur, r.cur = t;
     }
-    Py_ssize_t i = n - 1;
-    for (Py_ssize_t m = k - 1; m >= 0; m--) {
-        starts[m] = m ? arg[m * n + i] : 0;
-        i = starts[m] - 1;
+    for (Py_ssize_t c = 0; c < count; c++) {
+        Py_ssize_t i = n - 1;
+        for (Py_ssize_t m = ks[c] - 1; m >= 0; m--) {
+            out[c][m] = m ? arg[m * n + i] : 0;
+            i = out[c][m] - 1;
+        }
     }
     free(pw), free(rows), free(arg);
     return 0;
 }
 
+#define MAX_KS 64
+
 static PyObject *fit(PyObject *self, PyObject *args) {
     Py_buffer w, s1, s2;
-    Py_ssize_t k;
-    if (!PyArg_ParseTuple(args, "y*y*y*n", &w, &s1, &s2, &k)) return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t n = w.len / (Py_ssize_t)sizeof(double);
-    if (w.len % sizeof(double) || s1.len != w.len || s2.len != w.len || n < 1 || k < 1 || k > n || n > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "fit needs three float64 buffers of n bins and 1 <= k <= n");
+    PyObject *ks_obj, *result = NULL, *seq = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*O", &w, &s1, &s2, &ks_obj)) return NULL;
+    Py_ssize_t n = w.len / (Py_ssize_t)sizeof(double), count = 0, ks[MAX_KS];
+    int32_t *out[MAX_KS];
+    if (w.len % sizeof(double) || s1.len != w.len || s2.len != w.len || n < 1 || n > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "fit needs three float64 buffers of n >= 1 bins");
         goto done;
     }
-    result = PyBytes_FromStringAndSize(NULL, k * (Py_ssize_t)sizeof(int32_t));
-    if (!result) goto done;
+    if (!(seq = PySequence_Fast(ks_obj, "ks must be a sequence of ints"))) goto done;
+    count = PySequence_Fast_GET_SIZE(seq);
+    if (count < 1 || count > MAX_KS) {
+        PyErr_SetString(PyExc_ValueError, "fit takes 1 to 64 values of k");
+        goto done;
+    }
+    for (Py_ssize_t c = 0; c < count; c++) {
+        ks[c] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, c));
+        if (ks[c] == -1 && PyErr_Occurred()) goto done;
+        if (ks[c] < 1 || ks[c] > n || (c && ks[c] <= ks[c - 1])) {
+            PyErr_SetString(PyExc_ValueError, "ks must increase, each 1 <= k <= n");
+            goto done;
+        }
+    }
+    if (!(result = PyList_New(count))) goto done;
+    for (Py_ssize_t c = 0; c < count; c++) {
+        PyObject *starts = PyBytes_FromStringAndSize(NULL, ks[c] * (Py_ssize_t)sizeof(int32_t));
+        if (!starts) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, c, starts);
+        out[c] = (int32_t *)PyBytes_AS_STRING(starts);
+    }
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = solve(w.buf, s1.buf, s2.buf, n, k, (int32_t *)PyBytes_AS_STRING(result));
+    status = solve(w.buf, s1.buf, s2.buf, n, ks, count, out);
     Py_END_ALLOW_THREADS
     if (status) {
         Py_CLEAR(result);
         PyErr_NoMemory();
     }
 done:
+    Py_XDECREF(seq);
     PyBuffer_Release(&w), PyBuffer_Release(&s1), PyBuffer_Release(&s2);
     return result;
 }
 
 static PyMethodDef methods[] = {
-    {"fit", fit, METH_VARARGS, "fit(weight, sum, sum_sq, k) -> int32 bytes: the first bin of each of k clusters"},
+    {"fit", fit, METH_VARARGS, "fit(weight, sum, sum_sq, ks) -> [int32 bytes]: for each k, the first bin of each cluster"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "sqz._kmeans", .m_size = -1, .m_methods = methods};

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import __version__, container
+from . import __version__, container, targets
 from .adapter import CONFIG_NAME, TORCH_DTYPES, Adapter, Pair, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable
 from .bitpack import packed_size
@@ -54,6 +54,7 @@ class EncodeReport:
     pairs: int
     quantized: int
     warnings: tuple[str, ...]
+    sqnr_db: float | None = None  # with a rate-distortion target: the SQNR of ΔW over the allocated pairs
 
     @property
     def bits_per_param(self) -> float:
@@ -72,30 +73,58 @@ def encode(src: str | Path, dst: str | Path, options: EncodeOptions = DEFAULT_OP
     adapter = read_adapter(src, sine)
     for message in adapter.warnings:
         warnings.warn(message, SqzWarning, stacklevel=2)
-    header, sections = _encode_adapter(adapter, options, progress, workers)
+    workers = workers or os.cpu_count() or 1
+    sqnr = None
+    if options.target is None:
+        header, sections = _encode_adapter(adapter, options, progress, workers)
+    else:
+        header, sections, sqnr = targets.encode(adapter, options, TensorEncoder(adapter, options, progress, workers),
+                                                workers, lambda it, n, what: _progress(it, n, what, progress))
     with atomic_file(dst, force) as f:
         size = container.write(f, header, sections)
     records = header["tensors"]
     return EncodeReport(dst, size, sum(math.prod(r["shape"]) for r in records), len(records), len(adapter.pairs),
-                        sum(r["encoding"] == ENCODING_KMEANS for r in records), tuple(adapter.warnings))
+                        sum(r["encoding"] == ENCODING_KMEANS for r in records), tuple(adapter.warnings), sqnr)
+
+
+class TensorEncoder:
+    """Encodes an adapter's tensors on a thread pool, each (name, choice) once however often a target search
+    asks for it. kmeans1d, the k-means kernel, zstd and numpy release the GIL, so threads use every core."""
+
+    def __init__(self, adapter: Adapter, options: EncodeOptions, progress: bool | None, workers: int):
+        self.adapter, self.options, self.progress, self.workers = adapter, options, progress, workers
+        self._done: dict[tuple[str, int | None], tuple[dict, bytes]] = {}
+
+    def __call__(self, choices: dict | None = None) -> tuple[dict[str, Any], list[bytes]]:
+        """The header and sections of the file with `choices` (name -> ratecontrol.Choice; others as -b says)."""
+        choices = choices or {}
+        key = lambda name: (name, choices[name].bits if name in choices else -1)
+        todo = [name for name in self.adapter.tensors if key(name) not in self._done]
+
+        def one(name: str) -> tuple[dict, bytes]:
+            return encode_tensor(self.adapter.tensors[name], self.adapter.roles[name], self.options, choices.get(name))
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for name, result in zip(todo, _progress(pool.map(one, todo), len(todo), "encode", self.progress)):
+                self._done[key(name)] = result
+        encoded = [self._done[key(name)] for name in self.adapter.tensors]
+        return _header(self.adapter, self.options, [dict(record) for record, _ in encoded]), [s for _, s in encoded]
 
 
 def _encode_adapter(adapter: Adapter, options: EncodeOptions, progress: bool | None,
-                    workers: int | None) -> tuple[dict[str, Any], list[bytes]]:
-    items = list(adapter.tensors.values())
-    # kmeans1d, zstd and numpy release the GIL, so threads use every core for the per-tensor work.
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        jobs = pool.map(lambda t: encode_tensor(t, adapter.roles[t.name], options), items)
-        encoded = list(_progress(jobs, len(items), "encode", progress))
-    header = {
+                    workers: int) -> tuple[dict[str, Any], list[bytes]]:
+    return TensorEncoder(adapter, options, progress, workers)()
+
+
+def _header(adapter: Adapter, options: EncodeOptions, records: list[dict]) -> dict[str, Any]:
+    return {
         "generator": f"sqz {__version__}",
         "options": options.to_json(),
         "config": adapter.config,
         "metadata": adapter.metadata,
         "pairs": [p.to_json() for p in adapter.pairs],
-        "tensors": [record for record, _ in encoded],
+        "tensors": records,
     }
-    return header, [section for _, section in encoded]
 
 
 READ_AHEAD_BYTES = 16 << 20
@@ -296,9 +325,10 @@ def info(path: str | Path) -> dict[str, Any]:
             row = {key: record[key] for key in ("name", "shape", "dtype", "role", "encoding", "entropy")}
             if record["encoding"] == ENCODING_KMEANS:
                 codebook, before = 4 * record["codebook_size"], packed_size(numel, record["bits"])
+                width = record["bits"] if record["codebook_size"] > 1 else 0  # one entry: a zero-bit group
             else:
-                codebook, before = 0, numel * itemsize(record["dtype"])
-            row.update(params=numel, bits=record.get("bits"), codebook_bytes=codebook, index_bytes_before=before,
+                codebook, before, width = 0, numel * itemsize(record["dtype"]), None
+            row.update(params=numel, bits=width, codebook_size=record.get("codebook_size"), codebook_bytes=codebook, index_bytes_before=before,
                        index_bytes_after=record["length"] - codebook, section_bytes=record["length"],
                        bits_per_param=8 * record["length"] / numel if numel else 0.0)
             rows.append(row)
@@ -310,6 +340,7 @@ def info(path: str | Path) -> dict[str, Any]:
             "fp16_bytes": 2 * params, "ratio_to_fp16": 2 * params / f.size if f.size else 0.0,
             "tensors": len(rows), "quantized": sum(r["encoding"] == ENCODING_KMEANS for r in rows),
             "pairs": len(f.header["pairs"]),
+            "widths": {str(b): sum(r["bits"] == b for r in rows) for b in sorted({r["bits"] for r in rows} - {None})},
         }
         return {"path": str(path), "version": ".".join(map(str, f.version)), "generator": f.header.get("generator"),
                 "options": f.header.get("options"), "tensors": rows, "totals": totals}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from typing import Any
@@ -13,7 +14,7 @@ from .adapter import SineOptions
 from .api import SqzWarning, decode, encode, info
 from .codec import ENTROPY_AUTO, EncodeOptions
 from .constants import ENTROPY_STAGES
-from .errors import SqzError
+from .errors import InputError, SqzError
 from .quantize import DEFAULT_SAMPLE, PAPER_SAMPLE
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -49,6 +50,9 @@ def _emit(data: dict, as_json: bool, text: str) -> None:
 @click.argument("src", type=click.Path(exists=False))
 @click.option("-o", "--output", required=True, type=click.Path(), help="The .sqz file to write.")
 @click.option("-b", "--bits", default=3, show_default=True, type=int, help="Bits per index, 1..8 (codebook of 2^b).")
+@click.option("--bpp", type=float, help="Rate-distortion target: all-in file bits per parameter (replaces -b).")
+@click.option("--size", "size_text", metavar="SIZE", help="Rate-distortion target: file size, e.g. 6MB, 512KiB, 80000.")
+@click.option("--sqnr", type=float, help="Rate-distortion target: SQNR of ΔW in dB, met or exceeded (replaces -b).")
 @click.option("--sample", default=DEFAULT_SAMPLE, show_default=True, type=int,
               help=f"0 fits the centroids on every value (exact); N > 0 on a seeded sample of N values, as the "
                    f"paper did with {PAPER_SAMPLE:,}.")
@@ -63,11 +67,15 @@ def _emit(data: dict, as_json: bool, text: str) -> None:
 @click.option("--quantize", multiple=True, metavar="GLOB", help="Also quantize non-factor float tensors matching GLOB.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def encode_cmd(src: str, output: str, bits: int, sample: int, seed: int, entropy: str, omega: float | None,
-               gamma: str | None, alpha: float | None, lossless: tuple[str, ...], quantize: tuple[str, ...],
-               force: bool, as_json: bool) -> None:
-    """Encode an adapter (.safetensors, .bin, or a PEFT directory) into a .sqz file."""
-    options = EncodeOptions(bits=bits, sample=sample, seed=seed, entropy=entropy, lossless=lossless, quantize=quantize)
+def encode_cmd(src: str, output: str, bits: int, bpp: float | None, size_text: str | None, sqnr: float | None,
+               sample: int, seed: int, entropy: str, omega: float | None, gamma: str | None, alpha: float | None,
+               lossless: tuple[str, ...], quantize: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Encode an adapter (.safetensors, .bin, or a PEFT directory) into a .sqz file.
+
+    -b N quantizes every factor at N bits (the paper's method). --bpp, --size or --sqnr instead give each factor
+    the width that serves ΔW best at one global slope, searched until the file meets the target."""
+    options = EncodeOptions(bits=bits, sample=sample, seed=seed, entropy=entropy, lossless=lossless, quantize=quantize,
+                            bpp=bpp, size=parse_size(size_text) if size_text is not None else None, sqnr=sqnr)
     start = time.perf_counter()
     report = encode(src, output, options, SineOptions(omega=omega, gamma=gamma, alpha=alpha), force=force)
     seconds = time.perf_counter() - start
@@ -75,10 +83,23 @@ def encode_cmd(src: str, output: str, bits: int, sample: int, seed: int, entropy
         click.echo(f"sqz: warning: {message}", err=True)
     data = {"output": str(report.path), "file_bytes": report.file_bytes, "params": report.params,
             "tensors": report.tensors, "quantized": report.quantized, "pairs": report.pairs,
-            "bits_per_param": report.bits_per_param, "seconds": seconds}
+            "bits_per_param": report.bits_per_param, "sqnr_db": report.sqnr_db, "seconds": seconds}
+    sqnr_text = f", ΔW SQNR {report.sqnr_db:.2f} dB" if report.sqnr_db is not None else ""
     _emit(data, as_json, f"{report.path}: {report.file_bytes:,} bytes, {report.params:,} params, "
-                         f"{report.bits_per_param:.3f} bits/param, {report.quantized}/{report.tensors} tensors "
-                         f"quantized, {report.pairs} pairs, {seconds:.2f} s")
+                         f"{report.bits_per_param:.3f} bits/param{sqnr_text}, {report.quantized}/{report.tensors} "
+                         f"tensors quantized, {report.pairs} pairs, {seconds:.2f} s")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'6MB' (decimal), '512KiB' (binary) or a plain byte count."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise InputError(f"--size must be a number of bytes with an optional unit (KB, MB, GB, KiB, MiB, GiB), "
+                         f"got {text!r}")
+    return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
 
 
 @main.command("decode")
@@ -113,7 +134,7 @@ def _info_table(data: dict) -> str:
     rows = [head]
     for r in data["tensors"]:
         rows.append((r["name"], "x".join(map(str, r["shape"])) or "scalar", r["role"],
-                     str(r["bits"]) if r["bits"] else r["dtype"], r["entropy"], f"{r['codebook_bytes']:,}",
+                     r["dtype"] if r["bits"] is None else str(r["bits"]), r["entropy"], f"{r['codebook_bytes']:,}",
                      f"{r['index_bytes_before']:,}", f"{r['index_bytes_after']:,}", f"{r['bits_per_param']:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
@@ -123,6 +144,8 @@ def _info_table(data: dict) -> str:
               f"(header {t['header_bytes']:,}, sections {t['section_bytes']:,})"),
               (f"{t['params']:,} params in {t['tensors']} tensors ({t['quantized']} quantized, {t['pairs']} pairs): "
               f"{t['bits_per_param']:.3f} bits/param, {t['ratio_to_fp16']:.2f}x smaller than fp16")]
+    if t["widths"]:
+        lines.append("quantized tensors by index width: " + ", ".join(f"{b} bits x {n}" for b, n in t["widths"].items()))
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from .dtypes import finite_bits, float32_to_bits, itemsize, to_float64
 from .errors import FormatError, InputError, LimitError, SqzError
 from .quantize import DEFAULT_SAMPLE, quantize, tensor_seed
 
+if TYPE_CHECKING:
+    from .ratecontrol import Choice
+
 ENTROPY_AUTO = "auto"
 
 
@@ -47,8 +51,27 @@ class EncodeOptions:
     entropy: str = ENTROPY_AUTO  # auto | none | zstd | zstd-aligned | rans
     lossless: tuple[str, ...] = ()  # name globs kept exact even if they are LoRA factors
     quantize: tuple[str, ...] = ()  # name globs of non-factor float tensors to quantize as well
+    bpp: float | None = None  # rate-distortion targets, at most one: all-in file bits per parameter,
+    size: int | None = None  # file bytes,
+    sqnr: float | None = None  # or the SQNR of ΔW in dB; `bits` is then ignored for paired factors
+
+    @property
+    def target(self) -> str | None:
+        """Which rate-distortion target is set, if any."""
+        return next((key for key in ("bpp", "size", "sqnr") if getattr(self, key) is not None), None)
 
     def __post_init__(self) -> None:
+        targets = [key for key in ("bpp", "size", "sqnr") if getattr(self, key) is not None]
+        if len(targets) > 1:
+            raise InputError(f"give one target, not {' and '.join('--' + t for t in targets)}")
+        if self.bpp is not None and not (math.isfinite(self.bpp) and self.bpp > 0):
+            raise InputError(f"--bpp must be a positive number, got {self.bpp}")
+        if self.size is not None and not self.size > 0:
+            raise InputError(f"--size must be a positive number of bytes, got {self.size}")
+        if self.sqnr is not None and not math.isfinite(self.sqnr):
+            raise InputError(f"--sqnr must be a finite number of dB, got {self.sqnr}")
+        if self.target is not None and self.sample:
+            raise InputError("--sample applies to -b; the rate-distortion targets fit every value")
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise InputError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
         if self.sample < 0:
@@ -87,22 +110,25 @@ def _smallest(candidates: dict[str, bytes]) -> tuple[str, bytes]:
     return stage, candidates[stage]
 
 
-def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions) -> tuple[dict, bytes]:
-    """The header record (without offset/length/crc32) and the section bytes of one tensor."""
+def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
+                  choice: Choice | None = None) -> tuple[dict, bytes]:
+    """The header record (without offset/length/crc32) and the section bytes of one tensor; a rate-controlled
+    encode passes the tensor's `choice` (lossless, or a width and the codebook fitted at it)."""
     record = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "role": role}
-    if not should_quantize(t, role, options):
+    if not should_quantize(t, role, options) or (choice is not None and choice.bits is None):
         return _encode_raw(t, record, options)
+    bits = options.bits if choice is None else max(choice.bits, MIN_BITS)  # width 0: one entry, recorded as 1 bit
     try:
-        q = quantize(to_float64(t.raw, t.dtype), options.bits, options.sample, tensor_seed(options.seed, t.name),
-                     t.dtype)
+        q = quantize(to_float64(t.raw, t.dtype), bits, options.sample,
+                     tensor_seed(options.seed, t.name), t.dtype, codebook=None if choice is None else choice.codebook)
     except InputError as exc:
         raise InputError(f"{t.name}: {exc}") from None
     k = int(q.codebook.size)
     stages = ENTROPY_STAGES if options.entropy == ENTROPY_AUTO else (options.entropy,)
-    stage, payload = _smallest(entropy.encode_stages(q.indices, options.bits, k, stages))
+    stage, payload = _smallest(entropy.encode_stages(q.indices, bits, k, stages))
     if k == 1:
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
-    record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=options.bits, codebook_size=k,
+    record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=bits, codebook_size=k,
                   sample_size=q.sample_size, seed=q.seed)
     section = q.codebook.astype("<f4").tobytes() + payload
     if options.entropy == ENTROPY_AUTO:

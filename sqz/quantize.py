@@ -130,14 +130,37 @@ def _merge_equal(weight: np.ndarray, sums: np.ndarray, squares: np.ndarray,
 
 def fit_histogram(values: np.ndarray, dtype: str, bits: int) -> np.ndarray:
     """Optimal k-means codebook over every value (k = 2**bits), by the C kernel on the value histogram."""
-    k = _check_bits(bits)
-    weight, sums, squares = histogram(values, dtype)
-    if weight.size <= k:
-        return _as_codebook(sums / weight)  # each bin its own centroid: for 16-bit dtypes, zero error
+    _check_bits(bits)
     if native_fit is None:
-        return fit_codebook(values, bits)
-    starts = np.frombuffer(native_fit(weight, sums, squares, k), dtype=np.int32)
-    return _as_codebook(np.add.reduceat(sums, starts) / np.add.reduceat(weight, starts))
+        weight, sums, _ = histogram(values, dtype)
+        return _as_codebook(sums / weight) if weight.size <= 1 << bits else fit_codebook(values, bits)
+    return fit_sizes(values, dtype, (1 << bits,))[1 << bits].codebook
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The optimal codebook at one width, with what a bit allocator needs to know of it."""
+
+    codebook: np.ndarray  # float32, strictly increasing
+    sse: float  # squared error over every value, before the codebook is rounded to float32
+    counts: np.ndarray  # values per cluster: the index histogram, whose entropy the entropy stage approaches
+
+
+def fit_sizes(values: np.ndarray, dtype: str, sizes: tuple[int, ...]) -> dict[int, Fit]:
+    """The optimal k-means fit for each codebook size k in `sizes` (k = 1 is the mean; a k beyond the number of
+    distinct values gets one entry each), from one run of the C kernel: its table's row k - 1 is the best
+    partition into k clusters, for every k."""
+    weight, sums, squares = histogram(values, dtype)
+    ks = sorted({min(k, weight.size) for k in sizes})
+    if native_fit is None:
+        raise RuntimeError("fit_sizes needs sqz._kmeans (built at install where a C compiler is at hand)")
+    partitions = dict(zip(ks, native_fit(weight, sums, squares, ks)))
+    fits = {}
+    for k in sizes:
+        starts = np.frombuffer(partitions[min(k, weight.size)], dtype=np.int32)
+        w, s1, s2 = (np.add.reduceat(a, starts) for a in (weight, sums, squares))
+        fits[k] = Fit(_as_codebook(s1 / w), float(np.maximum(s2 - s1 * s1 / w, 0).sum()), w)
+    return fits
 
 
 def assign(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
@@ -148,16 +171,18 @@ def assign(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
 
 
 def quantize(values: np.ndarray, bits: int, sample: int = DEFAULT_SAMPLE, seed: int = 0,
-             dtype: str = "F64") -> Quantized:
+             dtype: str = "F64", codebook: np.ndarray | None = None) -> Quantized:
     """Quantize a flat float array whose values are of `dtype` (the histogram's bins depend on it); NaN/inf are
-    rejected (they would poison the centroids)."""
+    rejected (they would poison the centroids). A `codebook` fitted already (fit_widths) is used as it is."""
     flat = np.ascontiguousarray(values, dtype=np.float64).ravel()
     if flat.size == 0:
         raise InputError("cannot quantize an empty tensor")
     if not np.isfinite(flat).all():
         bad = int(np.count_nonzero(~np.isfinite(flat)))
         raise InputError(f"tensor has {bad} NaN/inf value(s); sqz quantizes finite values only")
-    if sample == 0:
+    if codebook is not None:
+        fitted = flat.size
+    elif sample == 0:
         codebook, fitted = fit_histogram(flat, dtype, bits), flat.size
     else:
         fitted_on = draw_sample(flat, sample, seed)

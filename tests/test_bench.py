@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sqz.codec import RANS_MIN_SAVING
@@ -65,6 +66,13 @@ def test_codecs_rank_as_the_theory_says(quick_run):
             assert get("sqz-zstd-aligned", bits)["file_bytes"] < 0.95 * get("sqz-zstd", bits)["file_bytes"]
         # optimal k-means beats uniform min-max at the same bit width on heavy-tailed factors
         assert ours["sqnr_db_plain"] > get("uniform min-max", bits)["sqnr_db_plain"]
+    # the rate-distortion encoder: under each target, and above -b's curve at the same rate
+    auto = sorted((x["bits_per_param"], x["sqnr_db_plain"]) for x in rows if x["codec"] == "sqz-auto")
+    for point in (x for x in rows if x["codec"] == "sqz --bpp"):
+        assert 0.97 * point["target_bpp"] <= point["bits_per_param"] <= point["target_bpp"]
+        if auto[0][0] <= point["bits_per_param"] <= auto[-1][0]:
+            at_same_rate = np.interp(point["bits_per_param"], *zip(*auto))
+            assert point["sqnr_db_plain"] > at_same_rate + 1.0, (point, auto)
     ranks = r["task"]["config"]["ranks"]
     assert set(r["codecs"]["task_adapters"]) == {f"{k}-r{rank}" for k in ("lora", "sinelora") for rank in ranks}
     lossless = [x for x in rows if x["family"] == "lossless"]
@@ -96,7 +104,8 @@ def test_speed_and_report(quick_run):
     assert [x["scale"] for x in speed["scaling"]] == sorted(x["scale"] for x in speed["scaling"])
     report = (out / "REPORT.md").read_text()
     for heading in ("## 1. Real adapters", "## 2. sqz against", "## 3. The paper's Figure 1", "## 4. Speed",
-                    "| cold page cache (file evicted before each read) |"):
+                    "| cold page cache (file evicted before each read) |", "### The rate-distortion encoder",
+                    "| LLaMA-shaped (synthetic) | plain |"):
         assert heading in report
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

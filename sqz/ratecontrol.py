@@ -1,0 +1,186 @@
+"""The rate-distortion encoder's plan: the encoding of each LoRA factor that meets a --bpp, --size or --sqnr target.
+
+For every pair whose factors are both quantized, each factor is fitted at codebook sizes k from 1 to 256 in steps
+of about √2 (one run of the k-means kernel serves them all; k = 1 is the factor's mean, a zero-bit group) and
+offered raw. The format lets a b-bit record hold any k <= 2^b, and the entropy stage codes indices near their
+entropy, so a k between powers of two is a rate between whole bits: finer steps for the allocator, and a
+better rate-distortion trade than rounding k up. Each candidate's rate is estimated from its index entropy
+(what the entropy stage approaches) plus its codebook; its distortion is its contribution to the error of ΔW
+as the model sees it: an error δA reaches ΔW as s·B·δA, so the factor's squared error is weighted by s²·||B||²/r
+(s·ω/γ and the mean of cos²(ω·B@A), the sine's slope, for sine pairs), and likewise for B. One slope over all
+tensors (allocate.py) picks the candidates; the caller encodes them, checks the real file against the target,
+and plans again with the budget corrected by what the estimate missed.
+
+(Measured, and so not done: storing a pair in an SVD gauge, B@A = (U√S)(√S·Vᵀ) or a whitened variant, before
+this per-tensor quantization costs 0.4 to 1.1 dB of ΔW SQNR at 2 and 3 bits/param on the bench's MiniLM
+adapters: the trained gauge keeps each factor's values of one scale, which one codebook per tensor serves best.
+A gauge pays only with a step per component, a format change.)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import allocate
+from .adapter import Pair, SourceTensor
+from .constants import PAIR_SINE
+from .dtypes import itemsize, to_float64
+from .quantize import Fit, fit_sizes
+
+SIZES = (1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256)
+"""Candidate codebook sizes; k = 1 is stored as bits 1, codebook_size 1, no payload (a zero-bit group)."""
+RAW = len(SIZES)
+"""The column of the lossless candidate."""
+MAX_WIDTH = 8
+HEADROOM_BITS = 3
+"""Widths are fitted up to this many bits above the target's average (fitting k = 256 costs 4x k = 64, and a
+global slope that gives one factor 3 bits more than the average gives it rarely more)."""
+DB_PER_BIT = 6.02
+
+
+def max_width(bpp: float | None = None, sqnr_db: float | None = None) -> int:
+    """The widest candidate worth fitting for a bits/param target, or for an SQNR target (about 6 dB a bit)."""
+    average = bpp if bpp is not None else max(sqnr_db or 0.0, 0.0) / DB_PER_BIT
+    return min(MAX_WIDTH, math.ceil(average) + HEADROOM_BITS)
+
+
+def width_of(k: int) -> int:
+    """Index bits of a k-entry codebook: 0 for k = 1."""
+    return (k - 1).bit_length()
+ENTROPY_SLACK = 1.01
+FRAME_BITS = 8 * 24
+"""The entropy stage codes indices within about 1% of their entropy (zstd-aligned), plus a frame header."""
+SECTION_BITS = 8 * 8
+"""A section's alignment padding, on average, and its share of the header (informative: the search corrects it)."""
+SINE_ROWS = 256
+"""Rows of B@A a sine pair's ΔW energy and slope are measured on (rows of B@A are exact, so this is unbiased)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one tensor is encoded as: `bits` None is lossless; else the index width of `codebook` (0: one entry)."""
+
+    bits: int | None
+    codebook: np.ndarray | None = None
+
+
+@dataclass
+class Prepared:
+    """Everything the plan is searched over: one row per allocated tensor, one column per candidate."""
+
+    names: list[str]
+    values: dict[str, np.ndarray]  # each factor's values, float64
+    fits: dict[str, dict[int, Fit]]
+    rate: np.ndarray  # bits, [tensors, candidates]
+    distortion: np.ndarray  # weighted squared error of ΔW, [tensors, candidates]
+    signal: float  # ||ΔW||² summed over the allocated pairs
+
+    def choices(self, picks: np.ndarray) -> dict[str, Choice]:
+        return {name: Choice(None) if c == RAW else Choice(width_of(SIZES[c]), self.fits[name][SIZES[c]].codebook)
+                for name, c in zip(self.names, picks)}
+
+    def estimate(self, picks: np.ndarray) -> tuple[float, float]:
+        rows = np.arange(len(self.names))
+        return float(self.rate[rows, picks].sum()), float(self.distortion[rows, picks].sum())
+
+
+def slope_weight(pair: Pair, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(e, ||ΔW||²) of a pair: ΔW's error is e times that of B@A to first order, and its energy."""
+    rank = a.shape[0]
+    a2, b2 = a.reshape(rank, -1), b.reshape(b.shape[0], rank)
+    if pair.kind != PAIR_SINE:
+        energy = float(((b2.T @ b2) * (a2 @ a2.T)).sum())
+        return pair.scaling ** 2, pair.scaling ** 2 * energy
+    rows = _sine_rows(b2.shape[0])
+    phase = pair.omega * (b2[rows] @ a2)
+    scale = (pair.scaling / pair.gamma) ** 2
+    energy = scale * float(np.square(np.sin(phase)).sum()) * b2.shape[0] / rows.size
+    return scale * pair.omega ** 2 * float(np.square(np.cos(phase)).mean()), energy
+
+
+def rate_bits(fit: Fit, width: int, count: int) -> float:
+    """Estimated bits of a kmeans section: codebook, then the indices at about their entropy (never more than
+    bit-packed), plus the section's share of alignment and header."""
+    k = fit.codebook.size
+    if k == 1:
+        index_bits = 0.0
+    else:
+        p = fit.counts / count
+        entropy = float(-(p * np.log2(np.where(p > 0, p, 1))).sum())
+        index_bits = min(count * width, ENTROPY_SLACK * count * entropy + FRAME_BITS)
+    return index_bits + 32 * k + SECTION_BITS
+
+
+def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: Callable[[str], bool],
+            workers: int, progress: Callable, widest: int = MAX_WIDTH) -> Prepared:
+    """The candidate table of every factor of every pair whose two factors are both quantized (codebooks of at
+    most 2^widest entries; the larger columns stay missing)."""
+    pairs = [p for p in pairs if quantized(p.a) and quantized(p.b)]
+    values, weights, signal = {}, {}, 0.0
+    for pair in pairs:
+        a_src, b_src = tensors[pair.a], tensors[pair.b]
+        a = to_float64(a_src.raw, a_src.dtype).reshape(a_src.shape)
+        b = to_float64(b_src.raw, b_src.dtype).reshape(b_src.shape)
+        e, energy = slope_weight(pair, a, b)
+        signal += energy
+        rank = a.shape[0]
+        weights[pair.a], weights[pair.b] = e * float(np.square(b).sum()) / rank, e * float(np.square(a).sum()) / rank
+        values[pair.a], values[pair.b] = a.ravel(), b.ravel()
+    names = [n for p in pairs for n in (p.a, p.b)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # the kernel releases the GIL
+        sizes = tuple(k for k in SIZES if k <= 1 << widest)
+        jobs = pool.map(lambda n: fit_sizes(values[n], tensors[n].dtype, sizes), names)
+        fits = dict(zip(names, progress(jobs, len(names), "fit")))
+    rate = np.full((len(names), RAW + 1), np.inf)
+    distortion = np.full_like(rate, np.inf)
+    for row, name in enumerate(names):
+        count = values[name].size
+        previous = 0
+        for col, k in enumerate(sizes):
+            fit = fits[name][k]
+            if fit.codebook.size > previous:  # past the tensor's distinct values, a larger k is the same fit
+                rate[row, col] = rate_bits(fit, max(width_of(k), 1), count)
+                distortion[row, col] = weights[name] * fit.sse
+                previous = fit.codebook.size
+        rate[row, RAW], distortion[row, RAW] = 8 * count * itemsize(tensors[name].dtype) + SECTION_BITS, 0.0
+    return Prepared(names, values, fits, rate, distortion, signal)
+
+
+def plan_for_rate(prepared: Prepared, budget_bits: float) -> np.ndarray:
+    return allocate.for_rate(prepared.rate, prepared.distortion, budget_bits)
+
+
+def plan_for_sqnr(prepared: Prepared, sqnr_db: float) -> np.ndarray:
+    limit = prepared.signal / 10 ** (sqnr_db / 10) if math.isfinite(sqnr_db) else 0.0
+    return allocate.for_distortion(prepared.rate, prepared.distortion, limit)
+
+
+def _sine_rows(count: int) -> np.ndarray:
+    """The seeded rows of B@A a sine pair is measured on (the same for weights, energy and measured error)."""
+    return np.sort(np.random.default_rng(0).choice(count, min(SINE_ROWS, count), replace=False))
+
+
+def measured_sqnr(pairs: Iterable[Pair], reference: dict[str, np.ndarray], decoded: dict[str, np.ndarray]) -> float:
+    """SQNR (dB) of ΔW summed over `pairs`, decoded factors against the trained ones: exact for plain pairs
+    (||BA - B'A'||² from r x r Gram matrices), over SINE_ROWS seeded rows for sine pairs."""
+    signal = noise = 0.0
+    for pair in pairs:
+        rank = reference[pair.a].shape[0]
+        a, b = reference[pair.a].reshape(rank, -1), reference[pair.b].reshape(-1, rank)
+        a2, b2 = decoded[pair.a].reshape(rank, -1), decoded[pair.b].reshape(-1, rank)
+        if pair.kind != PAIR_SINE:
+            cross = lambda p, q, s, t: float(((p.T @ s) * (q @ t.T)).sum())
+            energy = cross(b, a, b, a)
+            signal += pair.scaling ** 2 * energy
+            noise += pair.scaling ** 2 * max(0.0, energy - 2 * cross(b, a, b2, a2) + cross(b2, a2, b2, a2))
+        else:
+            rows = _sine_rows(b.shape[0])
+            exact, approx = np.sin(pair.omega * (b[rows] @ a)), np.sin(pair.omega * (b2[rows] @ a2))
+            scale = (pair.scaling / pair.gamma) ** 2 * b.shape[0] / rows.size
+            signal += scale * float(np.square(exact).sum())
+            noise += scale * float(np.square(exact - approx).sum())
+    return 10 * math.log10(signal / noise) if noise > 0 else math.inf

@@ -1,0 +1,113 @@
+"""Meeting a rate-distortion target (--bpp, --size, --sqnr): plan, build the real file, measure it, correct.
+
+The plan (ratecontrol.py) works from estimates: index entropy for the rate, first-order ΔW error for the
+distortion. The file is then built for real and measured: its exact size, and the SQNR of ΔW decoded from it.
+Where the estimate missed, the budget is corrected by what it missed and the plan searched again; tensors
+whose choice did not change are not encoded again. --bpp/--size end within 1% under the target when the
+choices are fine enough to land there (else as close under as found); --sqnr ends at or above it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import container, ratecontrol
+from .adapter import Adapter
+from .codec import EncodeOptions, decode_tensors, should_quantize
+from .dtypes import to_float64
+from .errors import InputError
+
+SIZE_TOLERANCE = 0.01
+SQNR_SLACK = 0.05
+"""dB over an --sqnr target at which the search stops relaxing."""
+ATTEMPTS = 12
+Build = Callable[[dict], tuple[dict[str, Any], list[bytes]]]
+
+
+def encode(adapter: Adapter, options: EncodeOptions, build: Build, workers: int,
+           progress: Callable) -> tuple[dict[str, Any], list[bytes], float]:
+    """(header, sections, measured ΔW SQNR in dB) of the file that meets the options' target."""
+    quantized = lambda name: should_quantize(adapter.tensors[name], adapter.roles[name], options)
+    params = sum(t.numel for t in adapter.tensors.values())
+    target_bytes = options.size if options.size is not None else (options.bpp or 0.0) * params / 8
+    widest = ratecontrol.max_width(sqnr_db=options.sqnr) if options.sqnr is not None else ratecontrol.max_width(
+        bpp=8 * target_bytes / params)
+    prepared = ratecontrol.prepare(adapter.tensors, adapter.pairs, quantized, workers, progress, widest)
+    pairs = [p for p in adapter.pairs if p.a in prepared.values]
+    reference = {name: to_float64(t.raw, t.dtype).reshape(t.shape) for name in prepared.names
+                 for t in (adapter.tensors[name],)}
+
+    def make(picks: np.ndarray) -> tuple[dict[str, Any], list[bytes], int]:
+        header, sections = build(prepared.choices(picks))
+        return header, sections, sum(len(chunk) for chunk in container.serialize(header, sections))
+
+    def measure(header: dict[str, Any], sections: list[bytes]) -> float:
+        return ratecontrol.measured_sqnr(pairs, reference, _decoded(header, sections, prepared.names, workers))
+
+    if options.sqnr is not None:
+        return _for_sqnr(prepared, options.sqnr, make, measure)
+    header, sections = _for_size(prepared, target_bytes, make)
+    return header, sections, measure(header, sections)
+
+
+def _for_size(prepared: ratecontrol.Prepared, target: float, make: Callable) -> tuple[dict, list[bytes]]:
+    """The largest file found of at most `target` bytes, searched until within SIZE_TOLERANCE under it: budgets
+    corrected by how far the estimate missed until the target is bracketed, then bisected on real sizes."""
+    aim = target * (1 - SIZE_TOLERANCE / 4)
+    budget = 8 * aim - 8 * (target - aim)  # estimates leave out the header: start a little low
+    under = over = best = None  # (budget, size) on each side of the target; best = (header, sections, size)
+    for _ in range(ATTEMPTS):
+        picks = ratecontrol.plan_for_rate(prepared, budget)
+        header, sections, size = make(picks)
+        if size <= target:
+            under = max(under or (budget, size), (budget, size))
+            if best is None or size > best[2]:
+                best = (header, sections, size)
+            if size >= (1 - SIZE_TOLERANCE) * target:
+                break
+        else:
+            over = min(over or (budget, size), (budget, size))
+        if under is not None and over is not None:
+            if over[0] - under[0] < 8:
+                break
+            budget = (under[0] + over[0]) / 2
+        else:
+            estimated = prepared.estimate(picks)[0]
+            budget += (8 * aim - 8 * size) * estimated / max(8 * size, 1.0)
+    if best is None:
+        raise InputError(f"no file of at most {target:,.0f} bytes: the smallest plan found is {size:,} bytes")
+    return best[0], best[1]
+
+
+def _for_sqnr(prepared: ratecontrol.Prepared, target: float, make: Callable,
+              measure: Callable) -> tuple[dict, list[bytes], float]:
+    """Search the aim until the decoded ΔW's SQNR is at least `target` dB; keep the smallest file that is."""
+    best, aim = None, target
+    for _ in range(ATTEMPTS):
+        header, sections, size = make(ratecontrol.plan_for_sqnr(prepared, aim))
+        sqnr = measure(header, sections)
+        if sqnr >= target and (best is None or size < best[2]):
+            best = (header, sections, size, sqnr)
+        if target <= sqnr <= target + SQNR_SLACK:
+            break
+        aim += (target - sqnr) + (0.01 if sqnr < target else 0.0)  # over the target: relax, and try again
+    if best is None:  # the estimate kept missing: every factor lossless meets any target
+        header, sections, size = make(np.full(len(prepared.names), ratecontrol.RAW))
+        best = (header, sections, size, measure(header, sections))
+    header, sections, _, sqnr = best
+    return header, sections, sqnr
+
+
+def _decoded(header: dict, sections: list[bytes], names: list[str], workers: int) -> dict[str, np.ndarray]:
+    """The float64 values a reader will get for `names`, decoded from the built sections."""
+    index = {record["name"]: i for i, record in enumerate(header["tensors"])}
+    items = [(header["tensors"][index[n]], memoryview(sections[index[n]])) for n in names]
+    decoded = decode_tensors(items, threads=workers)
+    out = {}
+    for name, (record, _), data in zip(names, items, decoded):
+        if isinstance(data, Exception):
+            raise data
+        out[name] = to_float64(data, record["dtype"]).reshape(record["shape"])
+    return out

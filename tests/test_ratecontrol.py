@@ -1,0 +1,199 @@
+"""The rate-distortion encoder: the allocator's plans, and --bpp / --size / --sqnr on real adapters.
+
+Distortion is measured here independently of the encoder: ΔW from the decoded file's deltas() against ΔW
+computed with torch from the original safetensors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import sqz
+from sqz import allocate
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA, SINE = ROOT / "examples" / "minilm-lora", ROOT / "examples" / "minilm-sinelora"
+
+
+@st.composite
+def tables(draw):
+    """Convex-ish rate/distortion tables: rate rises and distortion falls along each row, some entries missing."""
+    rows, cols = draw(st.integers(1, 6)), draw(st.integers(1, 5))
+    rate = np.cumsum(np.array(draw(st.lists(st.lists(st.floats(1, 100), min_size=cols, max_size=cols),
+                                            min_size=rows, max_size=rows))), axis=1)
+    distortion = np.cumsum(np.array(draw(st.lists(st.lists(st.floats(0, 100), min_size=cols, max_size=cols),
+                                                  min_size=rows, max_size=rows)))[:, ::-1], axis=1)[:, ::-1]
+    missing = np.array(draw(st.lists(st.lists(st.booleans(), min_size=cols, max_size=cols), min_size=rows,
+                                     max_size=rows)))
+    missing[:, 0] = False  # every tensor keeps its cheapest candidate
+    rate[missing] = np.inf
+    distortion[missing] = np.inf
+    return rate, distortion
+
+
+def totals(rate, distortion, picks):
+    rows = np.arange(rate.shape[0])
+    return rate[rows, picks].sum(), distortion[rows, picks].sum()
+
+
+@settings(max_examples=300, deadline=None)
+@given(table=tables(), share=st.floats(0, 1.2))
+def test_a_rate_plan_fits_its_budget_and_beats_every_fixed_width_that_does(table, share):
+    rate, distortion = table
+    cheapest, dearest = rate[:, 0].sum(), np.where(np.isfinite(rate), rate, 0).max(axis=1).sum()
+    budget = cheapest + share * (dearest - cheapest)
+    picks = allocate.for_rate(rate, distortion, budget)
+    r, d = totals(rate, distortion, picks)
+    assert r <= budget or picks.tolist() == [0] * rate.shape[0]
+    for col in range(rate.shape[1]):  # one width for every tensor: what -b does
+        fixed_r, fixed_d = totals(rate, distortion, np.full(rate.shape[0], col))
+        if fixed_r <= budget:
+            assert d <= fixed_d + 1e-9
+
+
+@settings(max_examples=300, deadline=None)
+@given(table=tables(), share=st.floats(0, 1))
+def test_a_distortion_plan_meets_its_limit_at_no_more_rate_than_a_fixed_width(table, share):
+    rate, distortion = table
+    finite = np.where(np.isfinite(distortion), distortion, np.inf)
+    least, most = finite.min(axis=1).sum(), distortion[:, 0].sum()
+    limit = least + share * (most - least)
+    picks = allocate.for_distortion(rate, distortion, limit)
+    r, d = totals(rate, distortion, picks)
+    assert d <= limit + 1e-9
+    for col in range(rate.shape[1]):
+        fixed_r, fixed_d = totals(rate, distortion, np.full(rate.shape[0], col))
+        if fixed_d <= limit:
+            assert r <= fixed_r + 1e-9
+
+
+def reference_deltas(folder: Path) -> dict[str, torch.Tensor]:
+    """ΔW of every module from the original file, computed here with torch (plain or sine as the config says)."""
+    tensors = {k: v.double() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+    config = json.loads((folder / "adapter_config.json").read_text())
+    out = {}
+    for name, a in tensors.items():
+        if not name.endswith(".lora_A.weight"):
+            continue
+        b = tensors[name.replace(".lora_A.", ".lora_B.")]
+        scaling = config["lora_alpha"] / config["r"]
+        product = b @ a
+        if config["peft_type"] == "SINLORA":
+            product = torch.sin(config["freq"] * product) / math.sqrt(a.shape[1])
+        out[name.removesuffix(".lora_A.weight")] = scaling * product
+    return out
+
+
+def sqnr_db(path: Path, reference: dict[str, torch.Tensor]) -> float:
+    deltas = sqz.load(path).deltas()
+    signal = sum(float(r.square().sum()) for r in reference.values())
+    noise = sum(float((deltas[m].double() - r).square().sum()) for m, r in reference.items())
+    return 10 * math.log10(signal / noise)
+
+
+@pytest.fixture(scope="module")
+def lora_reference():
+    return reference_deltas(LORA)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_bpp_beats_fixed_width_at_the_same_size(tmp_path, lora_reference, bits):
+    """The point of the rate-distortion encoder: at the size -b N gives, a higher ΔW SQNR."""
+    fixed = sqz.encode(LORA, tmp_path / "fixed.sqz", sqz.EncodeOptions(bits=bits))
+    target = sqz.encode(LORA, tmp_path / "rd.sqz", sqz.EncodeOptions(bpp=fixed.bits_per_param))
+    assert 0.99 * fixed.bits_per_param <= target.bits_per_param <= fixed.bits_per_param
+    gain = sqnr_db(tmp_path / "rd.sqz", lora_reference) - sqnr_db(tmp_path / "fixed.sqz", lora_reference)
+    assert gain > 0.5, gain
+    assert target.sqnr_db == pytest.approx(sqnr_db(tmp_path / "rd.sqz", lora_reference), abs=0.01)
+
+
+@pytest.mark.parametrize("bpp", [0.6, 1.5, 2.5, 4.0])
+def test_bpp_lands_within_one_percent_under(tmp_path, bpp):
+    report = sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=bpp))
+    assert 0.99 * bpp <= report.bits_per_param <= bpp
+    assert report.bits_per_param == pytest.approx(8 * (tmp_path / "a.sqz").stat().st_size / report.params)
+
+
+def test_size_target(tmp_path):
+    report = sqz.encode(SINE, tmp_path / "a.sqz", sqz.EncodeOptions(size=70_000))
+    assert 0.99 * 70_000 <= report.file_bytes <= 70_000
+
+
+@pytest.mark.parametrize("target", [8.0, 15.0, 25.0])
+def test_sqnr_target_is_met_or_exceeded(tmp_path, lora_reference, target):
+    report = sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(sqnr=target))
+    measured = sqnr_db(tmp_path / "a.sqz", lora_reference)
+    assert target <= measured < target + 1.0
+    # and it costs no more than the smallest fixed width that meets it
+    for bits in range(1, 9):
+        fixed = sqz.encode(LORA, tmp_path / "f.sqz", sqz.EncodeOptions(bits=bits), force=True)
+        if sqnr_db(tmp_path / "f.sqz", lora_reference) >= target:
+            assert report.file_bytes < fixed.file_bytes
+            break
+
+
+def test_sine_pairs_are_weighted_by_their_slope(tmp_path):
+    """Sine pairs: the allocation uses (s·ω/γ)² and cos²; at -b 2's size it must still win on the sine ΔW."""
+    reference = reference_deltas(SINE)
+    fixed = sqz.encode(SINE, tmp_path / "fixed.sqz", sqz.EncodeOptions(bits=2))
+    sqz.encode(SINE, tmp_path / "rd.sqz", sqz.EncodeOptions(bpp=fixed.bits_per_param))
+    assert sqnr_db(tmp_path / "rd.sqz", reference) > sqnr_db(tmp_path / "fixed.sqz", reference) + 1.0
+
+
+def test_low_rates_use_zero_bit_groups_that_decode_and_load_into_peft(tmp_path):
+    sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=0.6))
+    info = sqz.info(tmp_path / "a.sqz")
+    assert info["totals"]["widths"].get("0", 0) > 0
+    zero = next(r for r in info["tensors"] if r["bits"] == 0)
+    tensor = sqz.load(tmp_path / "a.sqz")[zero["name"]]
+    assert torch.unique(tensor).numel() == 1  # a one-entry codebook: the factor's mean
+    sqz.decode(tmp_path / "a.sqz", str(tmp_path / "restored") + "/")
+    restored = load_file(str(tmp_path / "restored" / "adapter_model.safetensors"))
+    original = load_file(str(LORA / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in restored.items()} == {k: v.shape for k, v in original.items()}
+
+
+def test_targets_are_deterministic(tmp_path):
+    for name in ("a", "b"):
+        sqz.encode(LORA, tmp_path / f"{name}.sqz", sqz.EncodeOptions(bpp=1.7))
+    assert (tmp_path / "a.sqz").read_bytes() == (tmp_path / "b.sqz").read_bytes()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"bpp": 2.0, "sqnr": 10.0}, "one target"),
+    ({"bpp": -1.0}, "--bpp must be a positive"),
+    ({"bpp": 2.0, "sample": 10_000}, "--sample applies to -b"),
+    ({"sqnr": math.inf}, "--sqnr must be a finite"),
+])
+def test_bad_target_options_are_refused(options, message):
+    with pytest.raises(sqz.InputError, match=message):
+        sqz.EncodeOptions(**options)
+
+
+def test_an_unreachable_size_is_an_error_and_writes_nothing(tmp_path):
+    with pytest.raises(sqz.InputError, match="no file of at most 1,000 bytes"):
+        sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(size=1000))
+    assert not (tmp_path / "a.sqz").exists()
+
+
+def test_cli_targets_and_info_widths(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "sqz.cli", *map(str, args)], capture_output=True,
+                                       text=True, check=False)
+    done = run("encode", LORA, "--size", "60KiB", "-o", tmp_path / "a.sqz", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert 0.99 * 60 * 1024 <= summary["file_bytes"] <= 60 * 1024 and summary["sqnr_db"] > 0
+    table = run("info", tmp_path / "a.sqz").stdout
+    assert "quantized tensors by index width:" in table
+    bad = run("encode", LORA, "--size", "12XB", "-o", tmp_path / "b.sqz")
+    assert bad.returncode == 1 and "--size must be" in bad.stderr and "Traceback" not in bad.stderr
