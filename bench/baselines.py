@@ -145,3 +145,81 @@ def zipnn_fp16(tensors: Tensors) -> tuple[bytes, Tensors]:
 
     raw, out = fp16_safetensors(tensors)
     return bytes(ZipNN(input_format="byte", bytearray_dtype="float16").compress(raw)), out
+
+
+def compeft(density: float) -> Codec:
+    """ComPEFT-style (Yadav et al. 2023): per factor, keep the `density` fraction of largest magnitudes as
+    ternary signs times one scale (the mean kept magnitude, the least-squares scale for that support); the
+    rest is zero. The ternary codes are packed at 2 bits and zstd-compressed (they are mostly zeros), the
+    scale stored in fp32; the whole file then goes through zstd once (as the paper zips its own)."""
+
+    def one(_: str, x: np.ndarray):
+        keep = max(1, round(density * x.size))
+        threshold = np.partition(np.abs(x), x.size - keep)[x.size - keep]
+        mask = np.abs(x) >= threshold
+        scale = np.float32(np.abs(x[mask]).mean()) if mask.any() else np.float32(0)
+        codes = np.where(mask, np.where(x > 0, 1, 2), 0).astype(np.uint8)
+        recon = np.where(mask, np.sign(x) * scale, 0).astype(np.float32)
+        return {"codes": np.frombuffer(pack(codes, 2), np.uint8), "scale": np.array([scale])}, recon
+
+    def codec(tensors: Tensors) -> tuple[bytes, Tensors]:
+        data, out = _per_factor(tensors, one)
+        return zstandard.ZstdCompressor(level=19).compress(data), out
+
+    return codec
+
+
+CLIP_GRID = np.linspace(0.3, 1.0, 15)
+
+
+def loraquant(top_fraction: float, high_bits: int = 2, low_bits: int = 1) -> Codec:
+    """LoRAQuant-style (arXiv 2510.26690): each pair re-parameterised by its SVD, B@A = (U√S)(√S·Vᵀ); the
+    components of the largest singular values (`top_fraction` of the rank) quantized at `high_bits`, the rest
+    at `low_bits`, each component vector (a column of B', a row of A') with its own fp16 scale: symmetric
+    uniform levels clipped where the squared error is least (at 1 bit, sign times the mean magnitude, the
+    least-squares scale). Codes bit-packed; the whole file then goes through zstd once. Our reading of the
+    method, without its code."""
+
+    def vector(v: np.ndarray, bits: int) -> tuple[np.ndarray, np.float16, np.ndarray]:
+        if bits == 1:
+            scale = np.float16(np.abs(v).mean())
+            return (v > 0).astype(np.uint8), scale, np.where(v > 0, 1.0, -1.0) * np.float32(scale)
+        top, best = (1 << bits) - 1, None
+        for clip in CLIP_GRID:  # round-to-nearest with the clipping range of least squared error
+            scale = np.float16(clip * np.abs(v).max())
+            step = 2 * np.float32(scale) / top if scale > 0 else 1.0
+            codes = np.clip(np.round((v + np.float32(scale)) / step), 0, top).astype(np.uint8)
+            recon = (codes * step - np.float32(scale)).astype(np.float32)
+            if best is None or np.square(recon - v).sum() < best[0]:
+                best = (np.square(recon - v).sum(), codes, scale, recon)
+        return best[1], best[2], best[3]
+
+    def codec(tensors: Tensors) -> tuple[bytes, Tensors]:
+        stored, shapes, out = {}, {}, dict(tensors)
+        for a_name in (n for n in tensors if ".lora_A." in n):
+            b_name = a_name.replace(".lora_A.", ".lora_B.")
+            a, b = tensors[a_name].astype(np.float64), tensors[b_name].astype(np.float64)
+            rank = a.shape[0]
+            qa, ra = np.linalg.qr(a.reshape(rank, -1).T)  # the SVD of B@A from r x r factors, never [out, in]
+            qb, rb = np.linalg.qr(b.reshape(-1, rank))
+            u, sigma, vt = np.linalg.svd(rb @ ra.T)
+            root = np.sqrt(sigma)
+            factors = {b_name: ((qb @ u) * root).T, a_name: (root[:, None] * vt) @ qa.T}  # component rows
+            high = round(top_fraction * rank)
+            for name, rows in factors.items():
+                recon = np.empty_like(rows, dtype=np.float32)
+                streams, scales = {}, []
+                for i, row in enumerate(rows):
+                    bits = high_bits if i < high else low_bits
+                    codes, scale, recon[i] = vector(row, bits)
+                    streams.setdefault(bits, []).append(codes)
+                    scales.append(scale)
+                for bits, parts in streams.items():
+                    stored[f"{name}.codes{bits}"] = np.frombuffer(pack(np.concatenate(parts), bits), np.uint8)
+                stored[f"{name}.scales"] = np.array(scales, dtype=np.float16)
+                shapes[name] = list(tensors[name].shape)
+                out[name] = (recon.T if name == b_name else recon).reshape(tensors[name].shape)
+        stored.update({k: v for k, v in tensors.items() if not is_factor(k)})
+        return zstandard.ZstdCompressor(level=19).compress(_file(stored, shapes)), out
+
+    return codec

@@ -58,7 +58,8 @@ def sqz_target_codec(src: Path, bpp: float, workdir: Path) -> Callable[[Tensors]
 
 
 def plan(src: Path, workdir: Path, sqz_bits: dict[str, list[int]], paper_bits: list[int],
-         quant_bits: list[int], int_bits: list[int], target_bpp: list[float]) -> list[tuple[dict, Callable]]:
+         quant_bits: list[int], int_bits: list[int], target_bpp: list[float], compeft: list[float],
+         loraquant: list[tuple[float, int, int]]) -> list[tuple[dict, Callable]]:
     """(labels, codec) for every point to measure. `sqz_bits` maps an entropy stage to its bit widths."""
     points = [({"codec": "sqz --bpp", "family": "sqz", "target_bpp": bpp}, sqz_target_codec(src, bpp, workdir))
               for bpp in target_bpp]
@@ -73,6 +74,9 @@ def plan(src: Path, workdir: Path, sqz_bits: dict[str, list[int]], paper_bits: l
                for b in quant_bits]
     points += [({"codec": "absmax int (block 64)", "family": "absmax", "bits": b}, baselines.block_absmax_int(b))
                for b in int_bits]
+    points += [({"codec": "ComPEFT-style", "family": "compeft", "density": d}, baselines.compeft(d)) for d in compeft]
+    points += [({"codec": "LoRAQuant-style", "family": "loraquant", "top_fraction": top, "high_bits": hi,
+                 "low_bits": lo}, baselines.loraquant(top, hi, lo)) for top, hi, lo in loraquant]
     points += [({"codec": "NF4 (block 64)", "family": "nf4", "bits": 4}, baselines.nf4),
                ({"codec": "fp16 safetensors", "family": "lossless"}, baselines.fp16_safetensors),
                ({"codec": "fp16 + zstd-19", "family": "lossless"}, baselines.zstd_fp16(19)),
@@ -109,7 +113,10 @@ def run(src: Path, omegas: dict[str, float | None], quick: bool, max_rows: int |
         points = plan(src, Path(tmp), {stage: (widths if stage == "auto" else low) for stage in ENTROPY_STAGES},
                       paper_bits=[2, 3] if quick else [1, 2, 3, 4, 5], quant_bits=widths,
                       int_bits=[b for b in widths if b >= 2],  # symmetric 1-bit ints have one level: 0
-                      target_bpp=[2.0, 3.0] if quick else list(TARGET_BPP))
+                      target_bpp=[2.0, 3.0] if quick else list(TARGET_BPP),
+                      compeft=[0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3, 0.5],
+                      loraquant=[(0.5, 2, 1), (1.0, 3, 2)] if quick else [(0.0, 2, 1), (0.25, 2, 1), (0.5, 2, 1),
+                                                                          (1.0, 2, 1), (0.5, 3, 2), (1.0, 3, 2)])
         bar = progress_factory(len(points)) if progress_factory else None
         rows = measure(src, points, omegas, max_rows, bar)
         if bar is not None:

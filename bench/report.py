@@ -79,6 +79,17 @@ def table_sine_regime(task: dict) -> str:
     return "\n".join(lines)
 
 
+def table_targets(task: dict) -> str:
+    """Accuracy of every trained adapter after sqz's rate-distortion encoder, beside its full precision."""
+    lines = ["| adapter | target | bits/param | file bytes | ΔW SQNR | accuracy | full precision | change |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in task.get("targets", []):
+        lines.append(f"| {KIND_LABEL[t['kind']]} r={t['rank']} | --bpp {t['target_bpp']:g} | {t['bits_per_param']:.3f} | "
+                     f"{t['file_bytes']:,} | {t['sqnr_db']:.1f} dB | {100 * t['accuracy']:.2f}% | "
+                     f"{100 * t['accuracy_full']:.2f}% | {100 * (t['accuracy'] - t['accuracy_full']):+.2f} pts |")
+    return "\n".join(lines)
+
+
 def table_bd(task: dict) -> str:
     lines = ["| bits | BD-rate (size, %) ↓ | BD-accuracy (points) ↑ |", "|---|---|---|"]
     for row in task["bd"]:
@@ -118,7 +129,8 @@ def plot_table5(task: dict, path: Path) -> str:
 STYLE = {"sqz --bpp": ("C5", "*-"), "sqz-auto": ("C0", "o-"), "sqz-auto --sample 10000": ("C9", "s:"), "sqz-rans": ("C0", "x:"),
          "sqz-zstd-aligned": ("C0", "1:"), "sqz-zstd": ("C0", "+:"), "sqz-none": ("C0", ".:"),
          "paper (k-means+zip)": ("C1", "s--"), "uniform min-max": ("C2", "^-"),
-         "absmax int (block 64)": ("C3", "v-"), "NF4 (block 64)": ("C4", "D")}
+         "absmax int (block 64)": ("C3", "v-"), "NF4 (block 64)": ("C4", "D"), "ComPEFT-style": ("C6", "<-"),
+         "LoRAQuant-style": ("C7", ">-")}
 
 
 def draw_rd(ax, result: dict, kind: str, paper_points: bool) -> None:
@@ -184,7 +196,8 @@ def table_rd(result: dict, kinds: list[str]) -> str:
     return "\n".join(lines)
 
 
-BD_ANCHORS = ("paper (k-means+zip)", "sqz-auto", "uniform min-max", "absmax int (block 64)")
+BD_ANCHORS = ("paper (k-means+zip)", "sqz-auto", "uniform min-max", "absmax int (block 64)", "ComPEFT-style",
+              "LoRAQuant-style")
 
 
 def curve(result: dict, codec: str, kind: str) -> list[tuple[float, float]]:
@@ -401,6 +414,7 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "the fp16 file they would ship as (the paper's 'Full', 16-bit)."), "",
                f"![accuracy against size]({rel(out / 'accuracy_vs_size.png')})", "",
                "### Accuracy (%) by rank and bit width (cf. the paper's Table 1)", "", table_accuracy(task), "",
+               "### Accuracy after the rate-distortion encoder (`sqz encode --bpp`)", "", table_targets(task), "",
                "### How far the trained SineLoRA factors went into the sine", "",
                ("sin(x) departs from x by 1.5% at x = 0.3 and 16% at x = 1: where |ω·B@A| stays small the sine "
                "adapter acts like a rescaled LoRA, and its stable-rank gain (section 3) needs larger values."), "",
@@ -415,7 +429,9 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
         md += ["## 2. sqz against what a user would pick instead", "",
                ("Rate is every byte of each file divided by the adapter's parameters; distortion is the SQNR and "
                "relative Frobenius error of the effective update ΔW over all modules. Baselines are written as "
-               "real files (`bench/baselines.py`). sqz runs with `auto` at 1–8 bits and with each forced stage at 1–5 bits. "
+               "real files (`bench/baselines.py`), ComPEFT-style (top-k magnitudes as ternary signs times one scale per "
+               "tensor) and LoRAQuant-style (SVD re-parameterisation, top components at 2–3 bits, the rest at 1–2) among "
+               "them. sqz runs with `auto` at 1–8 bits, with each forced stage at 1–5 bits, and `--bpp` from 0.5 to 8. "
                "SQNR = −20·log10(relative Frobenius error), so the plots show SQNR and the tables both."), ""]
         md += ["### The rate-distortion encoder (`sqz --bpp`) against every other codec", "",
                ("BD-rate on ΔW SQNR (Akima, `bjontegaard`): the change in file size at equal SQNR, over the rates "

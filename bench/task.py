@@ -33,6 +33,7 @@ KINDS = ("lora", "sinelora")
 class TaskConfig:
     ranks: tuple[int, ...] = (1, 2, 4, 8)
     bits: tuple[int, ...] = (1, 2, 3, 4, 5, 8)
+    target_bpp: tuple[float, ...] = (1.5,)  # sqz's rate-distortion encoder, --bpp
     # Ji et al. use a larger ω at lower rank (ω = 200 in the paper's CLIP runs); γ = √in_features.
     omega: dict[int, float] = field(default_factory=lambda: {1: 400.0, 2: 300.0, 4: 200.0, 8: 200.0})
     alpha_per_rank: float = 2.0  # lora_alpha = 2r, so scaling α/r = 2 at every rank
@@ -120,7 +121,7 @@ def run(cfg: TaskConfig, progress_factory=None, log=print) -> dict:
     log(f"base (frozen MiniLM + linear probe): accuracy {base_acc:.4f}")
     timings = {"probe_s": time.perf_counter() - start, "train_s": 0.0, "eval_s": 0.0, "encode_s": 0.0}
 
-    adapters, rows = [], []
+    adapters, rows, targets = [], [], []
     for kind in KINDS:
         for rank in cfg.ranks:
             directory, params = adapter_dir(cfg, kind, rank)
@@ -169,6 +170,17 @@ def run(cfg: TaskConfig, progress_factory=None, log=print) -> dict:
                         rows.append({"kind": kind, "rank": rank, "quantizer": "uniform min-max", "bits": b,
                                      "file_bytes": len(data), "accuracy": evaluate(deltas_of(recon, scaling, omega))})
                     log(f"  {b} bits: {out.stat().st_size} bytes, accuracy {acc:.4f}")
+                for bpp in cfg.target_bpp:
+                    out = Path(tmp) / f"bpp{bpp:g}.sqz"
+                    t0 = time.perf_counter()
+                    report = sqz.encode(directory, out, sqz.EncodeOptions(bpp=bpp), force=True, progress=False)
+                    timings["encode_s"] += time.perf_counter() - t0
+                    with sqz.load(out) as adapter:
+                        acc = evaluate(adapter.deltas())
+                    targets.append({"kind": kind, "rank": rank, "target_bpp": bpp, "bits_per_param": report.bits_per_param,
+                                    "file_bytes": report.file_bytes, "sqnr_db": report.sqnr_db, "accuracy": acc,
+                                    "accuracy_full": full})
+                    log(f"  --bpp {bpp:g}: {report.file_bytes} bytes, accuracy {acc:.4f}")
 
     bd_rows = []
     for b in [*cfg.bits, 16]:
@@ -179,4 +191,5 @@ def run(cfg: TaskConfig, progress_factory=None, log=print) -> dict:
             bd_rows.append({"bits": b, **bd_metrics(curve["lora"], curve["sinelora"])})
     return {"config": {**asdict(cfg), "omega": {str(k): v for k, v in cfg.omega.items()}},
             "data": {"train": len(train), "test": len(test), "classes": classes},
-            "base_accuracy": base_acc, "adapters": adapters, "rows": rows, "bd": bd_rows, "timings": timings}
+            "base_accuracy": base_acc, "adapters": adapters, "rows": rows, "targets": targets, "bd": bd_rows,
+            "timings": timings}

@@ -44,6 +44,9 @@ def test_task_trains_and_evaluates_every_adapter(quick_run):
         sizes = [row["file_bytes"] for row in sorted(sqz_rows, key=lambda x: x["bits"])
                  if (row["kind"], row["rank"]) == (kind, rank)]
         assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    targets = task["targets"]  # --bpp 1.5 on every trained adapter
+    assert len(targets) == len(task["adapters"]) and all(0.97 * 1.5 <= t["bits_per_param"] <= 1.5 for t in targets)
+    assert all(0 <= t["accuracy"] <= 1 and t["sqnr_db"] > 0 for t in targets)
     uniform = {(x["rank"], x["bits"]): x["accuracy"] for x in task["rows"] if x["quantizer"] == "uniform min-max"}
     assert uniform and all(0 <= v <= 1 for v in uniform.values())
 
