@@ -26,28 +26,12 @@ def read_adapter(directory: Path) -> Tensors:
     return {k: v.astype(np.float32) for k, v in load_file(str(directory / "adapter_model.safetensors")).items()}
 
 
-def sqz_codec(src: Path, bits: int, entropy: str, workdir: Path,
-              sample: int = 0) -> Callable[[Tensors], tuple[bytes, Tensors]]:
-    """sqz through its public API: a real .sqz file, read back with sqz.load (sample > 0: the paper's sampled fit)."""
+def sqz_codec(src: Path, options: sqz.EncodeOptions, workdir: Path) -> Callable[[Tensors], tuple[bytes, Tensors]]:
+    """sqz through its public API: a real .sqz file, read back with sqz.load."""
 
     def codec(_: Tensors) -> tuple[bytes, Tensors]:
-        out = workdir / f"b{bits}-{entropy}-s{sample}.sqz"
-        sqz.encode(src, out, sqz.EncodeOptions(bits=bits, entropy=entropy, sample=sample), force=True, progress=False)
-        with sqz.load(out) as adapter:
-            recon = {name: adapter[name].float().numpy() for name in adapter}
-        data = out.read_bytes()
-        out.unlink()
-        return data, recon
-
-    return codec
-
-
-def sqz_target_codec(src: Path, bpp: float, workdir: Path) -> Callable[[Tensors], tuple[bytes, Tensors]]:
-    """sqz's rate-distortion encoder at a bits/param target, through the public API."""
-
-    def codec(_: Tensors) -> tuple[bytes, Tensors]:
-        out = workdir / f"bpp{bpp:g}.sqz"
-        sqz.encode(src, out, sqz.EncodeOptions(bpp=bpp), force=True, progress=False)
+        out = workdir / "sqz.sqz"
+        sqz.encode(src, out, options, force=True, progress=False)
         with sqz.load(out) as adapter:
             recon = {name: adapter[name].float().numpy() for name in adapter}
         data = out.read_bytes()
@@ -61,15 +45,16 @@ def plan(src: Path, workdir: Path, sqz_bits: dict[str, list[int]], paper_bits: l
          quant_bits: list[int], int_bits: list[int], target_bpp: list[float], compeft: list[float],
          loraquant: list[tuple[float, int, int]]) -> list[tuple[dict, Callable]]:
     """(labels, codec) for every point to measure. `sqz_bits` maps an entropy stage to its bit widths."""
-    points = [({"codec": "sqz --bpp", "family": "sqz", "target_bpp": bpp}, sqz_target_codec(src, bpp, workdir))
-              for bpp in target_bpp]
+    points = [({"codec": "sqz --bpp", "family": "sqz", "target_bpp": bpp},
+               sqz_codec(src, sqz.EncodeOptions(bpp=bpp), workdir)) for bpp in target_bpp]
     points += [({"codec": f"sqz-{stage}", "family": "sqz", "bits": b, "entropy": stage},
-               sqz_codec(src, b, stage, workdir)) for stage, widths in sqz_bits.items() for b in widths]
+               sqz_codec(src, sqz.EncodeOptions(bits=b, entropy=stage), workdir))
+               for stage, widths in sqz_bits.items() for b in widths]
     points += [({"codec": "paper (k-means+zip)", "family": "paper", "bits": b}, baselines.paper_pipeline(b))
                for b in paper_bits]
     # the paper's quantizer with sqz's entropy stage: what the container alone gains at the same ΔW error
     points += [({"codec": "sqz-auto --sample 10000", "family": "sqz", "bits": b, "entropy": "auto"},
-                sqz_codec(src, b, "auto", workdir, PAPER_SAMPLE)) for b in paper_bits]
+                sqz_codec(src, sqz.EncodeOptions(bits=b, sample=PAPER_SAMPLE), workdir)) for b in paper_bits]
     points += [({"codec": "uniform min-max", "family": "uniform", "bits": b}, baselines.uniform_minmax(b))
                for b in quant_bits]
     points += [({"codec": "absmax int (block 64)", "family": "absmax", "bits": b}, baselines.block_absmax_int(b))
@@ -92,7 +77,12 @@ def measure(src: Path, points: list[tuple[dict, Callable]], omegas: dict[str, fl
     rows = []
     for labels, codec in points:
         start = time.perf_counter()
-        data, recon = codec(reference)
+        try:
+            data, recon = codec(reference)
+        except sqz.InputError:  # a target below what the adapter's header alone costs: no point there
+            if progress is not None:
+                progress.update(1)
+            continue
         row = dict(labels, file_bytes=len(data), bits_per_param=8 * len(data) / params,
                    seconds=time.perf_counter() - start)
         for kind, omega in omegas.items():

@@ -100,7 +100,8 @@ def bd_metrics(anchor: list[tuple[float, float]], test: list[tuple[float, float]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                value = float(fn(list(ra), list(da), list(rt), list(dt), method="akima", min_overlap=0.0))
+                value = float(fn(list(ra), list(da), list(rt), list(dt), method="akima", min_overlap=0.0,
+                                 require_matching_points=False))
             out[key] = value if math.isfinite(value) else "undefined"
         except Exception as exc:  # noqa: BLE001 - the library rejects curves that do not overlap or are not monotonic
             out[key] = f"undefined ({exc})"

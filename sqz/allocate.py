@@ -44,13 +44,13 @@ def _search(rate: np.ndarray, distortion: np.ndarray, fits, fits_when_steep: boo
 def for_rate(rate: np.ndarray, distortion: np.ndarray, budget: float) -> np.ndarray:
     """The least-distortion plan found whose total rate is at most `budget` (the cheapest plan if none is)."""
     picks = _fill(rate, distortion, _search(rate, distortion, lambda r, _: r <= budget, fits_when_steep=True), budget)
-    return _best(rate, distortion, [picks, *_uniform(rate)], lambda r, d: (r > budget, d, r))
+    return _best(rate, distortion, [picks, *_uniform(rate)], lambda r, d: (r > budget, d if r <= budget else r))
 
 
 def for_distortion(rate: np.ndarray, distortion: np.ndarray, limit: float) -> np.ndarray:
     """The smallest-rate plan found whose total distortion is at most `limit` (the best plan if none is)."""
     picks = _trim(rate, distortion, _search(rate, distortion, lambda _, d: d <= limit, fits_when_steep=False), limit)
-    return _best(rate, distortion, [picks, *_uniform(rate)], lambda r, d: (d > limit, r, d))
+    return _best(rate, distortion, [picks, *_uniform(rate)], lambda r, d: (d > limit, r if d <= limit else d))
 
 
 def _uniform(rate: np.ndarray) -> list[np.ndarray]:
@@ -59,7 +59,8 @@ def _uniform(rate: np.ndarray) -> list[np.ndarray]:
 
 
 def _best(rate: np.ndarray, distortion: np.ndarray, plans: list[np.ndarray], key) -> np.ndarray:
-    """The plan with the least key(total rate, total distortion): the search's, unless a uniform one does better
+    """The plan with the least key(total rate, total distortion), which ranks the plans that meet the constraint
+    by what they optimise and the others by how far they miss it: the search's, unless a uniform one does better
     (the choice is a multiple-choice knapsack, which slope and greedy steps solve only nearly; this makes sure
     a target never does worse than a fixed width under the same constraint)."""
     return min(plans, key=lambda picks: key(*_totals(rate, distortion, picks)))

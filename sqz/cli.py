@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import warnings
@@ -83,7 +84,9 @@ def encode_cmd(src: str, output: str, bits: int, bpp: float | None, size_text: s
         click.echo(f"sqz: warning: {message}", err=True)
     data = {"output": str(report.path), "file_bytes": report.file_bytes, "params": report.params,
             "tensors": report.tensors, "quantized": report.quantized, "pairs": report.pairs,
-            "bits_per_param": report.bits_per_param, "sqnr_db": report.sqnr_db, "seconds": seconds}
+            "bits_per_param": report.bits_per_param, "seconds": seconds,
+            # JSON has no infinity: a target met losslessly (or with no pair to allocate) reports null
+            "sqnr_db": report.sqnr_db if report.sqnr_db is not None and math.isfinite(report.sqnr_db) else None}
     sqnr_text = f", ΔW SQNR {report.sqnr_db:.2f} dB" if report.sqnr_db is not None else ""
     _emit(data, as_json, f"{report.path}: {report.file_bytes:,} bytes, {report.params:,} params, "
                          f"{report.bits_per_param:.3f} bits/param{sqnr_text}, {report.quantized}/{report.tensors} "

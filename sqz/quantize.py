@@ -153,7 +153,8 @@ def fit_sizes(values: np.ndarray, dtype: str, sizes: tuple[int, ...]) -> dict[in
     weight, sums, squares = histogram(values, dtype)
     ks = sorted({min(k, weight.size) for k in sizes})
     if native_fit is None:
-        raise RuntimeError("fit_sizes needs sqz._kmeans (built at install where a C compiler is at hand)")
+        raise InputError("the rate-distortion targets need sqz's C extension sqz._kmeans, which was not built: "
+                         "reinstall sqz where a C compiler is at hand, or use -b")
     partitions = dict(zip(ks, native_fit(weight, sums, squares, ks)))
     fits = {}
     for k in sizes:

@@ -33,7 +33,7 @@ def encode(adapter: Adapter, options: EncodeOptions, build: Build, workers: int,
     params = sum(t.numel for t in adapter.tensors.values())
     target_bytes = options.size if options.size is not None else (options.bpp or 0.0) * params / 8
     widest = ratecontrol.max_width(sqnr_db=options.sqnr) if options.sqnr is not None else ratecontrol.max_width(
-        bpp=8 * target_bytes / params)
+        bpp=8 * target_bytes / max(params, 1))
     prepared = ratecontrol.prepare(adapter.tensors, adapter.pairs, quantized, workers, progress, widest)
     pairs = [p for p in adapter.pairs if p.a in prepared.values]
     reference = {name: to_float64(t.raw, t.dtype).reshape(t.shape) for name in prepared.names
@@ -58,9 +58,11 @@ def _for_size(prepared: ratecontrol.Prepared, target: float, make: Callable) -> 
     aim = target * (1 - SIZE_TOLERANCE / 4)
     budget = 8 * aim - 8 * (target - aim)  # estimates leave out the header: start a little low
     under = over = best = None  # (budget, size) on each side of the target; best = (header, sections, size)
+    smallest = None
     for _ in range(ATTEMPTS):
         picks = ratecontrol.plan_for_rate(prepared, budget)
         header, sections, size = make(picks)
+        smallest = size if smallest is None else min(smallest, size)
         if size <= target:
             under = max(under or (budget, size), (budget, size))
             if best is None or size > best[2]:
@@ -73,11 +75,10 @@ def _for_size(prepared: ratecontrol.Prepared, target: float, make: Callable) -> 
             if over[0] - under[0] < 8:
                 break
             budget = (under[0] + over[0]) / 2
-        else:
-            estimated = prepared.estimate(picks)[0]
-            budget += (8 * aim - 8 * size) * estimated / max(8 * size, 1.0)
+        else:  # file bits = allocated bits + what the header and the other tensors cost: shift by the miss
+            budget += 8 * (aim - size)
     if best is None:
-        raise InputError(f"no file of at most {target:,.0f} bytes: the smallest plan found is {size:,} bytes")
+        raise InputError(f"no file of at most {target:,.0f} bytes: the smallest plan found is {smallest:,} bytes")
     return best[0], best[1]
 
 

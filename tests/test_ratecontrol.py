@@ -180,6 +180,15 @@ def test_bad_target_options_are_refused(options, message):
         sqz.EncodeOptions(**options)
 
 
+def test_without_the_kernel_targets_say_so_in_one_line(tmp_path, monkeypatch):
+    from sqz import quantize
+
+    monkeypatch.setattr(quantize, "native_fit", None)
+    with pytest.raises(sqz.InputError, match="need sqz's C extension"):
+        sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0))
+    assert not (tmp_path / "a.sqz").exists()
+
+
 def test_an_unreachable_size_is_an_error_and_writes_nothing(tmp_path):
     with pytest.raises(sqz.InputError, match="no file of at most 1,000 bytes"):
         sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(size=1000))
