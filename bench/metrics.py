@@ -6,6 +6,8 @@ import math
 import numpy as np
 import torch
 
+from sqz.ratecontrol import lowrank_inner
+
 Tensors = dict[str, np.ndarray]
 
 
@@ -51,15 +53,13 @@ def delta_distortion(reference: Tensors, reconstruction: Tensors, omega: float |
 
 def plain_energies(reference: Tensors, reconstruction: Tensors) -> tuple[float, float]:
     """(||ΔW||², ||ΔW - ΔW'||²) summed over all pairs, exactly, without forming ΔW = B@A [out, in]:
-    ||BA - B'A'||² = tr(BᵀB·AAᵀ) - 2 tr(BᵀB'·A'Aᵀ) + tr(B'ᵀB'·A'A'ᵀ), r x r products in float64."""
+    ||BA - B'A'||² = <BA, BA> - 2 <BA, B'A'> + <B'A', B'A'>, each from r x r products in float64."""
     signal = noise = 0.0
     for _, a, b in factor_pairs(reference):
-        A, B = (torch.from_numpy(np.asarray(x, np.float64)) for x in (reference[a], reference[b]))
-        A2, B2 = (torch.from_numpy(np.asarray(x, np.float64)) for x in (reconstruction[a], reconstruction[b]))
-        cross = lambda b1, a1, b2, a2: float(((b1.T @ b2) * (a1 @ a2.T)).sum())  # tr(b1ᵀb2 · a2a1ᵀ)
-        energy = cross(B, A, B, A)
+        A, B, A2, B2 = (np.asarray(t[n], np.float64) for t in (reference, reconstruction) for n in (a, b))
+        energy = lowrank_inner(B, A, B, A)
         signal += energy
-        noise += max(0.0, energy - 2 * cross(B, A, B2, A2) + cross(B2, A2, B2, A2))
+        noise += max(0.0, energy - 2 * lowrank_inner(B, A, B2, A2) + lowrank_inner(B2, A2, B2, A2))
     return signal, noise
 
 

@@ -4,8 +4,9 @@
  * count of values in it), the sum of those values and the sum of their squares (float64 buffers), and
  * returns, for each k of the increasing sequence ks, the k starting bins of the partition into k runs of
  * consecutive bins with the least total squared error, as bytes holding k int32 (bin 0 first). One run of
- * the programme serves every k up to the largest: row m of the table is the best partition into m + 1 runs. A float16 tensor has at most 65,536 distinct
- * values, one bin each, so this is the exact optimum over every value of the tensor at O(n) input size.
+ * the programme serves every k up to the largest: row m of the table is the best partition into m + 1 runs.
+ * A float16 tensor has at most 65,536 distinct values, one bin each, so this is the exact optimum over every
+ * value of the tensor at O(n) input size.
  *
  * The dynamic programme: D[m][i] = min over j of D[m-1][j-1] + cost(j..i), cost from prefix sums. The best j
  * never decreases as i grows (the squared-error cost is Monge), so each of the k rows is filled by divide

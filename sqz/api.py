@@ -328,7 +328,8 @@ def info(path: str | Path) -> dict[str, Any]:
                 width = record["bits"] if record["codebook_size"] > 1 else 0  # one entry: a zero-bit group
             else:
                 codebook, before, width = 0, numel * itemsize(record["dtype"]), None
-            row.update(params=numel, bits=width, codebook_size=record.get("codebook_size"), codebook_bytes=codebook, index_bytes_before=before,
+            row.update(params=numel, bits=width, codebook_size=record.get("codebook_size"), codebook_bytes=codebook,
+                       index_bytes_before=before,
                        index_bytes_after=record["length"] - codebook, section_bytes=record["length"],
                        bits_per_param=8 * record["length"] / numel if numel else 0.0)
             rows.append(row)

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .ratecontrol import Choice
 
 ENTROPY_AUTO = "auto"
+TARGETS = ("bpp", "size", "sqnr")
+"""EncodeOptions' rate-distortion targets, of which at most one is set."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,10 @@ class EncodeOptions:
     @property
     def target(self) -> str | None:
         """Which rate-distortion target is set, if any."""
-        return next((key for key in ("bpp", "size", "sqnr") if getattr(self, key) is not None), None)
+        return next((key for key in TARGETS if getattr(self, key) is not None), None)
 
     def __post_init__(self) -> None:
-        targets = [key for key in ("bpp", "size", "sqnr") if getattr(self, key) is not None]
+        targets = [key for key in TARGETS if getattr(self, key) is not None]
         if len(targets) > 1:
             raise InputError(f"give one target, not {' and '.join('--' + t for t in targets)}")
         if self.bpp is not None and not (math.isfinite(self.bpp) and self.bpp > 0):

@@ -132,14 +132,13 @@ def fit_histogram(values: np.ndarray, dtype: str, bits: int) -> np.ndarray:
     """Optimal k-means codebook over every value (k = 2**bits), by the C kernel on the value histogram."""
     _check_bits(bits)
     if native_fit is None:
-        weight, sums, _ = histogram(values, dtype)
-        return _as_codebook(sums / weight) if weight.size <= 1 << bits else fit_codebook(values, bits)
+        return fit_codebook(values, bits)
     return fit_sizes(values, dtype, (1 << bits,))[1 << bits].codebook
 
 
 @dataclass(frozen=True)
 class Fit:
-    """The optimal codebook at one width, with what a bit allocator needs to know of it."""
+    """The optimal codebook of one size, with what a bit allocator needs to know of it."""
 
     codebook: np.ndarray  # float32, strictly increasing
     sse: float  # squared error over every value, before the codebook is rounded to float32

@@ -73,7 +73,7 @@ class Prepared:
     """Everything the plan is searched over: one row per allocated tensor, one column per candidate."""
 
     names: list[str]
-    values: dict[str, np.ndarray]  # each factor's values, float64
+    values: dict[str, np.ndarray]  # each factor's values, float64, in its own shape
     fits: dict[str, dict[int, Fit]]
     rate: np.ndarray  # bits, [tensors, candidates]
     distortion: np.ndarray  # weighted squared error of ΔW, [tensors, candidates]
@@ -88,13 +88,18 @@ class Prepared:
         return float(self.rate[rows, picks].sum()), float(self.distortion[rows, picks].sum())
 
 
+def lowrank_inner(b1: np.ndarray, a1: np.ndarray, b2: np.ndarray, a2: np.ndarray) -> float:
+    """The Frobenius inner product <B1@A1, B2@A2> = tr(B1ᵀB2 · A2A1ᵀ), from r x r products: ||B@A||² and
+    ||BA - B'A'||² without forming any [out, in] matrix. Factors as [out, r] and [r, in]."""
+    return float(((b1.T @ b2) * (a1 @ a2.T)).sum())
+
+
 def slope_weight(pair: Pair, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(e, ||ΔW||²) of a pair: ΔW's error is e times that of B@A to first order, and its energy."""
     rank = a.shape[0]
     a2, b2 = a.reshape(rank, -1), b.reshape(b.shape[0], rank)
     if pair.kind != PAIR_SINE:
-        energy = float(((b2.T @ b2) * (a2 @ a2.T)).sum())
-        return pair.scaling ** 2, pair.scaling ** 2 * energy
+        return pair.scaling ** 2, pair.scaling ** 2 * lowrank_inner(b2, a2, b2, a2)
     rows = _sine_rows(b2.shape[0])
     phase = pair.omega * (b2[rows] @ a2)
     scale = (pair.scaling / pair.gamma) ** 2
@@ -129,11 +134,11 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
         signal += energy
         rank = a.shape[0]
         weights[pair.a], weights[pair.b] = e * float(np.square(b).sum()) / rank, e * float(np.square(a).sum()) / rank
-        values[pair.a], values[pair.b] = a.ravel(), b.ravel()
+        values[pair.a], values[pair.b] = a, b
     names = [n for p in pairs for n in (p.a, p.b)]
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the kernel releases the GIL
         sizes = tuple(k for k in SIZES if k <= 1 << widest)
-        jobs = pool.map(lambda n: fit_sizes(values[n], tensors[n].dtype, sizes), names)
+        jobs = pool.map(lambda n: fit_sizes(values[n].ravel(), tensors[n].dtype, sizes), names)
         fits = dict(zip(names, progress(jobs, len(names), "fit")))
     rate = np.full((len(names), RAW + 1), np.inf)
     distortion = np.full_like(rate, np.inf)
@@ -173,10 +178,10 @@ def measured_sqnr(pairs: Iterable[Pair], reference: dict[str, np.ndarray], decod
         a, b = reference[pair.a].reshape(rank, -1), reference[pair.b].reshape(-1, rank)
         a2, b2 = decoded[pair.a].reshape(rank, -1), decoded[pair.b].reshape(-1, rank)
         if pair.kind != PAIR_SINE:
-            cross = lambda p, q, s, t: float(((p.T @ s) * (q @ t.T)).sum())
-            energy = cross(b, a, b, a)
+            energy = lowrank_inner(b, a, b, a)
             signal += pair.scaling ** 2 * energy
-            noise += pair.scaling ** 2 * max(0.0, energy - 2 * cross(b, a, b2, a2) + cross(b2, a2, b2, a2))
+            noise += pair.scaling ** 2 * max(0.0, energy - 2 * lowrank_inner(b, a, b2, a2)
+                                             + lowrank_inner(b2, a2, b2, a2))
         else:
             rows = _sine_rows(b.shape[0])
             exact, approx = np.sin(pair.omega * (b[rows] @ a)), np.sin(pair.omega * (b2[rows] @ a2))

@@ -36,15 +36,13 @@ def encode(adapter: Adapter, options: EncodeOptions, build: Build, workers: int,
         bpp=8 * target_bytes / max(params, 1))
     prepared = ratecontrol.prepare(adapter.tensors, adapter.pairs, quantized, workers, progress, widest)
     pairs = [p for p in adapter.pairs if p.a in prepared.values]
-    reference = {name: to_float64(t.raw, t.dtype).reshape(t.shape) for name in prepared.names
-                 for t in (adapter.tensors[name],)}
-
     def make(picks: np.ndarray) -> tuple[dict[str, Any], list[bytes], int]:
         header, sections = build(prepared.choices(picks))
         return header, sections, sum(len(chunk) for chunk in container.serialize(header, sections))
 
     def measure(header: dict[str, Any], sections: list[bytes]) -> float:
-        return ratecontrol.measured_sqnr(pairs, reference, _decoded(header, sections, prepared.names, workers))
+        decoded = _decoded(header, sections, prepared.names, workers)
+        return ratecontrol.measured_sqnr(pairs, prepared.values, decoded)
 
     if options.sqnr is not None:
         return _for_sqnr(prepared, options.sqnr, make, measure)
