@@ -5,6 +5,7 @@ __version__ = "1.1.0"
 
 from .adapter import SineOptions
 from .api import EncodeReport, SqzAdapter, SqzWarning, decode, encode, info, load
+from .cache import AdapterCache, CacheFullError
 from .codec import EncodeOptions
 from .errors import (
     ChecksumError,
@@ -17,7 +18,21 @@ from .errors import (
     TruncatedError,
     UnsupportedVersionError,
 )
+from .match import UnmatchedModulesError
+from .merge import Attached, Merged, attach, merge
+from .safetensors_compat import MissingTensorError, load_file, safe_open
 
-__all__ = ["ChecksumError", "EncodeOptions", "EncodeReport", "FormatError", "InputError", "LimitError",
-           "NonFiniteError", "OutputExistsError", "SineOptions", "SqzAdapter", "SqzError", "SqzWarning",
-           "TruncatedError", "UnsupportedVersionError", "__version__", "decode", "encode", "info", "load"]
+__all__ = ["AdapterCache", "Attached", "CacheFullError", "ChecksumError", "EncodeOptions", "EncodeReport",
+           "FormatError", "InputError", "LimitError", "Merged", "MissingTensorError", "NonFiniteError",
+           "OutputExistsError", "SineOptions", "SqzAdapter", "SqzError", "SqzWarning", "TruncatedError",
+           "UnmatchedModulesError", "UnsupportedVersionError", "__version__", "attach", "decode", "encode", "info",
+           "load", "load_file", "merge", "peft", "safe_open"]
+
+
+def __getattr__(name: str):
+    """`sqz.peft` imports PEFT (and transformers), seconds of start-up: only when it is used."""
+    if name == "peft":
+        import importlib
+
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

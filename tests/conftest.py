@@ -20,6 +20,29 @@ def tiny_bert():
     return BertModel(BertConfig(**TINY_BERT)).eval()
 
 
+TINY_LLAMA = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, **overrides):
+    """A LLaMA-architecture causal LM (GQA like LLaMA-3), randomly initialised, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).to(dtype).eval()
+
+
+def llama_lora_dir(path: Path, seed: int = 1, **lora_kwargs) -> Path:
+    """A real PEFT LoRA folder on tiny_llama(): every attention and MLP projection, non-zero B."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_TARGETS, "init_lora_weights": False}
+    get_peft_model(tiny_llama(), LoraConfig(**{**kwargs, **lora_kwargs})).save_pretrained(str(path))
+    return path
+
+
 def peft_lora_dir(path: Path, dtype: torch.dtype = torch.float32, **lora_kwargs) -> Path:
     """A real PEFT adapter folder (adapter_model.safetensors + adapter_config.json) with non-zero B."""
     from peft import LoraConfig, get_peft_model
