@@ -5,6 +5,8 @@ task     train/cache LoRA + SineLoRA on MiniLM, accuracy at full precision and a
 codecs   rate-distortion of sqz against the alternatives on task adapters and the 28.3M adapter (codecs.json)
 figure1  the paper's Figure 1, stable rank against bits (figure1.json)
 speed    speed and memory on the 28.3M adapter, as ratios (speed.json)
+serve    a multi-adapter server: adapters per GiB of host memory, latency to ready on the device (serve.json;
+         --device cuda measures on a GPU)
 report   plots (PNG) and REPORT.md from the JSON files; a full run also refreshes the README's headline block
 """
 from __future__ import annotations
@@ -18,12 +20,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import codecs, figure1, report, speed, task
+from bench import codecs, figure1, report, serve, speed, task
 from bench.codecs import read_adapter
 from bench.synthetic import write_llama_adapter
 
 HERE = Path(__file__).parent
-STEPS = ("task", "codecs", "figure1", "speed")
+STEPS = ("task", "codecs", "figure1", "speed", "serve")
 # The synthetic adapter's B@A entries are ~1e-4; ω = 1e4 puts ω·B@A at unit scale, where the sine is
 # non-linear (ω = 200 would leave it in its linear range, where sine distortion equals plain distortion).
 LLAMA_SINE_OMEGA = 1e4
@@ -74,7 +76,7 @@ def run_figure1(quick: bool) -> dict:
     return figure1.run(trained)
 
 
-def run_step(step: str, quick: bool, out: Path) -> None:
+def run_step(step: str, quick: bool, out: Path, device: str = "cpu") -> None:
     start = time.perf_counter()
     if step == "task":
         result = task.run(task_config(quick), progress_factory=bar, log=log)
@@ -82,6 +84,9 @@ def run_step(step: str, quick: bool, out: Path) -> None:
         result = run_codecs(quick)
     elif step == "figure1":
         result = run_figure1(quick)
+    elif step == "serve":
+        with tempfile.TemporaryDirectory() as tmp:
+            result = serve.run(Path(tmp), quick, device=device, log=log)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             result = speed.run(Path(tmp), quick, log=log)
@@ -99,11 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results, or "
                         "bench/.cache/quick with --quick; the SQZ_BENCH_CACHE variable moves bench/.cache); "
                         "REPORT.md goes next to the results, except for bench/results, whose report is bench/REPORT.md")
+    parser.add_argument("--device", default="cpu", help="where the serve step materialises adapters (cpu, cuda)")
     args = parser.parse_args(argv)
     out = args.out or (task.CACHE / "quick" if args.quick else HERE / "results")
     out.mkdir(parents=True, exist_ok=True)
     for step in STEPS if args.step == "all" else () if args.step == "report" else (args.step,):
-        run_step(step, args.quick, out)
+        run_step(step, args.quick, out, args.device)
     if args.step in ("all", "report"):
         main_results = out.resolve() == (HERE / "results").resolve()
         path = report.write(out, HERE / "REPORT.md" if main_results else out / "REPORT.md",

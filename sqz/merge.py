@@ -66,12 +66,12 @@ class Merged:
     """A merged adapter: `unmerge()` (or leaving a `with` block) puts every original weight back, bit for bit."""
 
     def __init__(self, originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]):
-        self._originals = originals
+        self._originals, self._modules = originals, list(originals)
 
     @property
     def modules(self) -> list[str]:
-        """The model paths whose weights hold the adapter."""
-        return list(self._originals)
+        """The model paths whose weights the adapter was merged into."""
+        return list(self._modules)
 
     def unmerge(self) -> None:
         if self._originals is None:
@@ -112,11 +112,12 @@ class Attached:
     """An attached adapter: `detach()` (or leaving a `with` block) removes it; the weights were never touched."""
 
     def __init__(self, hooks: dict[str, torch.utils.hooks.RemovableHandle]):
-        self._hooks = hooks
+        self._hooks, self._modules = hooks, list(hooks)
 
     @property
     def modules(self) -> list[str]:
-        return list(self._hooks)
+        """The model paths whose outputs the adapter was attached to."""
+        return list(self._modules)
 
     def detach(self) -> None:
         for hook in self._hooks.values():

@@ -25,7 +25,7 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, {step: json.loads((out / f"{step}.json").read_text()) for step in ("task", "codecs", "figure1", "speed")}
+    return out, {step: json.loads((out / f"{step}.json").read_text()) for step in ("task", "codecs", "figure1", "speed", "serve")}
 
 
 def test_task_trains_and_evaluates_every_adapter(quick_run):
@@ -114,3 +114,16 @@ def test_speed_and_report(quick_run):
     assert len(pngs) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     for name in ("accuracy_vs_size.png", "rd_llama.png", "rd_task.png", "figure1.png", "table5.png", "scaling.png"):
         assert f"]({name})" in report
+
+
+def test_serve_holds_more_adapters_per_gib_and_times_every_request(quick_run):
+    out, r = quick_run
+    rows = {(x["format"], x["adapters"]): x for x in r["serve"]["rows"]}
+    fp16 = rows[("safetensors fp16", 100)]
+    for bpp in (2, 3):
+        ours = rows[(f"sqz --bpp {bpp}", 100)]
+        assert ours["adapters_per_gib"] > 16 / (bpp * 1.01) * fp16["adapters_per_gib"] * 0.9
+        assert ours["hit_rate"] == fp16["hit_rate"]  # the same stream and the same LRU policy
+        assert 0 < ours["p50_ms"] <= ours["p90_ms"] <= ours["p99_ms"] and ours["miss_p50_ms"] > 0
+    assert rows[("sqz --bpp 2", 1)]["hit_rate"] > 0.9  # one adapter: decoded once, then served from the LRU
+    assert "Serving many adapters" in (out / "REPORT.md").read_text()
