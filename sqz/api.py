@@ -54,7 +54,7 @@ class EncodeReport:
     pairs: int
     quantized: int
     warnings: tuple[str, ...]
-    sqnr_db: float | None = None  # with a rate-distortion target: the SQNR of ΔW over the allocated pairs
+    sqnr_db: float | None = None  # with a rate-distortion target (or measure=True): the SQNR of ΔW in dB
 
     @property
     def bits_per_param(self) -> float:
@@ -66,8 +66,9 @@ DEFAULT_OPTIONS, NO_SINE = EncodeOptions(), SineOptions()
 
 def encode(src: str | Path, dst: str | Path, options: EncodeOptions = DEFAULT_OPTIONS,
            sine: SineOptions = NO_SINE, force: bool = False, progress: bool | None = None,
-           workers: int | None = None) -> EncodeReport:
-    """Encode an adapter file or PEFT directory into a .sqz file (atomically; never a partial output)."""
+           workers: int | None = None, measure: bool = False) -> EncodeReport:
+    """Encode an adapter file or PEFT directory into a .sqz file (atomically; never a partial output).
+    A target always measures the ΔW SQNR of the file it builds; `measure=True` does so for -b as well."""
     dst = Path(dst)
     check_writable(dst, force)
     adapter = read_adapter(src, sine)
@@ -77,6 +78,8 @@ def encode(src: str | Path, dst: str | Path, options: EncodeOptions = DEFAULT_OP
     sqnr = None
     if options.target is None:
         header, sections = _encode_adapter(adapter, options, progress, workers)
+        if measure:
+            sqnr = targets.delta_sqnr(adapter, header, sections, workers)
     else:
         header, sections, sqnr = targets.encode(adapter, options, TensorEncoder(adapter, options, progress, workers),
                                                 workers, lambda it, n, what: _progress(it, n, what, progress))

@@ -47,38 +47,55 @@ def _emit(data: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else text)
 
 
+def encode_options(command):
+    """The options that decide a .sqz file's bytes, shared by `encode` and `encode-many`."""
+    options = [
+        click.option("-b", "--bits", default=3, show_default=True, type=int, help="Bits per index, 1..8 (codebook of 2^b)."),
+        click.option("--bpp", type=float, help="Rate-distortion target: all-in file bits per parameter (replaces -b)."),
+        click.option("--size", "size_text", metavar="SIZE",
+                     help="Rate-distortion target: file size, e.g. 6MB, 512KiB, 80000."),
+        click.option("--sqnr", type=float, help="Rate-distortion target: SQNR of ΔW in dB, met or exceeded (replaces -b)."),
+        click.option("--sample", default=DEFAULT_SAMPLE, show_default=True, type=int,
+                     help=f"0 fits the centroids on every value (exact); N > 0 on a seeded sample of N values, as the "
+                          f"paper did with {PAPER_SAMPLE:,}."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fitting sample (--sample N)."),
+        click.option("--entropy", default=ENTROPY_AUTO, show_default=True,
+                     type=click.Choice([ENTROPY_AUTO, *ENTROPY_STAGES]),
+                     help="Entropy stage; auto keeps the smallest per tensor (rANS only where it saves 2% more)."),
+        click.option("--omega", type=float, help="Sine frequency ω: treat every pair as a sine-activated adapter."),
+        click.option("--gamma", help="Sine divisor γ: a number, 'sqrt_in' (default) or 'K*sqrt_in'."),
+        click.option("--alpha", type=float, help="lora_alpha, when no adapter_config.json gives it (scaling = alpha/r)."),
+        click.option("--lossless", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB exact (repeatable)."),
+        click.option("--quantize", multiple=True, metavar="GLOB",
+                     help="Also quantize non-factor float tensors matching GLOB."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _options(bits: int, bpp: float | None, size_text: str | None, sqnr: float | None, sample: int, seed: int,
+             entropy: str, omega: float | None, gamma: str | None, alpha: float | None, lossless: tuple[str, ...],
+             quantize: tuple[str, ...]) -> tuple[EncodeOptions, SineOptions]:
+    options = EncodeOptions(bits=bits, sample=sample, seed=seed, entropy=entropy, lossless=lossless, quantize=quantize,
+                            bpp=bpp, size=parse_size(size_text) if size_text is not None else None, sqnr=sqnr)
+    return options, SineOptions(omega=omega, gamma=gamma, alpha=alpha)
+
+
 @main.command("encode")
 @click.argument("src", type=click.Path(exists=False))
 @click.option("-o", "--output", required=True, type=click.Path(), help="The .sqz file to write.")
-@click.option("-b", "--bits", default=3, show_default=True, type=int, help="Bits per index, 1..8 (codebook of 2^b).")
-@click.option("--bpp", type=float, help="Rate-distortion target: all-in file bits per parameter (replaces -b).")
-@click.option("--size", "size_text", metavar="SIZE", help="Rate-distortion target: file size, e.g. 6MB, 512KiB, 80000.")
-@click.option("--sqnr", type=float, help="Rate-distortion target: SQNR of ΔW in dB, met or exceeded (replaces -b).")
-@click.option("--sample", default=DEFAULT_SAMPLE, show_default=True, type=int,
-              help=f"0 fits the centroids on every value (exact); N > 0 on a seeded sample of N values, as the "
-                   f"paper did with {PAPER_SAMPLE:,}.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fitting sample (--sample N).")
-@click.option("--entropy", default=ENTROPY_AUTO, show_default=True,
-              type=click.Choice([ENTROPY_AUTO, *ENTROPY_STAGES]),
-              help="Entropy stage; auto keeps the smallest per tensor (rANS only where it saves 2% more).")
-@click.option("--omega", type=float, help="Sine frequency ω: treat every pair as a sine-activated adapter.")
-@click.option("--gamma", help="Sine divisor γ: a number, 'sqrt_in' (default) or 'K*sqrt_in'.")
-@click.option("--alpha", type=float, help="lora_alpha, when no adapter_config.json gives it (scaling = alpha/r).")
-@click.option("--lossless", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB exact (repeatable).")
-@click.option("--quantize", multiple=True, metavar="GLOB", help="Also quantize non-factor float tensors matching GLOB.")
+@encode_options
 @click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def encode_cmd(src: str, output: str, bits: int, bpp: float | None, size_text: str | None, sqnr: float | None,
-               sample: int, seed: int, entropy: str, omega: float | None, gamma: str | None, alpha: float | None,
-               lossless: tuple[str, ...], quantize: tuple[str, ...], force: bool, as_json: bool) -> None:
+def encode_cmd(src: str, output: str, force: bool, as_json: bool, **encoding: Any) -> None:
     """Encode an adapter (.safetensors, .bin, or a PEFT directory) into a .sqz file.
 
     -b N quantizes every factor at N bits (the paper's method). --bpp, --size or --sqnr instead give each factor
     the width that serves ΔW best at one global slope, searched until the file meets the target."""
-    options = EncodeOptions(bits=bits, sample=sample, seed=seed, entropy=entropy, lossless=lossless, quantize=quantize,
-                            bpp=bpp, size=parse_size(size_text) if size_text is not None else None, sqnr=sqnr)
+    options, sine = _options(**encoding)
     start = time.perf_counter()
-    report = encode(src, output, options, SineOptions(omega=omega, gamma=gamma, alpha=alpha), force=force)
+    report = encode(src, output, options, sine, force=force)
     seconds = time.perf_counter() - start
     for message in report.warnings:
         click.echo(f"sqz: warning: {message}", err=True)
@@ -91,6 +108,39 @@ def encode_cmd(src: str, output: str, bits: int, bpp: float | None, size_text: s
     _emit(data, as_json, f"{report.path}: {report.file_bytes:,} bytes, {report.params:,} params, "
                          f"{report.bits_per_param:.3f} bits/param{sqnr_text}, {report.quantized}/{report.tensors} "
                          f"tensors quantized, {report.pairs} pairs, {seconds:.2f} s")
+
+
+@main.command("encode-many")
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="The folder of .sqz files and manifest.jsonl.")
+@encode_options
+@click.option("--glob", "pattern", help="Files to take from folders given as SRC (default: **/*.safetensors and "
+              "**/adapter_model.bin; an adapter_model.* stands for its PEFT folder).")
+@click.option("--redo", is_flag=True, help="Encode every input again, even those the manifest has good rows for.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite .sqz files in an OUT that has no manifest yet.")
+@click.option("--workers", type=int, help="Processes (or Ray CPUs when Ray starts here); default: every core.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Run on Ray: alone, start Ray on this machine; with an address (auto, ray://host:10001), join "
+                   "that cluster. Needs the ray extra.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def encode_many_cmd(sources: tuple[str, ...], output: str, pattern: str | None, redo: bool, force: bool,
+                    workers: int | None, ray_address: str | None, as_json: bool, **encoding: Any) -> None:
+    """Encode a catalog of adapters (files, PEFT folders, folders of them) into OUT/, resumably.
+
+    Each input becomes OUT/<path under its SRC>.sqz; OUT/manifest.jsonl gets a row per adapter as it finishes
+    (README: "Catalogs"). A rerun skips what is already done; a bad input is an error row and exit status 1."""
+    from .catalog import encode_many
+
+    options, sine = _options(**encoding)
+    summary = encode_many(list(sources), output, options, sine, glob=pattern, redo=redo, force=force,
+                          workers=workers, ray=ray_address)
+    _emit(summary.to_json(), as_json,
+          f"{summary.inputs} adapters: {summary.encoded} encoded, {summary.skipped} already done, {summary.errors} "
+          f"failed in {summary.seconds:.1f} s ({summary.adapters_per_s:.2f} adapters/s, "
+          f"{summary.params_per_s / 1e6:.1f}M params/s); manifest {summary.manifest}")
+    if summary.errors:
+        raise SqzError(f"{summary.errors} of {summary.inputs} adapters failed: their rows in {summary.manifest} "
+                       "say why")
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -99,6 +99,17 @@ def _for_sqnr(prepared: ratecontrol.Prepared, target: float, make: Callable,
     return header, sections, sqnr
 
 
+def delta_sqnr(adapter: Adapter, header: dict, sections: list[bytes], workers: int) -> float:
+    """SQNR (dB) of ΔW over every pair whose factors are floats, decoded from the built file against the input:
+    what `-b` files report when asked (targets measure their own); inf when nothing was lost."""
+    floats = {"F16", "BF16", "F32", "F64"}
+    pairs = [p for p in adapter.pairs if {adapter.tensors[p.a].dtype, adapter.tensors[p.b].dtype} <= floats]
+    names = [n for p in pairs for n in (p.a, p.b)]
+    reference = {n: to_float64(adapter.tensors[n].raw, adapter.tensors[n].dtype).reshape(adapter.tensors[n].shape)
+                 for n in names}
+    return ratecontrol.measured_sqnr(pairs, reference, _decoded(header, sections, names, workers))
+
+
 def _decoded(header: dict, sections: list[bytes], names: list[str], workers: int) -> dict[str, np.ndarray]:
     """The float64 values a reader will get for `names`, decoded from the built sections."""
     index = {record["name"]: i for i, record in enumerate(header["tensors"])}
