@@ -5,6 +5,7 @@ task     train/cache LoRA + SineLoRA on MiniLM, accuracy at full precision and a
 codecs   rate-distortion of sqz against the alternatives on task adapters and the 28.3M adapter (codecs.json)
 figure1  the paper's Figure 1, stable rank against bits (figure1.json)
 speed    speed and memory on the 28.3M adapter, as ratios (speed.json)
+catalog  sqz encode-many over 50 adapters: local pool against Ray, and the resume cost (catalog.json)
 serve    a multi-adapter server: adapters per GiB of host memory, latency to ready on the device (serve.json;
          --device cuda measures on a GPU)
 report   plots (PNG) and REPORT.md from the JSON files; a full run also refreshes the README's headline block
@@ -20,12 +21,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import codecs, figure1, report, serve, speed, task
+from bench import catalog, codecs, figure1, report, serve, speed, task
 from bench.codecs import read_adapter
 from bench.synthetic import write_llama_adapter
 
 HERE = Path(__file__).parent
-STEPS = ("task", "codecs", "figure1", "speed", "serve")
+STEPS = ("task", "codecs", "figure1", "speed", "serve", "catalog")
 # The synthetic adapter's B@A entries are ~1e-4; ω = 1e4 puts ω·B@A at unit scale, where the sine is
 # non-linear (ω = 200 would leave it in its linear range, where sine distortion equals plain distortion).
 LLAMA_SINE_OMEGA = 1e4
@@ -84,6 +85,9 @@ def run_step(step: str, quick: bool, out: Path, device: str = "cpu") -> None:
         result = run_codecs(quick)
     elif step == "figure1":
         result = run_figure1(quick)
+    elif step == "catalog":
+        with tempfile.TemporaryDirectory() as tmp:
+            result = catalog.run(Path(tmp), quick, log=log)
     elif step == "serve":
         with tempfile.TemporaryDirectory() as tmp:
             result = serve.run(Path(tmp), quick, device=device, log=log)

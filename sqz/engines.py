@@ -51,7 +51,8 @@ def on_ray(fn: Callable[[Any], Row], tasks: list, failed: Callable[[Any, str], R
            memory: Callable[[Any], int]) -> Iterator[Row]:
     """Tasks as Ray tasks: Ray started here (`address` None, `workers` CPUs) or joined at `address`. Each task
     declares one CPU and the memory its source's size implies; a task whose worker dies is retried RAY_RETRIES
-    times; at most RAY_WINDOW_PER_CPU tasks per CPU are in flight; results come back as they finish (ray.wait)."""
+    times; at most RAY_WINDOW_PER_CPU tasks per CPU are in flight; results come back as they finish (ray.wait, in
+    batches of whatever is ready, so that the driver's cost per task stays small on a large cluster)."""
     try:
         import ray
     except ImportError:
@@ -75,10 +76,12 @@ def on_ray(fn: Callable[[Any], Row], tasks: list, failed: Callable[[Any, str], R
     for _ in range(RAY_WINDOW_PER_CPU * max(1, int(resources.get("CPU", 1)))):
         submit()
     while pending:
-        (done,), _ = ray.wait(list(pending), num_returns=1)
-        task = pending.pop(done)
-        try:
-            yield ray.get(done)
-        except ray.exceptions.RayError as exc:
-            yield failed(task, f"ray task failed after {RAY_RETRIES} retries: {str(exc).splitlines()[0]}")
-        submit()
+        ray.wait(list(pending), num_returns=1)  # block for one, then take every other one that is ready too
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in done:
+            task = pending.pop(ref)
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                yield failed(task, f"ray task failed after {RAY_RETRIES} retries: {str(exc).splitlines()[0]}")
+            submit()

@@ -25,7 +25,7 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, {step: json.loads((out / f"{step}.json").read_text()) for step in ("task", "codecs", "figure1", "speed", "serve")}
+    return out, {step: json.loads((out / f"{step}.json").read_text()) for step in ("task", "codecs", "figure1", "speed", "serve", "catalog")}
 
 
 def test_task_trains_and_evaluates_every_adapter(quick_run):
@@ -127,3 +127,14 @@ def test_serve_holds_more_adapters_per_gib_and_times_every_request(quick_run):
         assert 0 < ours["p50_ms"] <= ours["p90_ms"] <= ours["p99_ms"] and ours["miss_p50_ms"] > 0
     assert rows[("sqz --bpp 2", 1)]["hit_rate"] > 0.9  # one adapter: decoded once, then served from the LRU
     assert "Serving many adapters" in (out / "REPORT.md").read_text()
+
+
+def test_catalog_step_encodes_with_both_engines_and_a_rerun_skips_all(quick_run):
+    out, r = quick_run
+    rows = {x["engine"]: x for x in r["catalog"]["rows"]}
+    count = r["catalog"]["adapters"]
+    assert rows["local pool"]["encoded"] == count and rows["local pool"]["errors"] == 0
+    assert rows["Ray (local)"]["encoded"] == count and r["catalog"]["identical_bytes"]
+    rerun = rows["local pool, rerun over the finished catalog"]
+    assert rerun["skipped"] == count and rerun["encoded"] == 0 and rerun["seconds"] < rows["local pool"]["seconds"]
+    assert "sqz encode-many" in (out / "REPORT.md").read_text()

@@ -167,3 +167,9 @@ def test_cli_summary_and_ray_missing(source, tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["encode-many", str(source / "team1"), "-o", str(tmp_path / "r"), "--ray"])
     assert result.exit_code == 1 and 'pip install "sqz[ray]"' in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_the_readme_prints_the_schema_the_rows_are_checked_against():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### Manifest rows", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    assert json.loads(block) == manifest.SCHEMA
