@@ -180,10 +180,9 @@ def quantize(values: np.ndarray, bits: int, sample: int = DEFAULT_SAMPLE, seed: 
     if not np.isfinite(flat).all():
         bad = int(np.count_nonzero(~np.isfinite(flat)))
         raise InputError(f"tensor has {bad} NaN/inf value(s); sqz quantizes finite values only")
-    if codebook is not None:
-        fitted = flat.size
-    elif sample == 0:
-        codebook, fitted = fit_histogram(flat, dtype, bits), flat.size
+    if codebook is not None or sample == 0:  # every value: no sample, and no seed to record (it would cost
+        codebook = fit_histogram(flat, dtype, bits) if codebook is None else codebook  # ~4 header bytes a tensor)
+        fitted, seed = flat.size, 0
     else:
         fitted_on = draw_sample(flat, sample, seed)
         codebook, fitted = fit_codebook(fitted_on, bits), fitted_on.size

@@ -38,7 +38,8 @@ def test_every_value_goes_to_its_nearest_centroid():
 
 def test_sample_zero_fits_on_all_values_and_is_seeded():
     values = heavy_tailed(3_000, 2)
-    assert q.quantize(values, 2, sample=0).sample_size == 3_000
+    exact = q.quantize(values, 2, sample=0, seed=7)
+    assert exact.sample_size == 3_000 and exact.seed == 0  # no sample was drawn: no seed is recorded
     a, b = q.quantize(values, 4, sample=500, seed=1), q.quantize(values, 4, sample=500, seed=1)
     assert np.array_equal(a.codebook, b.codebook) and np.array_equal(a.indices, b.indices)
     assert not np.array_equal(a.codebook, q.quantize(values, 4, sample=500, seed=2).codebook)
