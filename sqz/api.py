@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,9 +165,16 @@ class SqzAdapter(Mapping):
         self._threads = torch.get_num_threads()  # as many as torch computes with (OMP_NUM_THREADS, set_num_threads)
         self._cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
-        self.pairs: list[Pair] = [Pair(p["module"], p["a"], p["b"], p["kind"], p["layer"], p["scaling"],
-                                       p.get("omega"), p.get("gamma")) for p in self._file.header["pairs"]]
-        self._pairs_by_module = {p.module: p for p in self.pairs}
+
+    @cached_property
+    def pairs(self) -> list[Pair]:
+        """The LoRA pairs and the numbers that make their ΔW (built on first use: most opens never need them)."""
+        return [Pair(p["module"], p["a"], p["b"], p["kind"], p["layer"], p["scaling"], p.get("omega"), p.get("gamma"))
+                for p in self._file.header["pairs"]]
+
+    @cached_property
+    def _pairs_by_module(self) -> dict[str, Pair]:
+        return {p.module: p for p in self.pairs}
 
     @property
     def config(self) -> dict | None:

@@ -11,11 +11,14 @@ against the file's real size and the limits in constants.py before anything is a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import os
 import struct
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
@@ -143,6 +146,14 @@ class Container:
             self._map.close()
 
 
+VALIDATED_HEADERS = 1024
+"""Digests of header bytes already validated in this process (LRU): validation is a pure function of them, so a file
+opened again (a server decoding an adapter it evicted) skips the header's per-record checks, most of the open
+cost. The file-dependent checks (size, padding) run on every open, and every header is parsed afresh."""
+_VALIDATED: OrderedDict[bytes, None] = OrderedDict()  # 16-byte BLAKE2b digests: a few KB in all
+_VALIDATED_LOCK = threading.Lock()
+
+
 def parse_head(buf: memoryview, size: int, where: str) -> tuple[tuple[int, int], dict[str, Any], int]:
     """Check preamble and header; return (version, header, data_start). Never trusts a claim unchecked."""
     magic, major, minor, header_length, header_crc = _PREAMBLE.unpack(buf[:PREAMBLE_SIZE])
@@ -165,7 +176,15 @@ def parse_head(buf: memoryview, size: int, where: str) -> tuple[tuple[int, int],
         raise type(exc)(f"{where}: header: {exc}") from None
     header = _parse_json(header_json, where)
     data_start = align(PREAMBLE_SIZE + header_length)
-    validate_header(header, where)
+    key = hashlib.blake2b(header_bytes, digest_size=16).digest()
+    with _VALIDATED_LOCK:
+        known = _VALIDATED.pop(key, False) is None
+    if not known:
+        validate_header(header, where)
+    with _VALIDATED_LOCK:
+        _VALIDATED[key] = None  # (re)inserted last: the most recently used
+        if len(_VALIDATED) > VALIDATED_HEADERS:
+            _VALIDATED.popitem(last=False)
     end = data_start + header["data_size"]
     if size < end:
         raise TruncatedError(f"{where}: truncated: {size} bytes, the header describes {end}")

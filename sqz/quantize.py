@@ -1,10 +1,11 @@
 """Per-tensor optimal 1-D k-means quantization (the paper, section 3.1 and appendix B), fitted on every value.
 
 By default (sample = 0) the centroids are the exact optimum over all of a tensor's values: its values are
-binned (a float16 or bfloat16 tensor has at most 65,536 distinct values, one bin each; float32/float64 values
-go into bins of float16 precision, each keeping the exact count, sum and sum of squares of its values) and
-the C kernel sqz._kmeans solves the weighted problem on the bins in O(k n log n). For 16-bit tensors that is
-the optimum over every value; for wider ones, the optimum among partitions that keep each bin whole. Without
+binned (a float16 or bfloat16 tensor has at most 65,536 distinct values, one bin each; so has a float32 tensor
+of at most 65,536 values; larger float32/float64 tensors go into bins of float16 precision, each keeping the
+exact count, sum and sum of squares of its values) and the C kernel sqz._kmeans solves the weighted problem on
+the bins in O(k n log n). For 16-bit and small tensors that is the optimum over every value; for larger wider ones,
+the optimum among partitions that keep each bin whole. Without
 the kernel (no C compiler at install), kmeans1d fits every value instead: the same optimum, slower.
 
 With sample > 0 the centroids are kmeans1d's on a seeded uniform sample of that many values, bit-exactly the
@@ -87,8 +88,9 @@ def fit_codebook(sample: np.ndarray, bits: int) -> np.ndarray:
 def histogram(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(count, sum, sum of squares) of the values in each bin, bins in increasing order of value, float64.
 
-    16-bit dtypes: one bin per distinct value (by bit pattern, O(n)). Wider ones: one bin per float32 pattern
-    with its low mantissa bits dropped (BIN_MANTISSA_BITS kept), so each bin is a narrow interval of values.
+    16-bit dtypes: one bin per distinct value (by bit pattern, O(n)). Wider ones: one bin per float32 value for
+    tensors of at most MAX_BINS values (exact), else one per float32 pattern with its low mantissa bits dropped
+    (BIN_MANTISSA_BITS kept), so each bin is a narrow interval of values.
     """
     if dtype in ("F16", "BF16"):
         patterns = values.astype(np.float32 if dtype == "BF16" else np.float16).view(
@@ -102,7 +104,8 @@ def histogram(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, n
         weight, value = counts[present][order].astype(np.float64), bin_values[order]
         return _merge_equal(weight, weight * value, weight * value * value, value)
     keys32 = values.astype(np.float32).view(np.uint32)
-    for drop in range(23 - BIN_MANTISSA_BITS, 32):
+    first = 0 if values.size <= MAX_BINS else 23 - BIN_MANTISSA_BITS  # a small tensor: one bin per value, exact
+    for drop in range(first, 32):
         keys, inverse = np.unique(keys32 >> drop, return_inverse=True)
         if keys.size <= MAX_BINS:
             break

@@ -159,3 +159,25 @@ def test_writer_is_deterministic():
     container.write(a, json.loads(json.dumps(header)), [b"abc"])
     container.write(b, json.loads(json.dumps(header)), [b"abc"])
     assert a.getvalue() == b.getvalue()
+
+
+def test_a_header_is_validated_once_per_process_and_a_bad_one_every_time(tmp_path, monkeypatch):
+    calls = []
+    validate = container.validate_header
+    monkeypatch.setattr(container, "validate_header", lambda header, where: (calls.append(where), validate(header, where)))
+    good = write(tmp_path, {"tensors": [{"name": "t", "shape": [3], "dtype": "U8", "role": "other", "encoding": "raw",
+                                         "entropy": "none"}], "pairs": [], "config": None, "metadata": {"n": "x"}},
+                 [b"abc"])
+    for _ in range(3):
+        assert container.Container(good).section(0).tobytes() == b"abc"
+        assert container.Container(good.read_bytes()).header["metadata"] == {"n": "x"}
+    assert len(calls) == 1  # the same header bytes: validated once
+    data = bytearray(good.read_bytes())
+    data[-1] ^= 1  # the data changes, the header does not: still caught, by the section's CRC
+    with pytest.raises(ChecksumError):
+        container.Container(bytes(data)).section(0)
+    bad = forge(tmp_path, {"tensors": [base_record(offset=3)], "pairs": [], "data_size": 16}, b"\0" * 16)
+    for _ in range(2):
+        with pytest.raises(FormatError, match="aligned"):
+            container.Container(bad)
+    assert len(calls) == 3  # a refused header is never remembered as good
