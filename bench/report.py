@@ -339,6 +339,16 @@ def speed_tables(speed: dict) -> str:
     for name in ("safetensors", "sqz", "zstd", "zipnn"):
         out.append(f"| {name} | {mem[name] / 1e6:.1f} | {mem[name] / max(1, mem['safetensors']):.2f} |")
     out.append(f"| sqz encode, 3-bit (for comparison) | {mem['sqz_encode_3bit'] / 1e6:.1f} | — |")
+    if "encode_modes" in speed:
+        out += ["", "| encode mode | seconds | bits/param |", "|---|---|---|"]
+        out += [f"| {r['mode']} | {r['encode_s']:.2f} | {r['bits_per_param']:.3f} |" for r in speed["encode_modes"]]
+        o = speed["open"]
+        out += ["", "| open (header only) | ms | ratio to safetensors' safe_open |", "|---|---|---|",
+                (f"| sqz.load, first open in the process | {1e3 * o['sqz_first_open_s']:.2f} | "
+                f"{o['sqz_first_open_s'] / o['safetensors_open_s']:.1f}x |"),
+                (f"| sqz.load, header validated already | {1e3 * o['sqz_open_again_s']:.2f} | "
+                f"{o['sqz_open_again_s'] / o['safetensors_open_s']:.1f}x |"),
+                f"| safetensors safe_open | {1e3 * o['safetensors_open_s']:.2f} | 1.0x |"]
     out += ["", "| scale | params | sqz file MB | encode s | load+touch s | safetensors load+touch s | load ratio |",
             "|---|---|---|---|---|---|---|"]
     for r in speed["scaling"]:

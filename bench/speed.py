@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 import zstandard
+from safetensors import safe_open
 from safetensors.torch import load, load_file
 
 import sqz
 from bench.synthetic import write_llama_adapter
+from sqz import container
 
 
 def touch(tensors) -> float:
@@ -194,6 +196,32 @@ def scaling_rows(workdir: Path, scales: list[float], bits: int, repeat: int) -> 
     return rows
 
 
+def encode_modes(src: Path, workdir: Path, params: int) -> list[dict]:
+    """Encode time of the modes the issue sets targets for: -b 8 (the widest codebooks) and --bpp 2 (search
+    included), one run each, on every core, from the same source."""
+    rows, out = [], workdir / "mode.sqz"
+    for label, options in (("-b 8", sqz.EncodeOptions(bits=8)), ("--bpp 2", sqz.EncodeOptions(bpp=2.0))):
+        encode_s, = best_of(1, lambda options=options: sqz.encode(src, out, options, force=True, progress=False))
+        rows.append({"mode": label, "encode_s": encode_s, "file_bytes": out.stat().st_size,
+                     "bits_per_param": 8 * out.stat().st_size / params})
+    return rows
+
+
+def open_times(weights: Path, packed: Path, repeat: int) -> dict:
+    """Opening a file without reading tensors: sqz.load's header parse (first open in the process: validated;
+    again: validated already) against safetensors' safe_open, best of `repeat` x 20."""
+    def first() -> None:
+        container._VALIDATED.clear()
+        sqz.load(packed).close()
+
+    def st_open() -> None:
+        with safe_open(str(weights), framework="pt"):
+            pass
+
+    first_s, again_s, st_s = best_of(20 * repeat, first, lambda: sqz.load(packed).close(), st_open)
+    return {"sqz_first_open_s": first_s, "sqz_open_again_s": again_s, "safetensors_open_s": st_s}
+
+
 def run(workdir: Path, quick: bool = False, log=print) -> dict:
     scale = 1 / 32 if quick else 1.0
     src = write_llama_adapter(workdir / "adapter", scale=scale)
@@ -215,10 +243,13 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
          "sqz.encode(sys.argv[1], sys.argv[2], sqz.EncodeOptions(bits=3), force=True, progress=False); "
          "print((vm_kib('VmHWM') - b) * 1024)"), str(src), str(workdir / "m.sqz")],
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()[-1]
+    modes = encode_modes(src, workdir, params)
+    opening = open_times(weights, workdir / "b3-auto.sqz", repeat)
     log("speed: scaling")
     scaling = scaling_rows(workdir, [1 / 128, 1 / 32] if quick else [0.25, 1.0, 4.0], 3, repeat)
     return {"adapter": {"params": params, "fp16_bytes": weights.stat().st_size, "scale": scale}, "repeat": repeat,
             "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
                         "torch": torch.__version__, "sqz": sqz.__version__, "platform": platform.platform()},
             "rows": rows, "lossless": lossless, "conditions": conditions,
-            "peak_memory_bytes": {**memory, "sqz_encode_3bit": int(encode_memory)}, "scaling": scaling}
+            "peak_memory_bytes": {**memory, "sqz_encode_3bit": int(encode_memory)}, "scaling": scaling,
+            "encode_modes": modes, "open": opening}
