@@ -52,10 +52,16 @@ def _state_dict(adapter: SqzAdapter) -> dict[str, torch.Tensor]:
     return {name: adapter[name] for name in adapter}
 
 
-def _warn_missing(missing: list[str], adapter_name: str) -> None:
-    missing = [k for k in missing if ".lora_" in k and f".{adapter_name}." in k]
+def _load_weights(peft_model: PeftModel, adapter: SqzAdapter, adapter_name: str, is_trainable: bool) -> None:
+    """The adapter's tensors into `adapter_name`, then trainable or eval mode, as PEFT's load_adapter leaves it."""
+    result = set_peft_model_state_dict(peft_model, _state_dict(adapter), adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if ".lora_" in k and f".{adapter_name}." in k]
     if missing:  # PEFT warns the same way; a user would not notice otherwise
         warnings.warn(f"Found missing adapter keys while loading the checkpoint: {missing}.", stacklevel=3)
+    if is_trainable:
+        peft_model.set_requires_grad(adapter_name)
+    else:
+        peft_model.eval()
 
 
 def from_pretrained(model: torch.nn.Module, source: str | Path | bytes | SqzAdapter, adapter_name: str = "default",
@@ -64,12 +70,7 @@ def from_pretrained(model: torch.nn.Module, source: str | Path | bytes | SqzAdap
     adapter = _open(source, device)
     config = peft_config(adapter, is_trainable)
     peft_model = PeftModel(model, config, adapter_name)
-    result = set_peft_model_state_dict(peft_model, _state_dict(adapter), adapter_name=adapter_name)
-    _warn_missing(result.missing_keys, adapter_name)
-    if is_trainable:
-        peft_model.set_requires_grad(adapter_name)
-    else:
-        peft_model.eval()
+    _load_weights(peft_model, adapter, adapter_name, is_trainable)
     return peft_model
 
 
@@ -80,12 +81,7 @@ def load_adapter(peft_model: PeftModel, source: str | Path | bytes | SqzAdapter,
         raise InputError(f"the model already has an adapter named {adapter_name!r}: use sqz.peft.hotswap to replace it")
     adapter = _open(source, device)
     peft_model.add_adapter(adapter_name, peft_config(adapter, is_trainable))
-    result = set_peft_model_state_dict(peft_model, _state_dict(adapter), adapter_name=adapter_name)
-    _warn_missing(result.missing_keys, adapter_name)
-    if is_trainable:
-        peft_model.set_requires_grad(adapter_name)
-    else:
-        peft_model.eval()
+    _load_weights(peft_model, adapter, adapter_name, is_trainable)
 
 
 def hotswap(peft_model: PeftModel, source: str | Path | bytes | SqzAdapter, adapter_name: str = "default",

@@ -84,3 +84,12 @@ def test_refusals_name_the_reason(tmp_path):
     sqz.encode(folder, tmp_path / "sine.sqz")
     with pytest.raises(sqz.InputError, match="sqz.merge or sqz.attach"):
         sqz.peft.from_pretrained(tiny_llama(), tmp_path / "sine.sqz")
+
+
+def test_missing_adapter_weights_warn_as_peft_does(tmp_path):
+    src = llama_lora_dir(tmp_path / "src", target_modules=["q_proj", "v_proj"])
+    config = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "v_proj", "o_proj"]}))
+    sqz.encode(src, tmp_path / "a.sqz")
+    with pytest.warns(UserWarning, match=r"missing adapter keys.*o_proj\.lora_A\.default"):
+        sqz.peft.from_pretrained(tiny_llama(), tmp_path / "a.sqz")
