@@ -131,21 +131,23 @@ class Attached:
         self.detach()
 
 
-def _low_rank(a: torch.Tensor, b: torch.Tensor, factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> factor·B(Ax) for a Linear (or Conv1D): r·(in + out) multiply-adds a token instead of in·out."""
-    return lambda x: F.linear(F.linear(x, a), b) * factor
-
-
 def _update(pair: Pair, adapter: SqzAdapter, target: Target, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> ΔW·x as the target layer applies its weight, in the weight's dtype and on its device."""
-    weight = target.module.weight
+    """x -> ΔW·x as the target layer applies its weight, in the weight's dtype and on its device: through the
+    factors for plain LoRA on a Linear, Conv1D or Embedding (r·(in + out) multiply-adds a token instead of
+    in·out), through the materialised ΔW for sine pairs (the sine does not factor) and conv layers."""
+    weight, module = target.module.weight, target.module
     like = {"dtype": weight.dtype, "device": weight.device}
-    if pair.kind != PAIR_SINE and pair.layer not in (LAYER_CONV, LAYER_EMBEDDING):
+    factor = pair.scaling * scale
+    if pair.kind != PAIR_SINE and pair.layer != LAYER_CONV:
         a, b = adapter[pair.a], adapter[pair.b]
-        _shaped(pair, torch.empty(b.shape[0], a.shape[1], device="meta"), target)  # the shapes must fit
-        return _low_rank(a.to(**like), b.to(**like), pair.scaling * scale)
+        out_in = (b.shape[0], a.shape[1]) if pair.layer != LAYER_EMBEDDING else (a.shape[1], b.shape[0])
+        _shaped(pair, torch.empty(out_in, device="meta"), target)  # the shapes must fit
+        a, b = a.to(**like), b.to(**like)
+        if pair.layer == LAYER_EMBEDDING:  # lora_embedding_A is [r, num_embeddings]: look rows up in A.T
+            return lambda ids: F.linear(F.embedding(ids, a.T, module.padding_idx, module.max_norm, module.norm_type,
+                                                    module.scale_grad_by_freq, module.sparse), b) * factor
+        return lambda x: F.linear(F.linear(x, a), b) * factor
     delta = (scale * _shaped(pair, adapter.delta(pair.module), target)).to(**like)
-    module = target.module
     if pair.layer == LAYER_CONV:
         return lambda x: module._conv_forward(x, delta, None)  # the layer's own stride, padding mode, dilation
     if pair.layer == LAYER_EMBEDDING:
