@@ -88,6 +88,114 @@ static int solve(const double *w, const double *s1, const double *s2, Py_ssize_t
     return 0;
 }
 
+
+/* One k, faster for large k: the Lagrangian relaxation. For a price lam per cluster, the best partition with
+ * any number of clusters is one pass, E[t] = min over j of E[j] + cost(j..t-1) + lam (t bins), solved in
+ * O(n log n) by decision monotonicity (a start j that loses to a later one at some bin loses at every later
+ * bin: a deque of starts, each with the first bin where it wins). The cluster count falls as lam grows; a
+ * lam whose optimum has exactly k clusters gives the optimal k-partition (any other k-partition would beat it
+ * at that price). Bisection on lam finds one in ~30 passes against k rows of the full programme; where none is
+ * found (a plateau of lam skipping k), the caller falls back to the full programme. Ties take fewer clusters. */
+static Py_ssize_t priced(const Row *r, Py_ssize_t n, double lam, double *E, Py_ssize_t *count, int32_t *arg,
+                         Py_ssize_t *start, Py_ssize_t *from) {
+#define PRICED(j, i) (E[j] + cost(r, j, i) + lam)
+#define WINS(a, b, i) (PRICED(a, i) < PRICED(b, i) || (PRICED(a, i) == PRICED(b, i) && count[a] < count[b]))
+    Py_ssize_t head = 0, tail = 1;
+    E[0] = 0, count[0] = 0, start[0] = 0, from[0] = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        while (tail - head > 1 && from[head + 1] <= i) head++;
+        Py_ssize_t j = start[head];
+        E[i + 1] = PRICED(j, i), count[i + 1] = count[j] + 1, arg[i] = (int32_t)j;
+        Py_ssize_t c = i + 1; /* a cluster starting at the next bin */
+        if (c == n) break;
+        while (tail > head) {
+            Py_ssize_t last = start[tail - 1], at = from[tail - 1] > c ? from[tail - 1] : c;
+            if (WINS(c, last, at)) {
+                tail--;
+                continue;
+            }
+            Py_ssize_t lo = at + 1, hi = n;
+            while (lo < hi) {
+                Py_ssize_t mid = lo + (hi - lo) / 2;
+                if (WINS(c, last, mid)) hi = mid;
+                else lo = mid + 1;
+            }
+            if (lo < n) start[tail] = c, from[tail] = lo, tail++;
+            break;
+        }
+        if (tail == head) start[tail] = c, from[tail] = c, tail++;
+    }
+#undef WINS
+#undef PRICED
+    return count[n];
+}
+
+#define PRICE_STEPS 100
+
+/* The best partition into exactly k runs by bisection on the price; 1 when found (starts in out), 0 when no
+ * price gives k, -1 when out of memory. */
+static int solve_priced(const double *w, const double *s1, const double *s2, Py_ssize_t n, Py_ssize_t k,
+                        int32_t *out) {
+    double total_w = 0, total_s = 0;
+    for (Py_ssize_t i = 0; i < n; i++) total_w += w[i], total_s += s1[i];
+    double c = total_s / total_w;
+    double *pw = malloc(4 * (n + 1) * sizeof(double));
+    Py_ssize_t *index = malloc(3 * (n + 1) * sizeof(Py_ssize_t));
+    int32_t *arg = malloc(n * sizeof(int32_t));
+    if (!pw || !index || !arg) {
+        free(pw), free(index), free(arg);
+        return -1;
+    }
+    double *p1 = pw + (n + 1), *p2 = p1 + (n + 1), *E = p2 + (n + 1);
+    pw[0] = p1[0] = p2[0] = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        pw[i + 1] = pw[i] + w[i];
+        p1[i + 1] = p1[i] + (s1[i] - c * w[i]);
+        p2[i + 1] = p2[i] + (s2[i] - 2 * c * s1[i] + c * c * w[i]);
+    }
+    Row r = {pw, p1, p2, NULL, NULL, NULL, NULL};
+    double lo = 0, hi = cost(&r, 0, n - 1) + 1; /* at hi one cluster wins: it is cheaper than any split */
+    int found = 0;
+    for (int step = 0; step < PRICE_STEPS && !found; step++) {
+        double lam = 0.5 * (lo + hi);
+        Py_ssize_t got = priced(&r, n, lam, E, index, arg, index + (n + 1), index + 2 * (n + 1));
+        if (got == k) found = 1;
+        else if (got > k) lo = lam;
+        else hi = lam;
+    }
+    if (found)
+        for (Py_ssize_t m = k - 1, i = n - 1; m >= 0; m--) out[m] = arg[i], i = arg[i] - 1;
+    free(pw), free(index), free(arg);
+    return found;
+}
+
+static PyObject *fit_one(PyObject *self, PyObject *args) {
+    Py_buffer w, s1, s2;
+    Py_ssize_t k;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*n", &w, &s1, &s2, &k)) return NULL;
+    Py_ssize_t n = w.len / (Py_ssize_t)sizeof(double);
+    if (w.len % sizeof(double) || s1.len != w.len || s2.len != w.len || n < 1 || n > INT32_MAX || k < 1 || k > n) {
+        PyErr_SetString(PyExc_ValueError, "fit_one needs three float64 buffers of n >= 1 bins and 1 <= k <= n");
+        goto done;
+    }
+    PyObject *starts = PyBytes_FromStringAndSize(NULL, k * (Py_ssize_t)sizeof(int32_t));
+    if (!starts) goto done;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = solve_priced(w.buf, s1.buf, s2.buf, n, k, (int32_t *)PyBytes_AS_STRING(starts));
+    Py_END_ALLOW_THREADS
+    if (status == 1) result = starts;
+    else {
+        Py_DECREF(starts);
+        if (status < 0) PyErr_NoMemory();
+        else result = Py_NewRef(Py_None);
+    }
+done:
+    PyBuffer_Release(&w), PyBuffer_Release(&s1), PyBuffer_Release(&s2);
+    return result;
+}
+
 #define MAX_KS 64
 
 static PyObject *fit(PyObject *self, PyObject *args) {
@@ -140,6 +248,9 @@ done:
 
 static PyMethodDef methods[] = {
     {"fit", fit, METH_VARARGS, "fit(weight, sum, sum_sq, ks) -> [int32 bytes]: for each k, the first bin of each cluster"},
+    {"fit_one", fit_one, METH_VARARGS,
+     "fit_one(weight, sum, sum_sq, k) -> int32 bytes or None: the same for one k by Lagrangian relaxation, None if "
+     "no price gives exactly k clusters"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "sqz._kmeans", .m_size = -1, .m_methods = methods};

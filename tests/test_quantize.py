@@ -151,3 +151,54 @@ def test_float32_tensor_with_too_many_bins_is_binned_coarser():
     weight, sums, _ = q.histogram(x, "F32")
     assert weight.size <= q.MAX_BINS and weight.sum() == x.size and np.all(np.diff(sums / weight) > 0)
     assert q.fit_histogram(x, "F32", 3).size == 8
+
+
+histograms = st.builds(
+    lambda n, seed, kind: _histogram(n, seed, kind), st.integers(1, 600), st.integers(0, 2**32 - 1),
+    st.sampled_from(["t3", "even", "clumps"]))
+
+
+def _histogram(n: int, seed: int, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n bins (weight, sum, sum of squares) in increasing order: heavy-tailed, evenly spaced (ties everywhere),
+    or a few clumps of equal values with large counts."""
+    rng = np.random.default_rng(seed)
+    if kind == "even":
+        value, weight = np.arange(n, dtype=np.float64), np.ones(n)
+    elif kind == "clumps":
+        value, weight = np.sort(rng.integers(0, 20, n)).astype(np.float64) + np.arange(n) * 1e-3, rng.integers(1, 50, n)
+    else:
+        value, weight = np.sort(rng.standard_t(3, n)), rng.integers(1, 5, n)
+    weight = weight.astype(np.float64)
+    return weight, weight * value, weight * value * value
+
+
+def partition_sse(starts: bytes, weight, sums, squares) -> float:
+    s = np.frombuffer(starts, dtype=np.int32)
+    assert s[0] == 0 and np.all(np.diff(s) > 0) and s[-1] < weight.size
+    w, s1, s2 = (np.add.reduceat(a, s) for a in (weight, sums, squares))
+    return float(np.maximum(s2 - s1 * s1 / w, 0).sum())
+
+
+@settings(max_examples=200, deadline=None)
+@given(histogram=histograms, k_share=st.floats(0, 1))
+def test_the_priced_fit_of_one_k_is_the_full_programmes_optimum(histogram, k_share):
+    """fit_one (Lagrangian relaxation) returns an optimal k-partition whenever it returns one at all."""
+    if q.native_fit_one is None:
+        pytest.skip("sqz._kmeans was not built")
+    weight, sums, squares = histogram
+    k = 1 + int(k_share * (weight.size - 1))
+    exact = partition_sse(q.native_fit(weight, sums, squares, [k])[0], weight, sums, squares)
+    priced = q.native_fit_one(weight, sums, squares, k)
+    if priced is not None:
+        assert np.frombuffer(priced, dtype=np.int32).size == k
+        assert partition_sse(priced, weight, sums, squares) <= exact * (1 + 1e-9) + 1e-9
+
+
+def test_wide_codebooks_take_the_priced_fit_and_lose_nothing():
+    values = np.random.default_rng(0).standard_t(3, 60_000).astype(np.float16).astype(np.float64)
+    weight, sums, squares = q.histogram(values, "F16")
+    assert q.native_fit_one is None or q.native_fit_one(weight, sums, squares, 256) is not None
+    fit = q.fit_sizes(values, "F16", (256,))[256]
+    full = q.native_fit(weight, sums, squares, [256])[0] if q.native_fit is not None else None
+    if full is not None:
+        assert fit.sse == pytest.approx(partition_sse(full, weight, sums, squares), rel=1e-12)
