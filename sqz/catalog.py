@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import math
 import os
 import sys
@@ -195,30 +196,13 @@ def encode_many(sources: list[str | Path], out: str | Path, options: EncodeOptio
             stale.unlink(missing_ok=True)
         workers = workers or os.cpu_count() or 1
         engine = "ray" if ray is not None else "local"
-        settings = {"encode": options.to_json(), "sine": asdict(sine)}
-        owned = (out / manifest.NAME).exists()  # a catalog folder: its manifest is opened before any output is written
-        rows = manifest.read(out / manifest.NAME)
         start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            hashes = list(pool.map(_hash, jobs))
-        todo, early, skipped = [], [], 0
-        for job, digest in zip(jobs, hashes):
-            dest, last = out / job.name, rows.get(job.name)
-            if isinstance(digest, str):
-                early.append(_row(job, out, settings, engine, error=digest))
-            elif not redo and manifest.is_good(last, digest[0], settings, dest):
-                skipped += 1
-            elif dest.exists() and not (force or owned):
-                early.append(_row(job, out, settings, engine, source_sha256=digest[0], source_bytes=digest[1],
-                                  error=f"{dest} exists and {out} is no encode-many output yet; use --force to "
-                                        "overwrite it"))
-            else:
-                todo.append(Task(job, str(out), options, sine, settings, engine, digest[0], digest[1]))
+        todo, early, skipped = _plan(jobs, out, options, sine, engine, redo, force, workers)
         encoded = errors = params = 0
         bar = tqdm(total=len(early) + len(todo), desc="encode-many", unit="adapter", leave=False,
                    disable=not (sys.stderr.isatty() if progress is None else progress))
         with open(out / manifest.NAME, "a", encoding="utf-8") as f, bar:
-            for row in _chain(early, _run(todo, engine, ray, workers)):
+            for row in itertools.chain(early, _run(todo, engine, ray, workers)):
                 manifest.append(f, row)
                 bar.update()
                 if row["status"] == "ok":
@@ -231,9 +215,30 @@ def encode_many(sources: list[str | Path], out: str | Path, options: EncodeOptio
         lock.close()
 
 
-def _chain(first: list[dict], rest: Iterator[dict]) -> Iterator[dict]:
-    yield from first
-    yield from rest
+def _plan(jobs: list[Job], out: Path, options: EncodeOptions, sine: SineOptions, engine: str, redo: bool,
+          force: bool, workers: int) -> tuple[list[Task], list[dict[str, Any]], int]:
+    """What this run encodes, the error rows it writes without encoding (unreadable inputs, outputs it may not
+    overwrite), and how many inputs the manifest already has good rows for. Sources are hashed on `workers`
+    threads (hashlib releases the GIL)."""
+    settings = {"encode": options.to_json(), "sine": asdict(sine)}
+    owned = (out / manifest.NAME).exists()  # a catalog folder: its manifest is opened before any output is written
+    rows = manifest.read(out / manifest.NAME)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        hashes = list(pool.map(_hash, jobs))
+    todo, early, skipped = [], [], 0
+    for job, digest in zip(jobs, hashes):
+        dest, last = out / job.name, rows.get(job.name)
+        if isinstance(digest, str):
+            early.append(_row(job, out, settings, engine, error=digest))
+        elif not redo and manifest.is_good(last, digest[0], settings, dest):
+            skipped += 1
+        elif dest.exists() and not (force or owned):
+            early.append(_row(job, out, settings, engine, source_sha256=digest[0], source_bytes=digest[1],
+                              error=f"{dest} exists and {out} is no encode-many output yet; use --force to "
+                                    "overwrite it"))
+        else:
+            todo.append(Task(job, str(out), options, sine, settings, engine, digest[0], digest[1]))
+    return todo, early, skipped
 
 
 def _run(todo: list[Task], engine: str, ray: str | None, workers: int) -> Iterator[dict]:
