@@ -10,11 +10,13 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .errors import InputError
 
 Row = dict[str, Any]
+LOCAL_ROUNDS = 2  # pools a task may run in: a broken pool's tasks get one fresh pool more
 RAY_RETRIES = 3  # re-runs of a task whose Ray worker died (a node lost, the OOM killer)
 RAY_WINDOW_PER_CPU = 4  # tasks in flight per cluster CPU: enough to keep every worker busy, bounded for the driver
 MEMORY_PER_SOURCE_BYTE = 16  # encode's peak RSS per byte of fp16 source (measured: 805 MB for 56.6 MB), rounded up
@@ -33,18 +35,27 @@ def _worker_init() -> None:
 
 
 def local_pool(fn: Callable[[Any], Row], tasks: list, failed: Callable[[Any, str], Row], workers: int) -> Iterator[Row]:
-    """Tasks on `workers` fresh processes (spawned: no state of the driver's threads is inherited)."""
-    if not tasks:
-        return
+    """Tasks on `workers` fresh processes (spawned: no state of the driver's threads is inherited). A worker
+    killed mid-task (the OOM killer) breaks the whole pool: the tasks it took down run once more in a fresh one,
+    and only what fails there too becomes an error row."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context,
-                             initializer=_worker_init) as pool:
-        futures = {pool.submit(fn, task): task for task in tasks}
-        for future in as_completed(futures):
-            try:
-                yield future.result()
-            except Exception as exc:  # noqa: BLE001 - a dead worker (BrokenProcessPool) or a bug: one error row
-                yield failed(futures[future], f"worker failed: {type(exc).__name__}: {exc}".splitlines()[0])
+    for _ in range(LOCAL_ROUNDS):
+        if not tasks:
+            return
+        broken = []
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context,
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(fn, task): task for task in tasks}
+            for future in as_completed(futures):
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    broken.append(futures[future])
+                except Exception as exc:  # noqa: BLE001 - a bug in a task: one error row, the others go on
+                    yield failed(futures[future], f"worker failed: {type(exc).__name__}: {exc}".splitlines()[0])
+        tasks = broken
+    for task in tasks:
+        yield failed(task, f"a worker process died while its pool ran this task, {LOCAL_ROUNDS} times")
 
 
 def on_ray(fn: Callable[[Any], Row], tasks: list, failed: Callable[[Any, str], Row], address: str | None, workers: int,

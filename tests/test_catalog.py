@@ -173,3 +173,18 @@ def test_the_readme_prints_the_schema_the_rows_are_checked_against():
     text = (ROOT / "README.md").read_text()
     block = text.split("### Manifest rows", 1)[1].split("```json", 1)[1].split("```", 1)[0]
     assert json.loads(block) == manifest.SCHEMA
+
+
+def test_a_killed_worker_costs_its_tasks_one_more_pool_not_their_rows(tmp_path):
+    from catalog_tasks import always_dies, dies_once
+
+    from sqz import engines
+
+    failed = lambda task, message: {"task": task[0], "status": "error", "error": message}
+    tasks = [(i, str(tmp_path / "marker")) for i in range(8)]
+    rows = list(engines.local_pool(dies_once, tasks, failed, workers=2))
+    assert sorted(r["task"] for r in rows) == list(range(8)) and all(r["status"] == "ok" for r in rows)
+    rows = list(engines.local_pool(always_dies, tasks, failed, workers=2))
+    assert sorted(r["task"] for r in rows) == list(range(8))  # one row per task, whatever happens
+    bad = {r["task"]: r["error"] for r in rows if r["status"] == "error"}
+    assert 3 in bad and "died" in bad[3]
