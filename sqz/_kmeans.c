@@ -49,27 +49,32 @@ static void fill(const Row *r, Py_ssize_t ilo, Py_ssize_t ihi, Py_ssize_t jlo, P
     }
 }
 
+/* Prefix sums of weight, sum and sum of squares into pw[0..3n+2] (pw, then p1, then p2, n + 1 each), taken about
+ * the mean c: sum (x-c)^2 = s2 - 2c s1 + c^2 w, less cancellation in sum_sq - sum^2/weight. */
+static void prefix_sums(const double *w, const double *s1, const double *s2, Py_ssize_t n, double *pw) {
+    double total_w = 0, total_s = 0;
+    for (Py_ssize_t i = 0; i < n; i++) total_w += w[i], total_s += s1[i];
+    double c = total_s / total_w, *p1 = pw + (n + 1), *p2 = p1 + (n + 1);
+    pw[0] = p1[0] = p2[0] = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        pw[i + 1] = pw[i] + w[i];
+        p1[i + 1] = p1[i] + (s1[i] - c * w[i]);
+        p2[i + 1] = p2[i] + (s2[i] - 2 * c * s1[i] + c * c * w[i]);
+    }
+}
+
 /* Fill the table up to row ks[count-1] - 1, then write each ks[c]'s starts at out[c]. */
 static int solve(const double *w, const double *s1, const double *s2, Py_ssize_t n, const Py_ssize_t *ks,
                  Py_ssize_t count, int32_t **out) {
     Py_ssize_t k = ks[count - 1];
-    double total_w = 0, total_s = 0;
-    for (Py_ssize_t i = 0; i < n; i++) total_w += w[i], total_s += s1[i];
-    double c = total_s / total_w;
     double *pw = malloc(3 * (n + 1) * sizeof(double)), *rows = malloc(2 * n * sizeof(double));
     int32_t *arg = malloc((size_t)k * n * sizeof(int32_t));
     if (!pw || !rows || !arg) {
         free(pw), free(rows), free(arg);
         return -1;
     }
-    double *p1 = pw + (n + 1), *p2 = p1 + (n + 1);
-    pw[0] = p1[0] = p2[0] = 0;
-    for (Py_ssize_t i = 0; i < n; i++) { /* about the mean c: sum (x-c)^2 = s2 - 2c s1 + c^2 w */
-        pw[i + 1] = pw[i] + w[i];
-        p1[i + 1] = p1[i] + (s1[i] - c * w[i]);
-        p2[i + 1] = p2[i] + (s2[i] - 2 * c * s1[i] + c * c * w[i]);
-    }
-    Row r = {pw, p1, p2, rows, rows + n, arg, arg};
+    prefix_sums(w, s1, s2, n, pw);
+    Row r = {pw, pw + (n + 1), pw + 2 * (n + 1), rows, rows + n, arg, arg};
     for (Py_ssize_t i = 0; i < n; i++) rows[i] = cost(&r, 0, i), arg[i] = 0;
     for (Py_ssize_t m = 1; m < k; m++) { /* whole rows: every k <= kmax is read off at i = n - 1 */
         r.below = arg + (m - 1) * n, r.arg = arg + m * n;
@@ -136,24 +141,16 @@ static Py_ssize_t priced(const Row *r, Py_ssize_t n, double lam, double *E, Py_s
  * price gives k, -1 when out of memory. */
 static int solve_priced(const double *w, const double *s1, const double *s2, Py_ssize_t n, Py_ssize_t k,
                         int32_t *out) {
-    double total_w = 0, total_s = 0;
-    for (Py_ssize_t i = 0; i < n; i++) total_w += w[i], total_s += s1[i];
-    double c = total_s / total_w;
-    double *pw = malloc(4 * (n + 1) * sizeof(double));
+    double *pw = malloc(4 * (n + 1) * sizeof(double)); /* prefix sums, then E */
     Py_ssize_t *index = malloc(3 * (n + 1) * sizeof(Py_ssize_t));
     int32_t *arg = malloc(n * sizeof(int32_t));
     if (!pw || !index || !arg) {
         free(pw), free(index), free(arg);
         return -1;
     }
-    double *p1 = pw + (n + 1), *p2 = p1 + (n + 1), *E = p2 + (n + 1);
-    pw[0] = p1[0] = p2[0] = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        pw[i + 1] = pw[i] + w[i];
-        p1[i + 1] = p1[i] + (s1[i] - c * w[i]);
-        p2[i + 1] = p2[i] + (s2[i] - 2 * c * s1[i] + c * c * w[i]);
-    }
-    Row r = {pw, p1, p2, NULL, NULL, NULL, NULL};
+    double *E = pw + 3 * (n + 1);
+    prefix_sums(w, s1, s2, n, pw);
+    Row r = {pw, pw + (n + 1), pw + 2 * (n + 1), NULL, NULL, NULL, NULL};
     double lo = 0, hi = cost(&r, 0, n - 1) + 1; /* at hi one cluster wins: it is cheaper than any split */
     int found = 0;
     for (int step = 0; step < PRICE_STEPS && !found; step++) {
