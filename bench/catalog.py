@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import sqz
-from bench.synthetic import write_llama_adapter
+from bench.synthetic import PROJECTIONS, write_llama_adapter
 from sqz import catalog
 
 SCALES = (1 / 32, 1 / 16, 1 / 8, 1 / 4)  # 1, 2, 4 or 8 of LLaMA-3-8B's 32 layers
@@ -24,7 +24,7 @@ def make_catalog(root: Path, count: int) -> int:
     for i in range(count):
         scale, rank = SCALES[i % len(SCALES)], RANKS[i % len(RANKS)]
         write_llama_adapter(root / f"team{i % 5}" / f"adapter{i:03d}", scale=scale, rank=rank, seed=i)
-        params += round(32 * scale) * rank * (2 * 4096 + 2 * (4096 + 1024) + 2 * (4096 + 14336))
+        params += round(32 * scale) * rank * sum(fan_in + fan_out for fan_in, fan_out, _ in PROJECTIONS.values())
     return params
 
 
