@@ -24,9 +24,8 @@ class MissingTensorError(SqzError, KeyError):
 class SqzSlice:
     """What `get_slice` returns: shape and dtype without decoding; indexing decodes the tensor and slices it."""
 
-    def __init__(self, adapter: SqzAdapter, name: str):
-        self._adapter, self._name = adapter, name
-        self._record = next(r for r in adapter.header["tensors"] if r["name"] == name)
+    def __init__(self, adapter: SqzAdapter, name: str, record: dict):
+        self._adapter, self._name, self._record = adapter, name, record
 
     def get_shape(self) -> list[int]:
         return list(self._record["shape"])
@@ -45,6 +44,7 @@ class safe_open:  # the name of the safetensors class it stands in for
         if framework not in FRAMEWORKS:
             raise InputError(f"framework {framework!r}: sqz decodes to torch tensors, use framework='pt'")
         self._adapter = load(filename, device=f"cuda:{device}" if isinstance(device, int) else device)
+        self._records = {r["name"]: r for r in self._adapter.header["tensors"]}
 
     def keys(self) -> list[str]:
         """Every tensor name, sorted (as safetensors lists them)."""
@@ -66,7 +66,7 @@ class safe_open:  # the name of the safetensors class it stands in for
     def get_slice(self, name: str) -> SqzSlice:
         if name not in self._adapter:
             raise MissingTensorError(f"File does not contain tensor {name}")
-        return SqzSlice(self._adapter, name)
+        return SqzSlice(self._adapter, name, self._records[name])
 
     def __enter__(self) -> Self:
         return self
