@@ -97,7 +97,7 @@ class AdapterCache:
             future = self._decoded.get(key)
             owner = future is None
             if owner:
-                data = self._bytes(name)  # first: a file that cannot be read again leaves no pending entry
+                held = self._held[name]
                 future = self._decoded[key] = Future()
                 self.stats.misses += 1
                 while len(self._decoded) > self.max_decoded:
@@ -109,6 +109,8 @@ class AdapterCache:
         if not owner:
             return dict(future.result())
         try:
+            data = held.data  # read once: another request may drop it meanwhile
+            data = data if data is not None else self._reread(name, held)
             with load(data, device=device, dtype=self.dtype) as adapter:
                 tensors = {n: adapter[n] for n in adapter}
         except BaseException as exc:
@@ -120,15 +122,17 @@ class AdapterCache:
         future.set_result(tensors)
         return dict(tensors)
 
-    def _bytes(self, name: str) -> bytes:
-        """An adapter's file bytes, read again (making room) if they were dropped. Called under the lock."""
-        held = self._held[name]
-        if held.data is None:
-            data = _read(held.path)
+    def _reread(self, name: str, held: _Held) -> bytes:
+        """Bytes dropped from memory, read from their file again (outside the lock: other requests go on), then
+        held again, making room."""
+        data = _read(held.path)
+        with self._lock:
+            if held.data is not None:  # another request read it meanwhile
+                return held.data
             self._make_room(len(data), name)
             held.data = data
             self.stats.rereads += 1
-        return held.data
+        return data
 
     def _make_room(self, size: int, keep: str) -> None:
         """Drop the least recently used file-backed bytes until `size` more fit. Called under the lock."""
