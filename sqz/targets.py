@@ -16,6 +16,7 @@ import numpy as np
 from . import container, ratecontrol
 from .adapter import Adapter
 from .codec import EncodeOptions, decode_tensors, should_quantize
+from .constants import QUANTIZABLE_DTYPES
 from .dtypes import to_float64
 from .errors import InputError
 
@@ -102,8 +103,8 @@ def _for_sqnr(prepared: ratecontrol.Prepared, target: float, make: Callable,
 def delta_sqnr(adapter: Adapter, header: dict, sections: list[bytes], workers: int) -> float:
     """SQNR (dB) of ΔW over every pair whose factors are floats, decoded from the built file against the input:
     what `-b` files report when asked (targets measure their own); inf when nothing was lost."""
-    floats = {"F16", "BF16", "F32", "F64"}
-    pairs = [p for p in adapter.pairs if {adapter.tensors[p.a].dtype, adapter.tensors[p.b].dtype} <= floats]
+    floats = lambda name: adapter.tensors[name].dtype in QUANTIZABLE_DTYPES
+    pairs = [p for p in adapter.pairs if floats(p.a) and floats(p.b)]
     names = [n for p in pairs for n in (p.a, p.b)]
     reference = {n: to_float64(adapter.tensors[n].raw, adapter.tensors[n].dtype).reshape(adapter.tensors[n].shape)
                  for n in names}
