@@ -43,6 +43,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+"""What PEFT puts before a module's path in the model in the names it saves."""
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 _FACTOR = re.compile(
@@ -282,7 +284,7 @@ def _scaling(module: str, rank: int, adapter: Adapter, config: dict, sine: SineO
     """lora_alpha / r (or / √r with use_rslora) from the config, kohya's alpha tensor, or --alpha."""
     kohya_alpha = adapter.tensors.get(f"{module}.alpha")
     if config and "lora_alpha" in config:
-        peft_module = re.sub(r"^base_model\.model\.", "", module)
+        peft_module = module.removeprefix(PEFT_PREFIX)
         alpha = _pattern_value(config.get("alpha_pattern") or {}, peft_module, config["lora_alpha"])
         if sine.alpha is not None:
             alpha = sine.alpha

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import __version__, container, targets
-from .adapter import CONFIG_NAME, TORCH_DTYPES, Adapter, Pair, SineOptions, read_adapter
+from .adapter import CONFIG_NAME, PEFT_PREFIX, TORCH_DTYPES, Adapter, Pair, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable
 from .bitpack import packed_size
 from .codec import EncodeOptions, decode_tensors, encode_tensor
@@ -313,7 +313,7 @@ def synthesize_config(adapter: SqzAdapter) -> dict[str, Any]:
     ranks = {p.module: records[p.a]["shape"][0] for p in adapter.pairs}
     alphas = {p.module: p.scaling * ranks[p.module] for p in adapter.pairs}
     r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
-    short = {m: m.removeprefix("base_model.model.") for m in ranks}
+    short = {m: m.removeprefix(PEFT_PREFIX) for m in ranks}
     config: dict[str, Any] = {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "bias": "none", "lora_dropout": 0.0,
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),

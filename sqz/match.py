@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter import PEFT_PREFIX
 from .constants import LAYER_CONV, LAYER_EMBEDDING, LAYER_LINEAR
 from .errors import InputError
 
-PEFT_PREFIX = "base_model.model."
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_")
 DIFFUSERS_ROOTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 # which torch layers take which adapter layer kind; transformers' Conv1D (GPT-2) is a Linear stored as [in, out]
