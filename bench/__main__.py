@@ -1,8 +1,12 @@
-"""python -m bench {all,task,codecs,figure1,speed,report} [--quick] [--out DIR]
+"""python -m bench {all,llm,task,codecs,figure1,speed,serve,catalog,report} [--quick] [--out DIR]
 
-all      every step below, then the report (under 40 minutes on 2 cores; --quick: a few minutes)
+all      every step below, then the report (under 45 minutes on 2 cores from a fresh clone; --quick: a few minutes)
+llm      pretrain/cache a tiny LLaMA, fine-tune PEFT LoRA r1-16 + SineLoRA on it, and measure every codec on each
+         adapter by ΔW SQNR, perplexity, KL from the full-precision adapter, and section accuracy (llm.json)
 task     train/cache LoRA + SineLoRA on MiniLM, accuracy at full precision and after sqz (results/task.json)
-codecs   rate-distortion of sqz against the alternatives on task adapters and the 28.3M adapter (codecs.json)
+codecs   rate-distortion of sqz against the alternatives on the MiniLM adapters, the i.i.d. LLaMA-shaped one (half of
+         the 28.3M adapter: 16 layers) and
+         LLaMA-3-8B-shaped adapters with the trained LLM adapter's statistics (codecs.json)
 figure1  the paper's Figure 1, stable rank against bits (figure1.json)
 speed    speed and memory on the 28.3M adapter, as ratios (speed.json)
 catalog  sqz encode-many over 50 adapters: local pool against Ray, and the resume cost (catalog.json)
@@ -21,12 +25,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import catalog, codecs, figure1, report, serve, speed, task
+from bench import catalog, codecs, figure1, llm, lora, report, serve, speed, synthetic, task
 from bench.codecs import read_adapter
 from bench.synthetic import write_llama_adapter
 
 HERE = Path(__file__).parent
-STEPS = ("task", "codecs", "figure1", "speed", "serve", "catalog")
+STEPS = ("llm", "task", "codecs", "figure1", "speed", "serve", "catalog")
 # The synthetic adapter's B@A entries are ~1e-4; ω = 1e4 puts ω·B@A at unit scale, where the sine is
 # non-linear (ω = 200 would leave it in its linear range, where sine distortion equals plain distortion).
 LLAMA_SINE_OMEGA = 1e4
@@ -44,6 +48,48 @@ def task_config(quick: bool) -> task.TaskConfig:
     return task.TaskConfig.quick() if quick else task.TaskConfig()
 
 
+def llm_config(quick: bool) -> llm.LLMConfig:
+    return llm.LLMConfig.quick() if quick else llm.LLMConfig()
+
+
+def run_llm(quick: bool) -> dict:
+    """Every codec on every adapter of the tiny LLaMA, with the task metrics of each reconstruction."""
+    setup = llm.run_setup(task.CACHE, llm_config(quick), progress_factory=bar, log=log)
+    evaluator = llm.Evaluator(setup["model"], setup["test"])
+    result = {"config": setup["config"], "pretrain": setup["pretrain"], "eval_records": len(setup["test"]),
+              "base": evaluator({}), "adapters": {}}
+    log(f"llm: no adapter: {result['base']}")
+    for name, (directory, params) in setup["adapters"].items():
+        scaling, omega = params["alpha"] / params["rank"], params["omega"]
+        reference = read_adapter(directory)
+        full = evaluator.set_reference(lora.deltas_of(reference, scaling, omega))
+        log(f"llm: {name}: full precision {full}")
+        res = codecs.run(directory, {"delta": omega}, quick, progress_factory=lambda n, name=name: bar(n, name),
+                         task=lambda recon, s=scaling, w=omega: evaluator(lora.deltas_of(recon, s, w)))
+        result["adapters"][name] = {**res, "full": full, "rank": params["rank"], "kind": params["kind"],
+                                    "omega": omega, **task.sine_regime(reference, omega)}
+    return result
+
+
+def trained_like_adapter(quick: bool, directory: Path) -> tuple[Path, dict, float] | None:
+    """LLaMA-3-8B-shaped rank-16 factors with the statistics of the LLM bench's trained rank-16 LoRA (None until
+    the llm step has trained it); the sine ω puts ω·B@A where the trained SineLoRA r=16 put it."""
+    cfg = llm_config(quick)
+    rank = max(cfg.ranks)
+    source, _ = llm.adapter_dir(task.CACHE, cfg, "lora", rank)
+    sine, sine_params = llm.adapter_dir(task.CACHE, cfg, "sinelora", max(cfg.sine_ranks))
+    if not (source / "train.json").exists() or not (sine / "train.json").exists():
+        return None
+    stats = synthetic.trained_statistics(read_adapter(source))
+    tensors = synthetic.llama_adapter_like(stats, rank=16, layers=1 if quick else 4)
+    synthetic.save_adapter(directory, tensors, synthetic.llama_config(16))
+    arrays = {k: v.float().numpy() for k, v in tensors.items()}
+    target = task.sine_regime(read_adapter(sine), sine_params["omega"])["omega_BA_rms"]
+    omega = target / task.sine_regime(arrays, 1.0)["omega_BA_rms"]
+    return directory, {"trained": stats, "synthetic": synthetic.trained_statistics(arrays),
+                       "source": source.name}, omega
+
+
 def run_codecs(quick: bool) -> dict:
     cfg = task_config(quick)
     result = {"task_adapters": {}}
@@ -57,29 +103,44 @@ def run_codecs(quick: bool) -> dict:
             result["task_adapters"][f"{kind}-r{rank}"] = codecs.run(
                 directory, {"delta": params["omega"]}, quick, progress_factory=lambda n, kind=kind, rank=rank: bar(n, f"{kind} r={rank}"))
     with tempfile.TemporaryDirectory() as tmp:
-        scale = 1 / 32 if quick else 1.0
+        scale = 1 / 32 if quick else 0.5
         src = write_llama_adapter(Path(tmp) / "llama", scale=scale)
         log(f"codecs: LLaMA-3-8B-shaped adapter ({scale}x)")
         result["llama"] = codecs.run(src, {"plain": None, "sine": LLAMA_SINE_OMEGA}, quick, max_rows=256,
                                      progress_factory=lambda n: bar(n, "llama"))
         result["llama"]["scale"] = scale
+        like = trained_like_adapter(quick, Path(tmp) / "llama-trained")
+        if like is None:
+            log("codecs: the LLM step's adapters are not trained yet (run the llm step first); trained-like skipped")
+        else:
+            src, stats, omega = like
+            log(f"codecs: LLaMA-3-8B-shaped adapter with trained statistics (sine ω = {omega:.4g})")
+            result["llama_trained"] = codecs.run(src, {"plain": None, "sine": omega}, quick, max_rows=256,
+                                                 progress_factory=lambda n: bar(n, "llama trained-like"))
+            result["llama_trained"]["statistics"] = stats
     return result
 
 
 def run_figure1(quick: bool) -> dict:
-    cfg = task_config(quick)
-    directory, params = task.adapter_dir(cfg, "sinelora", 4 if 4 in cfg.ranks else max(cfg.ranks))
-    trained = None
-    if directory.exists():
-        tensors = read_adapter(directory)
-        module = "base_model.model.encoder.layer.0.attention.self.query"
-        trained = (tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"], params["omega"], module)
+    """Figure 1 on a synthetic pair, a trained MiniLM SineLoRA module and a trained LLM SineLoRA module."""
+    cfg, llm_cfg = task_config(quick), llm_config(quick)
+    sources = {"trained": (*task.adapter_dir(cfg, "sinelora", 4 if 4 in cfg.ranks else max(cfg.ranks)),
+                           "base_model.model.encoder.layer.0.attention.self.query"),
+               "trained LLM": (*llm.adapter_dir(task.CACHE, llm_cfg, "sinelora", max(llm_cfg.sine_ranks)),
+                               "base_model.model.model.layers.0.self_attn.q_proj")}
+    trained = {}
+    for case, (directory, params, module) in sources.items():
+        if (directory / "adapter_model.safetensors").exists():
+            tensors = read_adapter(directory)
+            trained[case] = (tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"], params["omega"], module)
     return figure1.run(trained)
 
 
 def run_step(step: str, quick: bool, out: Path, device: str = "cpu") -> None:
     start = time.perf_counter()
-    if step == "task":
+    if step == "llm":
+        result = run_llm(quick)
+    elif step == "task":
         result = task.run(task_config(quick), progress_factory=bar, log=log)
     elif step == "codecs":
         result = run_codecs(quick)

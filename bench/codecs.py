@@ -1,6 +1,7 @@
 """Rate (bits/param, every byte of the file) against distortion of ΔW for sqz and the alternatives."""
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from bench.metrics import delta_distortion
 from sqz.quantize import PAPER_SAMPLE
 
 Tensors = dict[str, np.ndarray]
+TaskMetrics = Callable[[Tensors], dict[str, float]]
+"""A reconstruction's metrics on a real task (perplexity, KL, accuracy), merged into its row."""
 ENTROPY_STAGES = ("none", "zstd", "zstd-aligned", "rans", "auto")
 
 
@@ -69,12 +72,23 @@ def plan(src: Path, workdir: Path, sqz_bits: dict[str, list[int]], paper_bits: l
     return points
 
 
+def _digest(tensors: Tensors) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(tensors[name], np.float32).tobytes())
+    return h.hexdigest()
+
+
 def measure(src: Path, points: list[tuple[dict, Callable]], omegas: dict[str, float | None],
-            max_rows: int | None = None, progress=None) -> list[dict]:
-    """Run every codec on the adapter in `src`; distortion of ΔW for each named ω (None = plain LoRA)."""
+            max_rows: int | None = None, progress=None, task: TaskMetrics | None = None) -> list[dict]:
+    """Run every codec on the adapter in `src`; distortion of ΔW for each named ω (None = plain LoRA), and the
+    task's metrics of the reconstruction when `task` is given (once per distinct reconstruction: entropy stages
+    and lossless files decode to the same tensors)."""
     reference = read_adapter(src)
     params = sum(v.size for v in reference.values())
     rows = []
+    measured: dict[str, dict[str, float]] = {}
     for labels, codec in points:
         start = time.perf_counter()
         try:
@@ -88,6 +102,11 @@ def measure(src: Path, points: list[tuple[dict, Callable]], omegas: dict[str, fl
         for kind, omega in omegas.items():
             d = delta_distortion(reference, recon, omega, max_rows)
             row[f"rel_fro_{kind}"], row[f"sqnr_db_{kind}"] = d["rel_fro"], d["sqnr_db"]
+        if task is not None:
+            key = _digest(recon)
+            if key not in measured:
+                measured[key] = task(recon)
+            row.update(measured[key])
         rows.append(row)
         if progress is not None:
             progress.update(1)
@@ -95,7 +114,7 @@ def measure(src: Path, points: list[tuple[dict, Callable]], omegas: dict[str, fl
 
 
 def run(src: Path, omegas: dict[str, float | None], quick: bool, max_rows: int | None = None,
-        progress_factory=None) -> dict:
+        progress_factory=None, task: TaskMetrics | None = None) -> dict:
     """The whole comparison on one adapter folder."""
     widths = [2, 3] if quick else list(range(1, 9))
     low = [b for b in widths if b <= 5]  # forced stages stop at 5 bits: 6-8-bit fits cost minutes on 28.3M
@@ -108,7 +127,7 @@ def run(src: Path, omegas: dict[str, float | None], quick: bool, max_rows: int |
                       loraquant=[(0.5, 2, 1), (1.0, 3, 2)] if quick else [(0.0, 2, 1), (0.25, 2, 1), (0.5, 2, 1),
                                                                           (1.0, 2, 1), (0.5, 3, 2), (1.0, 3, 2)])
         bar = progress_factory(len(points)) if progress_factory else None
-        rows = measure(src, points, omegas, max_rows, bar)
+        rows = measure(src, points, omegas, max_rows, bar, task)
         if bar is not None:
             bar.close()
     params = sum(v.size for v in read_adapter(src).values())

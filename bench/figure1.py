@@ -38,10 +38,10 @@ def synthetic_pair(rank: int = 4, size: int = 768, seed: int = 0) -> tuple[np.nd
             rng.normal(0, std, (size, rank)).astype(np.float32))
 
 
-def run(trained: tuple[np.ndarray, np.ndarray, float, str] | None = None, omega: float = 10.0) -> dict:
+def run(trained: dict[str, tuple[np.ndarray, np.ndarray, float, str]], omega: float = 10.0) -> dict:
+    """The synthetic case, and one per trained (A, B, ω, module name) given, under its name."""
     torch.manual_seed(0)
     out = {"synthetic": curve(*synthetic_pair(), omega)}
-    if trained is not None:
-        a, b, trained_omega, module = trained
-        out["trained"] = dict(curve(a, b, trained_omega), module=module)
+    for case, (a, b, trained_omega, module) in trained.items():
+        out[case] = dict(curve(a, b, trained_omega), module=module)
     return out

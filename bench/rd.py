@@ -1,0 +1,55 @@
+"""Rate-distortion curves of the bench's rows: Pareto fronts, Bjøntegaard deltas and values at a given rate.
+
+A row is one codec setting on one adapter (`codec`, `bits_per_param` and its metrics). A quality is a function
+of a row that rises as the reconstruction gets better: ΔW SQNR in dB, −10·log10(KL), −perplexity, accuracy.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from bench.task import bd_metrics
+
+Quality = Callable[[dict], float]
+
+
+def sqnr(kind: str) -> Quality:
+    return lambda row: row[f"sqnr_db_{kind}"]
+
+
+def kl_db(row: dict) -> float:
+    """−10·log10(KL): dB, like SQNR (KL is zero for a lossless file, +∞ here, so never on a curve)."""
+    return -10 * math.log10(row["kl"]) if row["kl"] > 0 else math.inf
+
+
+def neg_perplexity(row: dict) -> float:
+    return -row["perplexity"]
+
+
+def curve(rows: list[dict], codec: str, quality: Quality) -> list[tuple[float, float]]:
+    """(bits/param, quality) of one codec's Pareto front, by rate: a point that a smaller file of the same codec
+    matches or beats is left out (codecs with several knobs, such as LoRAQuant's split and widths, are credited
+    with their best setting at each rate), and so are lossless points (infinite quality)."""
+    front: list[tuple[float, float]] = []
+    for rate, value in sorted((r["bits_per_param"], quality(r)) for r in rows if r["codec"] == codec):
+        if math.isfinite(value) and (not front or value > front[-1][1]):
+            front.append((rate, value))
+    return front
+
+
+def bd_rate(rows: list[dict], anchor: str, test: str, quality: Quality) -> float | str:
+    """BD-rate (%) of `test` against `anchor` (Akima): negative = fewer bytes at equal quality."""
+    a, t = curve(rows, anchor, quality), curve(rows, test, quality)
+    return bd_metrics(a, t)["bd_rate_pct"] if len(a) >= 2 and len(t) >= 2 else "n/a"
+
+
+def value_at(rows: list[dict], codec: str, rate: float, key: str) -> float | None:
+    """`key` of a codec at `rate` bits/param, linear in log(rate) between its two nearest settings on either
+    side (its points sorted by rate); None outside the rates it reached."""
+    points = sorted((r["bits_per_param"], r[key]) for r in rows if r["codec"] == codec and key in r)
+    if not points or not points[0][0] <= rate <= points[-1][0]:
+        return None
+    rates, values = zip(*points)
+    return float(np.interp(math.log(rate), np.log(rates), values))
