@@ -76,7 +76,7 @@ def trained_statistics(tensors: dict[str, np.ndarray]) -> dict[str, dict]:
             continue
         b = tensors[name.replace(".lora_A.", ".lora_B.")].astype(np.float64)
         a = a.astype(np.float64)
-        sigma = np.linalg.svd(b @ a, compute_uv=False)[: a.shape[0]]
+        sigma = np.linalg.svd(np.linalg.qr(b)[1] @ np.linalg.qr(a.T)[1].T, compute_uv=False)  # σ(B@A), r x r
         rows = np.linalg.norm(b, axis=1)
         groups.setdefault(name.split(".")[-3], []).append({
             "spectrum": sigma / sigma[0], "b_row_logstd": float(np.std(np.log(rows[rows > 0]))),
@@ -98,8 +98,8 @@ def llama_adapter_like(stats: dict[str, dict], rank: int = 16, layers: int = 4, 
 
     A = Kaiming-uniform start + Gaussian drift (its measured rms ratio); B@A = G·diag(σ)·R·Q with Q the
     orthonormal rows spanning A's row space, R a random rotation (ΔW's right singular vectors are not A's rows),
-    σ the measured spectrum and G random signs times log-normal magnitudes with B's measured row-norm spread
-    (B is dominated by its top component, so its row norms are |G|'s), so B = G·diag(σ)·R·(A·Aᵀ)^(-1/2)."""
+    σ the measured spectrum and G random signs times one log-normal magnitude per row, with B's measured
+    row-norm spread, so B = G·diag(σ)·R·(A·Aᵀ)^(-1/2)."""
     rng = np.random.default_rng(seed)
     tensors = {}
     for layer in range(layers):
@@ -110,7 +110,7 @@ def llama_adapter_like(stats: dict[str, dict], rank: int = 16, layers: int = 4, 
             drift = bound / math.sqrt(3) * math.sqrt(max(stat["a_rms_ratio"] ** 2 - 1, 0.0))
             a = rng.uniform(-bound, bound, (rank, fan_in)) + rng.normal(0, drift, (rank, fan_in))
             spectrum = np.interp(np.linspace(0, 1, rank), np.linspace(0, 1, len(stat["spectrum"])), stat["spectrum"])
-            g = rng.choice([-1.0, 1.0], (fan_out, rank)) * np.exp(rng.normal(0, stat["b_row_logstd"], (fan_out, rank)))
+            g = rng.choice([-1.0, 1.0], (fan_out, rank)) * np.exp(rng.normal(0, stat["b_row_logstd"], (fan_out, 1)))
             rotation = np.linalg.qr(rng.normal(size=(rank, rank)))[0]
             w, v = np.linalg.eigh(a @ a.T)
             b = 1e-2 / math.sqrt(fan_out) * (g * spectrum) @ rotation @ (v / np.sqrt(w) @ v.T)

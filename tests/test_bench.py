@@ -25,7 +25,7 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, {step: json.loads((out / f"{step}.json").read_text()) for step in ("task", "codecs", "figure1", "speed", "serve", "catalog")}
+    return out, {step: json.loads((out / f"{step}.json").read_text()) for step in ("llm", "task", "codecs", "figure1", "speed", "serve", "catalog")}
 
 
 def test_task_trains_and_evaluates_every_adapter(quick_run):
@@ -85,6 +85,28 @@ def test_codecs_rank_as_the_theory_says(quick_run):
     assert get("sqz-auto", 3)["bits_per_param"] < 3.2
 
 
+def test_llm_step_measures_every_codec_on_real_peft_adapters(quick_run):
+    out, r = quick_run
+    llm = r["llm"]
+    cfg = llm["config"]
+    assert set(llm["adapters"]) == {f"lora-r{k}" for k in cfg["ranks"]} | {f"sinelora-r{k}" for k in cfg["sine_ranks"]}
+    assert llm["pretrain"]["heldout_perplexity"] < cfg["vocab"]  # pretraining learned something
+    for name, res in llm["adapters"].items():
+        assert res["full"]["perplexity"] < llm["base"]["perplexity"]  # the adapter fits its domain
+        rows = res["rows"]
+        assert all({"perplexity", "kl", "accuracy"} <= row.keys() for row in rows)
+        lossless = [row for row in rows if row["family"] == "lossless"]  # one reconstruction: measured once
+        assert len({(row["perplexity"], row["kl"]) for row in lossless}) == 1
+        auto = {row["bits"]: row for row in rows if row["codec"] == "sqz-auto"}
+        assert auto[3]["kl"] < auto[2]["kl"] and lossless[0]["kl"] < auto[3]["kl"]  # more bits, closer to full
+        assert all(row["kl"] >= 0 for row in rows)
+        config = json.loads(next((Path(out) / "cache" / "llm" / "adapters").glob(f"{name}-*/adapter_config.json")).read_text())
+        assert config["peft_type"] == ("LORA" if name.startswith("lora") else "SINLORA") and config["r"] == res["rank"]
+    stats = r["codecs"]["llama_trained"]["statistics"]
+    for proj, trained in stats["trained"].items():  # the synthetic twin has the trained spectrum
+        np.testing.assert_allclose(stats["synthetic"][proj]["spectrum"][:4], trained["spectrum"][:4], rtol=0.3)
+
+
 def test_figure1_sine_restores_stable_rank_with_bits(quick_run):
     _, r = quick_run
     synthetic = r["figure1"]["synthetic"]
@@ -92,7 +114,7 @@ def test_figure1_sine_restores_stable_rank_with_bits(quick_run):
     assert synthetic["sin_AB"] > 10 * synthetic["AB"]  # the sine raises the stable rank
     assert sine[-1] > 5 * sine[0]  # and quantization at 1 bit takes it away
     assert all(row["QAQB"] < 2 * synthetic["AB"] for row in synthetic["rows"])
-    assert "trained" in r["figure1"]
+    assert "trained" in r["figure1"] and "trained LLM" in r["figure1"]
 
 
 def test_speed_and_report(quick_run):
@@ -107,13 +129,15 @@ def test_speed_and_report(quick_run):
                                         for x in conditions.values())
     assert [x["scale"] for x in speed["scaling"]] == sorted(x["scale"] for x in speed["scaling"])
     report = (out / "REPORT.md").read_text()
-    for heading in ("## 1. Real adapters", "## 2. sqz against", "## 3. The paper's Figure 1", "## 4. Speed",
+    for heading in ("## 1. A small LLaMA", "## 2. MiniLM", "## 3. sqz against", "## 4. The paper's Figure 1", "## 5. Speed",
                     "| cold page cache (file evicted before each read) |", "### The rate-distortion encoder",
-                    "| LLaMA-shaped (synthetic) | plain |"):
+                    "| LLaMA-shaped (synthetic) | plain |", "| LLaMA-shaped, trained statistics | sine |",
+                    "### BD-rate of `sqz --bpp` against every other codec, per adapter"):
         assert heading in report
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    for name in ("accuracy_vs_size.png", "rd_llama.png", "rd_task.png", "figure1.png", "table5.png", "scaling.png"):
+    assert len(pngs) == 8 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    for name in ("llm.png", "accuracy_vs_size.png", "rd_llama.png", "rd_llama_trained.png", "rd_task.png", "figure1.png",
+                 "table5.png", "scaling.png"):
         assert f"]({name})" in report
 
 

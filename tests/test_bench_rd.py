@@ -1,0 +1,45 @@
+"""The bench's rate-distortion arithmetic (bench/rd.py) and its trained-statistics synthetic adapter."""
+import math
+
+import numpy as np
+import pytest
+
+from bench import rd, synthetic
+
+
+def rows(codec: str, points: list[tuple[float, float]]) -> list[dict]:
+    return [{"codec": codec, "bits_per_param": rate, "sqnr_db_delta": q} for rate, q in points]
+
+
+def test_curve_keeps_the_pareto_front_and_drops_lossless_points():
+    data = rows("x", [(1, 5), (2, 4), (3, 9), (4, math.inf), (0.5, 1)])
+    assert rd.curve(data, "x", rd.sqnr("delta")) == [(0.5, 1), (1, 5), (3, 9)]
+
+
+def test_bd_rate_is_the_size_saved_at_equal_quality():
+    anchor = [(1, 5), (2, 10), (4, 15), (8, 20)]
+    half = [(r / 2, q) for r, q in anchor]  # the same quality at half the bytes
+    data = rows("anchor", anchor) + rows("test", half)
+    assert rd.bd_rate(data, "anchor", "test", rd.sqnr("delta")) == pytest.approx(-50, abs=0.5)
+    assert rd.bd_rate(data, "test", "anchor", rd.sqnr("delta")) == pytest.approx(100, abs=1)
+    assert rd.bd_rate(rows("one", [(1, 5)]) + data, "one", "test", rd.sqnr("delta")) == "n/a"
+
+
+def test_value_at_interpolates_in_log_rate_and_refuses_to_extrapolate():
+    data = [{"codec": "x", "bits_per_param": r, "kl": k} for r, k in ((1, 0.4), (4, 0.1))]
+    assert rd.value_at(data, "x", 2, "kl") == pytest.approx(0.25)
+    assert rd.value_at(data, "x", 0.5, "kl") is None and rd.value_at(data, "x", 5, "kl") is None
+    assert rd.kl_db({"kl": 0.01}) == pytest.approx(20) and rd.kl_db({"kl": 0.0}) == math.inf
+
+
+def test_trained_like_adapter_has_the_statistics_it_was_given():
+    spectrum = list(np.geomspace(1, 0.01, 16))
+    given = {"q_proj": {"spectrum": spectrum, "b_row_logstd": 0.4, "a_rms_ratio": 1.3, "kurtosis_a": 2.6,
+                        "kurtosis_b": 3.5}}
+    tensors = synthetic.llama_adapter_like(given, rank=16, layers=1)
+    a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert tuple(a.shape) == (16, synthetic.HIDDEN)
+    got = synthetic.trained_statistics({k: v.float().numpy() for k, v in tensors.items()})["q_proj"]
+    np.testing.assert_allclose(got["spectrum"], spectrum, rtol=0.25)
+    assert got["a_rms_ratio"] == pytest.approx(1.3, rel=0.05)
+    assert 0.25 < got["b_row_logstd"] < 0.55
