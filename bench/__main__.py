@@ -4,8 +4,8 @@ all      every step below, then the report (under 45 minutes on 2 cores from a f
 llm      pretrain/cache a tiny LLaMA, fine-tune PEFT LoRA r1-16 + SineLoRA on it, and measure every codec on each
          adapter by ΔW SQNR, perplexity, KL from the full-precision adapter, and section accuracy (llm.json)
 task     train/cache LoRA + SineLoRA on MiniLM, accuracy at full precision and after sqz (results/task.json)
-codecs   rate-distortion of sqz against the alternatives on the MiniLM adapters, the i.i.d. LLaMA-shaped one (half of
-         the 28.3M adapter: 16 layers) and
+codecs   rate-distortion of sqz against the alternatives on the MiniLM adapters, the i.i.d. LLaMA-shaped one (a quarter
+         of the 28.3M adapter: 8 layers) and
          LLaMA-3-8B-shaped adapters with the trained LLM adapter's statistics (codecs.json)
 figure1  the paper's Figure 1, stable rank against bits (figure1.json)
 speed    speed and memory on the 28.3M adapter, as ratios (speed.json)
@@ -103,7 +103,7 @@ def run_codecs(quick: bool) -> dict:
             result["task_adapters"][f"{kind}-r{rank}"] = codecs.run(
                 directory, {"delta": params["omega"]}, quick, progress_factory=lambda n, kind=kind, rank=rank: bar(n, f"{kind} r={rank}"))
     with tempfile.TemporaryDirectory() as tmp:
-        scale = 1 / 32 if quick else 0.5
+        scale = 1 / 32 if quick else 0.25
         src = write_llama_adapter(Path(tmp) / "llama", scale=scale)
         log(f"codecs: LLaMA-3-8B-shaped adapter ({scale}x)")
         result["llama"] = codecs.run(src, {"plain": None, "sine": LLAMA_SINE_OMEGA}, quick, max_rows=256,

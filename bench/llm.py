@@ -61,7 +61,7 @@ class LLMConfig:
     batch_size: int = 32
     section_weight: float = 30.0
     train_count: int = 1 << 30
-    eval_count: int = 384
+    eval_count: int = 256
     seed: int = 0
 
     @classmethod

@@ -6,11 +6,10 @@ of a row that rises as the reconstruction gets better: ΔW SQNR in dB, −10·lo
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
-
-from bench.task import bd_metrics
 
 Quality = Callable[[dict], float]
 
@@ -37,6 +36,26 @@ def curve(rows: list[dict], codec: str, quality: Quality) -> list[tuple[float, f
         if math.isfinite(value) and (not front or value > front[-1][1]):
             front.append((rate, value))
     return front
+
+
+def bd_metrics(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> dict[str, float | str]:
+    """BD-rate (% size change at equal quality) and BD-quality (its units at equal size), Akima (`bjontegaard`),
+    of two (rate, quality) curves; apply them to Pareto fronts (`curve`), on which quality rises with rate."""
+    import bjontegaard as bd
+
+    ra, da = zip(*anchor)
+    rt, dt = zip(*test)
+    out: dict[str, float | str] = {}
+    for key, fn in (("bd_rate_pct", bd.bd_rate), ("bd_quality", bd.bd_psnr)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                value = float(fn(list(ra), list(da), list(rt), list(dt), method="akima", min_overlap=0.0,
+                                 require_matching_points=False))
+            out[key] = value if math.isfinite(value) else "undefined"
+        except Exception as exc:  # noqa: BLE001 - the library rejects curves that do not overlap
+            out[key] = f"undefined ({exc})"
+    return out
 
 
 def bd_rate(rows: list[dict], anchor: str, test: str, quality: Quality) -> float | str:

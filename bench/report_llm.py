@@ -99,6 +99,19 @@ def bd_summary(llm: dict) -> dict[str, float | str]:
     return out
 
 
+def kl_note(llm: dict) -> list[str]:
+    """Say so when `--bpp` loses to `-b` on KL while it wins on ΔW SQNR: its objective is not the model's."""
+    worse = [name for name, res in llm["adapters"].items()
+             if isinstance(kl := rd.bd_rate(res["rows"], "sqz-auto", "sqz --bpp", rd.kl_db), float) and kl > 0
+             and isinstance(w := rd.bd_rate(res["rows"], "sqz-auto", "sqz --bpp", rd.sqnr("delta")), float) and w < 0]
+    if not worse:
+        return []
+    return [(f"On {len(worse)} of the {len(llm['adapters'])} adapters `--bpp` needs fewer bytes than `-b` (sqz-auto) "
+             "for the same ΔW SQNR but more for the same KL: it minimises the ΔW error summed over all modules, "
+             "which spends bits on the modules with the largest ΔW and starves the rest, and the model's loss does "
+             "not weigh modules by the energy of their ΔW. ΔW SQNR alone would have ranked the codecs wrongly."), ""]
+
+
 def _fmt_bd(value: float | str) -> str:
     return f"{value:+.1f}%" if isinstance(value, float) else str(value).split(" (")[0]
 
@@ -200,7 +213,7 @@ def section(llm: dict | None, like: dict | None, out: Path, rel) -> list[str]:
     md += ["### BD-rate of `sqz --bpp` against every other codec, per adapter", "",
            ("Akima on each codec's Pareto front (`bench/rd.py`): KL as −10·log10(KL), perplexity as −perplexity, "
             "ΔW SQNR in dB. Negative: `--bpp` needs fewer bytes for the same quality. NF4 is a single point, so "
-            "it has no curve; its values are in the tables above."), "", table_bd(llm), "",
+            "it has no curve; its values are in the tables above."), "", table_bd(llm), "", *kl_note(llm),
            "### The paper's tables on the LLM adapters", "",
            "Table 1 (size, perplexity and section accuracy of sqz `-b` per width):", "", table1(llm), "",
            "Table 2 (BD-rate of SineLoRA against LoRA of the same rank, on the sqz `-b` curves):", "", table2(llm), "",

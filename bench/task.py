@@ -2,7 +2,7 @@
 
 Trained adapters are cached in bench/.cache/ under a key of everything that shapes them (hyper-parameters,
 data file hash, seed), so a rerun only re-evaluates. Results: the paper's Table 1 / Figure 2 (accuracy
-against file size per rank and bit width), Table 2 (BD-rate / BD-accuracy, SineLoRA against LoRA), and
+against file size per rank and bit width), Table 2 (BD-rate / BD-accuracy, SineLoRA against LoRA; computed by the report from the rows), and
 Table 5 (k-means against uniform quantization).
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,28 +73,6 @@ def sine_regime(tensors: dict[str, np.ndarray], omega: float | None) -> dict[str
     values = np.concatenate(products)
     return {"omega_BA_rms": float(np.sqrt(np.mean(values**2))), "omega_BA_p99": float(np.percentile(values, 99)),
             "omega_BA_max": float(values.max())}
-
-
-def bd_metrics(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> dict[str, float | str]:
-    """BD-rate (% size change at equal accuracy) and BD-accuracy (points at equal size), Akima."""
-    import bjontegaard as bd
-
-    ra, da = zip(*anchor)
-    rt, dt = zip(*test)
-    out: dict[str, float | str] = {}
-    for key, fn in (("bd_rate_pct", bd.bd_rate), ("bd_accuracy_pts", bd.bd_psnr)):
-        if key == "bd_rate_pct" and not all(np.all(np.diff(d) > 0) for d in (da, dt)):
-            out[key] = "undefined (accuracy does not rise with size on a curve)"  # size(accuracy) is no function
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                value = float(fn(list(ra), list(da), list(rt), list(dt), method="akima", min_overlap=0.0,
-                                 require_matching_points=False))
-            out[key] = value if math.isfinite(value) else "undefined"
-        except Exception as exc:  # noqa: BLE001 - the library rejects curves that do not overlap or are not monotonic
-            out[key] = f"undefined ({exc})"
-    return out
 
 
 def run(cfg: TaskConfig, progress_factory=None, log=print) -> dict:
@@ -173,14 +150,7 @@ def run(cfg: TaskConfig, progress_factory=None, log=print) -> dict:
                                     "accuracy_full": full})
                     log(f"  --bpp {bpp:g}: {report.file_bytes} bytes, accuracy {acc:.4f}")
 
-    bd_rows = []
-    for b in [*cfg.bits, 16]:
-        curve = {kind: sorted((r["file_bytes"], 100 * r["accuracy"]) for r in rows
-                              if r["kind"] == kind and r["bits"] == b and r["quantizer"] != "uniform min-max")
-                 for kind in KINDS}
-        if len(curve["lora"]) >= 2 and len(curve["sinelora"]) >= 2:
-            bd_rows.append({"bits": b, **bd_metrics(curve["lora"], curve["sinelora"])})
     return {"config": {**asdict(cfg), "omega": {str(k): v for k, v in cfg.omega.items()}},
             "data": {"train": len(train), "test": len(test), "classes": classes},
-            "base_accuracy": base_acc, "adapters": adapters, "rows": rows, "targets": targets, "bd": bd_rows,
+            "base_accuracy": base_acc, "adapters": adapters, "rows": rows, "targets": targets,
             "timings": timings}
