@@ -4,9 +4,9 @@ all      every step below, then the report (under 45 minutes on 2 cores from a f
 llm      pretrain/cache a tiny LLaMA, fine-tune PEFT LoRA r1-16 + SineLoRA on it, and measure every codec on each
          adapter by ΔW SQNR, perplexity, KL from the full-precision adapter, and section accuracy (llm.json)
 task     train/cache LoRA + SineLoRA on MiniLM, accuracy at full precision and after sqz (results/task.json)
-codecs   rate-distortion of sqz against the alternatives on the MiniLM adapters, the i.i.d. LLaMA-shaped one (a quarter
-         of the 28.3M adapter: 8 layers) and
-         LLaMA-3-8B-shaped adapters with the trained LLM adapter's statistics (codecs.json)
+codecs   rate-distortion of sqz against the alternatives on the MiniLM adapters, the i.i.d. LLaMA-shaped adapter
+         (8 of the 28.3M adapter's 32 layers) and a LLaMA-3-8B-shaped one with the trained LLM adapter's
+         statistics (codecs.json)
 figure1  the paper's Figure 1, stable rank against bits (figure1.json)
 speed    speed and memory on the 28.3M adapter, as ratios (speed.json)
 catalog  sqz encode-many over 50 adapters: local pool against Ray, and the resume cost (catalog.json)

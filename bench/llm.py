@@ -181,7 +181,7 @@ class Records:
     def __init__(self, tok, texts: list[str], labels: np.ndarray, sections: list[str]):
         eos = tok.token_to_id(EOS)
         self.section_ids = torch.tensor([tok.token_to_id(f"[{s}]") for s in sections])
-        prompts = tok.encode_batch([f"{t[:400]}" for t in texts])
+        prompts = tok.encode_batch([t[:400] for t in texts])
         suffix = tok.encode("\nsection:").ids
         self.ids = [[*p.ids[:MAX_DESCRIPTION_TOKENS], *suffix, int(self.section_ids[y]), eos]
                     for p, y in zip(prompts, labels)]
@@ -230,14 +230,14 @@ def train_adapter(model: nn.Module, records: Records, directory: Path, params: d
     """Fine-tune one adapter on the domain and write it as a PEFT folder (SineLoRA: PEFT naming, its own config)."""
     from peft import LoraConfig, get_peft_model
 
-    cfg_steps = params["epochs"] * math.ceil(len(records) / params["batch_size"])
+    steps = params["epochs"] * math.ceil(len(records) / params["batch_size"])
     torch.manual_seed(params["seed"])
     rng = np.random.default_rng(params["seed"])
     rank, alpha, omega = params["rank"], params["alpha"], params["omega"]
 
     def fit(trainable: list[nn.Parameter], forward: nn.Module) -> None:
         opt = torch.optim.AdamW(trainable, lr=params["lr"], weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params["lr"], total_steps=cfg_steps, pct_start=0.1)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params["lr"], total_steps=steps, pct_start=0.1)
         forward.train()
         for _ in range(params["epochs"]):
             for ids, mask, where, _ in records.batches(params["batch_size"], rng):
