@@ -192,12 +192,7 @@ class Records:
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, mask, position of the section token) for these rows; padding is right, masked out."""
-        width = max(len(self.ids[i]) for i in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for j, i in enumerate(rows):
-            ids[j, : len(self.ids[i])] = torch.tensor(self.ids[i])
-            mask[j, : len(self.ids[i])] = 1
+        ids, mask = lora.padded([self.ids[i] for i in rows])
         return ids, mask, torch.tensor([len(self.ids[i]) - 2 for i in rows])
 
     def batches(self, size: int, rng: np.random.Generator | None = None):

@@ -1,4 +1,5 @@
-"""LoRA and SineLoRA as the bench trains and evaluates them, for any torch model (MiniLM, the tiny LLaMA).
+"""LoRA and SineLoRA as the bench trains and evaluates them, for any torch model (MiniLM, the tiny LLaMA),
+and the padded batches both models are fed.
 
 SineLoRA follows the reference implementation of Ji et al. (their `sinlora` tuner):
 ΔW = sin(ω·B@A) / s · (α/r) with s = √in_features. Keys are PEFT's: `base_model.model.<module>.lora_A.weight`.
@@ -49,6 +50,17 @@ def deltas_of(tensors: dict[str, np.ndarray], scaling: float, omega: float | Non
                                                           torch.from_numpy(tensors[name.replace(".lora_A.", ".lora_B.")]),
                                                           scaling, omega)
             for name, a in tensors.items() if name.endswith(".lora_A.weight")}
+
+
+def padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token sequences, right-padded with 0 to the longest."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for j, seq in enumerate(sequences):
+        ids[j, : len(seq)] = torch.tensor(seq)
+        mask[j, : len(seq)] = 1
+    return ids, mask
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:

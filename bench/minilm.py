@@ -49,12 +49,7 @@ class Tokens:
         return len(self.ids)
 
     def batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        width = max(len(self.ids[i]) for i in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for j, i in enumerate(rows):
-            ids[j, : len(self.ids[i])] = torch.tensor(self.ids[i])
-            mask[j, : len(self.ids[i])] = 1
+        ids, mask = lora.padded([self.ids[i] for i in rows])
         return {"input_ids": ids, "attention_mask": mask}, self.labels[rows]
 
     def batches(self, size: int, rng: np.random.Generator | None = None) -> Iterator[tuple[dict, torch.Tensor]]:
