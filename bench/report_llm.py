@@ -79,6 +79,13 @@ def table_at_rates(result: dict, key: str, digits: int) -> str:
     return "\n".join(lines)
 
 
+def single_points(result: dict) -> str:
+    """Codecs with one setting (NF4, the lossless files): their rate, KL and perplexity."""
+    rows = [r for r in result["rows"] if r["codec"] == "NF4 (block 64)" or r["family"] == "lossless"]
+    return "One setting each: " + "; ".join(f"{r['codec']} {r['bits_per_param']:.2f} bits/param, KL {r['kl']:.4f}, "
+                                            f"perplexity {r['perplexity']:.1f}" for r in rows) + "."
+
+
 def table_bd(llm: dict) -> str:
     """BD-rate of sqz --bpp against every other codec, per adapter and metric."""
     lines = ["| adapter | metric | " + " | ".join(f"vs {a}" for a in ANCHORS) + " |", "|---|---|" + "---|" * len(ANCHORS)]
@@ -209,7 +216,7 @@ def section(llm: dict | None, like: dict | None, out: Path, rel) -> list[str]:
         res = llm["adapters"][name]
         md += [f"### {label(name)}: KL (nats/token) at fixed rates", "", table_at_rates(res, "kl", 4), "",
                f"### {label(name)}: perplexity at fixed rates (full precision {res['full']['perplexity']:.1f})", "",
-               table_at_rates(res, "perplexity", 1), ""]
+               table_at_rates(res, "perplexity", 1), "", single_points(res), ""]
     md += ["### BD-rate of `sqz --bpp` against every other codec, per adapter", "",
            ("Akima on each codec's Pareto front (`bench/rd.py`): KL as −10·log10(KL), perplexity as −perplexity, "
             "ΔW SQNR in dB. Negative: `--bpp` needs fewer bytes for the same quality. NF4 is a single point, so "
