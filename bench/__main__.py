@@ -82,7 +82,7 @@ def trained_like_adapter(quick: bool, directory: Path) -> tuple[Path, dict, floa
         return None
     stats = synthetic.trained_statistics(read_adapter(source))
     tensors = synthetic.llama_adapter_like(stats, rank=16, layers=1 if quick else 4)
-    synthetic.save_adapter(directory, tensors, synthetic.llama_config(16))
+    synthetic.save_adapter(directory, tensors, synthetic.llama_config(16, targets=stats))
     arrays = {k: v.float().numpy() for k, v in tensors.items()}
     target = task.sine_regime(read_adapter(sine), sine_params["omega"])["omega_BA_rms"]
     omega = target / task.sine_regime(arrays, 1.0)["omega_BA_rms"]

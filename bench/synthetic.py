@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,10 @@ def llama_adapter(rank: int = 16, layers: int = 32, scale: float = 1.0, seed: in
     return tensors
 
 
-def llama_config(rank: int = 16, alpha: float = 32.0, sine_omega: float | None = None) -> dict:
+def llama_config(rank: int = 16, alpha: float = 32.0, sine_omega: float | None = None,
+                 targets: Iterable[str] = PROJECTIONS) -> dict:
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "bias": "none", "lora_dropout": 0.0,
-              "target_modules": sorted(PROJECTIONS), "base_model_name_or_path": "meta-llama/Meta-Llama-3-8B",
+              "target_modules": sorted(targets), "base_model_name_or_path": "meta-llama/Meta-Llama-3-8B",
               "task_type": "CAUSAL_LM"}
     if sine_omega is not None:
         config.update(peft_type="SINLORA", freq=sine_omega)
