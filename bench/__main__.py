@@ -72,8 +72,8 @@ def run_llm(quick: bool) -> dict:
 
 
 def trained_like_adapter(quick: bool, directory: Path) -> tuple[Path, dict, float] | None:
-    """LLaMA-3-8B-shaped rank-16 factors with the statistics of the LLM bench's trained rank-16 LoRA (None until
-    the llm step has trained it); the sine ω puts ω·B@A where the trained SineLoRA r=16 put it."""
+    """LLaMA-3-8B-shaped factors with the rank and statistics of the LLM bench's largest trained LoRA (rank 16;
+    None until the llm step has trained it); the sine ω puts ω·B@A where the largest trained SineLoRA put it."""
     cfg = llm_config(quick)
     rank = max(cfg.ranks)
     source, _ = llm.adapter_dir(task.CACHE, cfg, "lora", rank)
@@ -81,8 +81,8 @@ def trained_like_adapter(quick: bool, directory: Path) -> tuple[Path, dict, floa
     if not (source / "train.json").exists() or not (sine / "train.json").exists():
         return None
     stats = synthetic.trained_statistics(read_adapter(source))
-    tensors = synthetic.llama_adapter_like(stats, rank=16, layers=1 if quick else 4)
-    synthetic.save_adapter(directory, tensors, synthetic.llama_config(16, targets=stats))
+    tensors = synthetic.llama_adapter_like(stats, rank=rank, layers=1 if quick else 4)
+    synthetic.save_adapter(directory, tensors, synthetic.llama_config(rank, targets=stats))
     arrays = {k: v.float().numpy() for k, v in tensors.items()}
     target = task.sine_regime(read_adapter(sine), sine_params["omega"])["omega_BA_rms"]
     omega = target / task.sine_regime(arrays, 1.0)["omega_BA_rms"]
