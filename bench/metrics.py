@@ -63,6 +63,16 @@ def plain_energies(reference: Tensors, reconstruction: Tensors) -> tuple[float, 
     return signal, noise
 
 
+def delta_rms(tensors: Tensors) -> float:
+    """The rms of B@A over every entry of every pair, exactly, from r x r products (no [out, in] matrix)."""
+    energy, entries = 0.0, 0
+    for _, a, b in factor_pairs(tensors):
+        A, B = np.asarray(tensors[a], np.float64), np.asarray(tensors[b], np.float64)
+        energy += lowrank_inner(B, A, B, A)
+        entries += B.shape[0] * A.shape[1]
+    return math.sqrt(energy / entries)
+
+
 def stable_rank(matrix: torch.Tensor) -> float:
     """||M||_F² / σ_max², a soft count of the directions that carry the energy."""
     matrix = matrix.double()
