@@ -64,6 +64,11 @@ def bd_rate(rows: list[dict], anchor: str, test: str, quality: Quality) -> float
     return bd_metrics(a, t)["bd_rate_pct"] if len(a) >= 2 and len(t) >= 2 else "n/a"
 
 
+def fmt_bd(value: float | str) -> str:
+    """A BD-rate as a signed percentage, or the first words of why there is none."""
+    return f"{value:+.1f}%" if isinstance(value, float) else str(value).split(" (")[0]
+
+
 def value_at(rows: list[dict], codec: str, rate: float, key: str) -> float | None:
     """`key` of a codec at `rate` bits/param, linear in log(rate) between its two nearest settings on either
     side (its points sorted by rate); None outside the rates it reached."""

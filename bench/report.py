@@ -19,7 +19,7 @@ from bench import rd, report_llm
 PAPER_TABLE1_MB = {2: 8.6, 3: 11.9, 5: 18.1, 16: 54.0}
 PAPER_TABLE1_PARAMS = 28.3e6
 README_BEGIN, README_END = "<!-- bench:headline:begin -->", "<!-- bench:headline:end -->"
-KIND_LABEL = {"lora": "LoRA", "sinelora": "SineLoRA"}
+KIND_LABEL = report_llm.KIND_LABEL
 
 
 def _load(out: Path, step: str) -> dict | None:
@@ -226,13 +226,10 @@ def table_bd_codecs(codecs: dict) -> str:
         for name, res in codecs.get("task_adapters", {}).items()]
     for label, result, kinds in adapters:
         for kind in kinds:
-            cells = " | ".join(_fmt_bd(v) for v in bd_rates(result, kind).values())
+            cells = " | ".join(rd.fmt_bd(v) for v in bd_rates(result, kind).values())
             lines.append(f"| {label} | {kind} | {cells} |")
     return "\n".join(lines)
 
-
-def _fmt_bd(value: float | str) -> str:
-    return f"{value:+.1f}%" if isinstance(value, float) else str(value).split(" (")[0]
 
 
 def paper_table1(llama: dict) -> str:

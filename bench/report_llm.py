@@ -92,7 +92,7 @@ def table_bd(llm: dict) -> str:
     for name, res in llm["adapters"].items():
         for metric, quality in QUALITIES.items():
             cells = [rd.bd_rate(res["rows"], anchor, "sqz --bpp", quality) for anchor in ANCHORS]
-            lines.append(f"| {label(name)} | {metric} | " + " | ".join(_fmt_bd(c) for c in cells) + " |")
+            lines.append(f"| {label(name)} | {metric} | " + " | ".join(rd.fmt_bd(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -119,9 +119,6 @@ def kl_note(llm: dict) -> list[str]:
              "not weigh modules by the energy of their ΔW. ΔW SQNR alone would have ranked the codecs wrongly."), ""]
 
 
-def _fmt_bd(value: float | str) -> str:
-    return f"{value:+.1f}%" if isinstance(value, float) else str(value).split(" (")[0]
-
 
 def table1(llm: dict) -> str:
     """The paper's Table 1 on the LLM adapters: file size and perplexity / accuracy of sqz -b per rank."""
@@ -147,7 +144,7 @@ def table2(llm: dict) -> str:
             continue
         rows = [{**r, "codec": kind} for kind, n in (("lora", twin), ("sine", name))
                 for r in llm["adapters"][n]["rows"] if r["codec"] == "sqz-auto"]
-        cells = [_fmt_bd(rd.bd_rate(rows, "lora", "sine", q)) for q in (rd.neg_perplexity, lambda r: r["accuracy"])]
+        cells = [rd.fmt_bd(rd.bd_rate(rows, "lora", "sine", q)) for q in (rd.neg_perplexity, lambda r: r["accuracy"])]
         lines.append(f"| {name.split('-r')[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -188,7 +185,7 @@ def headline(llm: dict) -> list[str]:
             lines.append(f"- {label(name)} on a {llm['pretrain']['params'] / 1e6:.1f}M-param LLaMA trained here: at 2 "
                          f"bits/param, sqz `--bpp` KL {ours:.4f} nats/token, perplexity "
                          f"{at('sqz --bpp', 'perplexity'):.1f} (full precision {res['full']['perplexity']:.1f}); the "
-                         f"paper's pipeline KL {paper:.4f}. BD-rate on KL against the paper: {_fmt_bd(bd)}.")
+                         f"paper's pipeline KL {paper:.4f}. BD-rate on KL against the paper: {rd.fmt_bd(bd)}.")
     summary = bd_summary(llm)
     if all(isinstance(v, float) for v in summary.values()):
         lines.append(f"- BD-rate of `--bpp` against the paper's pipeline, mean over the {len(llm['adapters'])} LLM "
