@@ -70,13 +70,15 @@ def test_codecs_rank_as_the_theory_says(quick_run):
             assert get("sqz-zstd-aligned", bits)["file_bytes"] < 0.95 * get("sqz-zstd", bits)["file_bytes"]
         # optimal k-means beats uniform min-max at the same bit width on heavy-tailed factors
         assert ours["sqnr_db_plain"] > get("uniform min-max", bits)["sqnr_db_plain"]
-    # the rate-distortion encoder: under each target, and above -b's curve at the same rate
+    # the rate-distortion encoder: under each target, and above -b's curve at the same rate (by less than it was
+    # when the targets minimised the summed error of ΔW, which this SQNR measures: they now weigh each module's
+    # error relative to its own ΔW; quick run, 2 bits/param: +0.7 dB)
     auto = sorted((x["bits_per_param"], x["sqnr_db_plain"]) for x in rows if x["codec"] == "sqz-auto")
     for point in (x for x in rows if x["codec"] == "sqz --bpp"):
         assert 0.97 * point["target_bpp"] <= point["bits_per_param"] <= point["target_bpp"]
         if auto[0][0] <= point["bits_per_param"] <= auto[-1][0]:
             at_same_rate = np.interp(point["bits_per_param"], *zip(*auto))
-            assert point["sqnr_db_plain"] > at_same_rate + 1.0, (point, auto)
+            assert point["sqnr_db_plain"] > at_same_rate + 0.3, (point, auto)
     ranks = r["task"]["config"]["ranks"]
     assert set(r["codecs"]["task_adapters"]) == {f"{k}-r{rank}" for k in ("lora", "sinelora") for rank in ranks}
     lossless = [x for x in rows if x["family"] == "lossless"]
