@@ -107,17 +107,19 @@ def bd_summary(llm: dict) -> dict[str, float | str]:
 
 
 def kl_note(llm: dict) -> list[str]:
-    """Say so when `--bpp` loses to `-b` on KL while it wins on ΔW SQNR: its objective is not the model's."""
-    worse = [name for name, res in llm["adapters"].items()
-             if isinstance(kl := rd.bd_rate(res["rows"], "sqz-auto", "sqz --bpp", rd.kl_db), float) and kl > 0
-             and isinstance(w := rd.bd_rate(res["rows"], "sqz-auto", "sqz --bpp", rd.sqnr("delta")), float) and w < 0]
-    if not worse:
+    """Say where ΔW SQNR and KL disagree on which of `--bpp` and `-b` needs fewer bytes: ΔW SQNR alone would
+    have ranked them wrongly there."""
+    disagree = []
+    for name, res in llm["adapters"].items():
+        kl = rd.bd_rate(res["rows"], "sqz-auto", "sqz --bpp", rd.kl_db)
+        delta = rd.bd_rate(res["rows"], "sqz-auto", "sqz --bpp", rd.sqnr("delta"))
+        if isinstance(kl, float) and isinstance(delta, float) and (kl < 0) != (delta < 0):
+            disagree.append(f"{label(name)} (KL {rd.fmt_bd(kl)}, ΔW SQNR {rd.fmt_bd(delta)})")
+    if not disagree:
         return []
-    return [(f"On {len(worse)} of the {len(llm['adapters'])} adapters `--bpp` needs fewer bytes than `-b` (sqz-auto) "
-             "for the same ΔW SQNR but more for the same KL: it minimises the ΔW error summed over all modules, "
-             "which spends bits on the modules with the largest ΔW and starves the rest, and the model's loss does "
-             "not weigh modules by the energy of their ΔW. ΔW SQNR alone would have ranked the codecs wrongly."), ""]
-
+    return [(f"ΔW SQNR and KL disagree on whether `--bpp` needs fewer bytes than `-b` (sqz-auto) on "
+             f"{len(disagree)} of the {len(llm['adapters'])} adapters: {'; '.join(disagree)}. An error's cost to the "
+             "model is not its share of ||ΔW||², so ΔW SQNR alone would have ranked the codecs wrongly there."), ""]
 
 
 def table1(llm: dict) -> str:

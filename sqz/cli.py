@@ -92,8 +92,9 @@ def _options(bits: int, bpp: float | None, size_text: str | None, sqnr: float | 
 def encode_cmd(src: str, output: str, force: bool, as_json: bool, **encoding: Any) -> None:
     """Encode an adapter (.safetensors, .bin, or a PEFT directory) into a .sqz file.
 
-    -b N quantizes every factor at N bits (the paper's method). --bpp, --size or --sqnr instead give each factor
-    the width that serves ΔW best at one global slope, searched until the file meets the target."""
+    -b N quantizes every factor at N bits (the paper's method). --bpp, --size or --sqnr instead store each pair
+    in its SVD gauge (the same ΔW, other factors) and give each factor the width that serves ΔW best at one
+    global slope, searched until the file meets the target."""
     options, sine = _options(**encoding)
     start = time.perf_counter()
     report = encode(src, output, options, sine, force=force)
