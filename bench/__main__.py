@@ -1,9 +1,11 @@
-"""python -m bench {all,llm,task,codecs,figure1,speed,serve,catalog,report} [--quick] [--out DIR]
+"""python -m bench {all,llm,task,order,codecs,figure1,speed,serve,catalog,report} [--quick] [--out DIR]
 
 all      every step below, then the report (under 45 minutes on 2 cores from a fresh clone; --quick: a few minutes)
 llm      pretrain/cache a tiny LLaMA, fine-tune PEFT LoRA r1-16 + SineLoRA on it, and measure every codec on each
          adapter by ΔW SQNR, perplexity, KL from the full-precision adapter, and section accuracy (llm.json)
 task     train/cache LoRA + SineLoRA on MiniLM, accuracy at full precision and after sqz (results/task.json)
+order    a MiniLM task where the adapter matters (were two words swapped?): every codec on a LoRA and a SineLoRA,
+         by accuracy and KL from the full-precision adapter (order.json)
 codecs   rate-distortion of sqz against the alternatives on the MiniLM adapters, the i.i.d. LLaMA-shaped adapter
          (8 of the 28.3M adapter's 32 layers) and a LLaMA-3-8B-shaped one with the trained LLM adapter's
          statistics (codecs.json)
@@ -25,13 +27,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bench import catalog, codecs, figure1, llm, lora, report, serve, speed, synthetic, task
+from bench import catalog, codecs, figure1, llm, lora, order, report, serve, speed, synthetic, task
 from bench.codecs import read_adapter
 from bench.metrics import delta_rms
 from bench.synthetic import write_llama_adapter
 
 HERE = Path(__file__).parent
-STEPS = ("llm", "task", "codecs", "figure1", "speed", "serve", "catalog")
+STEPS = ("llm", "task", "order", "codecs", "figure1", "speed", "serve", "catalog")
 # The synthetic adapter's B@A entries are ~1e-4; ω = 1e4 puts ω·B@A at unit scale, where the sine is
 # non-linear (ω = 200 would leave it in its linear range, where sine distortion equals plain distortion).
 LLAMA_SINE_OMEGA = 1e4
@@ -143,6 +145,8 @@ def run_step(step: str, quick: bool, out: Path, device: str = "cpu") -> None:
         result = run_llm(quick)
     elif step == "task":
         result = task.run(task_config(quick), progress_factory=bar, log=log)
+    elif step == "order":
+        result = order.run(order.OrderConfig.quick() if quick else order.OrderConfig(), quick, progress_factory=bar, log=log)
     elif step == "codecs":
         result = run_codecs(quick)
     elif step == "figure1":

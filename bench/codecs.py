@@ -114,15 +114,16 @@ def measure(src: Path, points: list[tuple[dict, Callable]], omegas: dict[str, fl
 
 
 def run(src: Path, omegas: dict[str, float | None], quick: bool, max_rows: int | None = None,
-        progress_factory=None, task: TaskMetrics | None = None) -> dict:
-    """The whole comparison on one adapter folder."""
-    widths = [2, 3] if quick else list(range(1, 9))
+        progress_factory=None, task: TaskMetrics | None = None, max_bits: int = 8) -> dict:
+    """The whole comparison on one adapter folder, at rates up to `max_bits` bits/param (a task whose metric
+    is already at full precision by 4 bits need not pay for evaluations above)."""
+    widths = [2, 3] if quick else list(range(1, max_bits + 1))
     low = [b for b in widths if b <= 5]  # forced stages stop at 5 bits: 6-8-bit fits cost minutes on 28.3M
     with tempfile.TemporaryDirectory() as tmp:
         points = plan(src, Path(tmp), {stage: (widths if stage == "auto" else low) for stage in ENTROPY_STAGES},
-                      paper_bits=[2, 3] if quick else [1, 2, 3, 4, 5], quant_bits=widths,
+                      paper_bits=[2, 3] if quick else low, quant_bits=widths,
                       int_bits=[b for b in widths if b >= 2],  # symmetric 1-bit ints have one level: 0
-                      target_bpp=[2.0, 3.0] if quick else list(TARGET_BPP),
+                      target_bpp=[2.0, 3.0] if quick else [t for t in TARGET_BPP if t <= max_bits],
                       compeft=[0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3, 0.5],
                       loraquant=[(0.5, 2, 1), (1.0, 3, 2)] if quick else [(0.0, 2, 1), (0.25, 2, 1), (0.5, 2, 1),
                                                                           (1.0, 2, 1), (0.5, 3, 2), (1.0, 3, 2)])

@@ -38,3 +38,27 @@ def load(seed: int = 0, test_fraction: float = 0.2) -> tuple[Split, Split, list[
     texts = [r["description"] for r in rows]
     pick = lambda mask: Split([texts[i] for i in np.flatnonzero(mask)], labels[mask])
     return pick(~test), pick(test), classes
+
+
+def word_swap(split: Split, seed: int, min_words: int = 4) -> Split:
+    """The word-order task on a split's texts: each text of at least `min_words` words either stays as it is
+    (label 0) or has two of its words, chosen at random and different, trade places (label 1), about half and half.
+
+    Both versions hold the same words, so a mean-pooled sentence embedding (the frozen base) barely tells them
+    apart, while an adapter on the encoder learns to: a task where the adapter is worth >10 points
+    (cf. SentEval's bigram shift, Conneau et al. 2018, with the swap anywhere in the text)."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for text in split.texts:
+        words = text.split()
+        if len(words) < min_words:
+            continue
+        label = int(rng.integers(2))
+        if label:
+            i, j = rng.choice(len(words), 2, replace=False)
+            if words[i] == words[j]:
+                continue
+            words[i], words[j] = words[j], words[i]
+        texts.append(" ".join(words))
+        labels.append(label)
+    return Split(texts, np.array(labels, dtype=np.int64))

@@ -29,12 +29,15 @@ def headline_adapters(llm: dict) -> list[str]:
             for kind in KIND_LABEL if any(n.startswith(f"{kind}-") for n in names)]
 
 
-def plot(llm: dict, path: Path) -> None:
-    """Rate against KL, perplexity and section accuracy for the headline adapters."""
+METRICS = (("kl", "KL from full precision (nats/token)", "log"), ("perplexity", "perplexity", "linear"),
+           ("accuracy", "section accuracy", "linear"))
+"""(row key, axis label, axis scale) of each task metric plotted against rate."""
+
+
+def plot(llm: dict, path: Path, metrics: tuple[tuple[str, str, str], ...] = METRICS) -> None:
+    """Rate against each task metric for the headline adapters (one row each)."""
     names = headline_adapters(llm)
-    metrics = (("kl", "KL from full precision (nats/token)", "log"), ("perplexity", "perplexity", "linear"),
-               ("accuracy", "section accuracy", "linear"))
-    fig, axes = plt.subplots(len(names), 3, figsize=(16, 4.3 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), len(metrics), figsize=(5.3 * len(metrics), 4.3 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         result = llm["adapters"][name]
         for col, (key, ylabel, yscale) in enumerate(metrics):
@@ -86,11 +89,11 @@ def single_points(result: dict) -> str:
                                             f"perplexity {r['perplexity']:.1f}" for r in rows) + "."
 
 
-def table_bd(llm: dict) -> str:
+def table_bd(llm: dict, qualities: dict[str, rd.Quality] = QUALITIES) -> str:
     """BD-rate of sqz --bpp against every other codec, per adapter and metric."""
     lines = ["| adapter | metric | " + " | ".join(f"vs {a}" for a in ANCHORS) + " |", "|---|---|" + "---|" * len(ANCHORS)]
     for name, res in llm["adapters"].items():
-        for metric, quality in QUALITIES.items():
+        for metric, quality in qualities.items():
             cells = [rd.bd_rate(res["rows"], anchor, "sqz --bpp", quality) for anchor in ANCHORS]
             lines.append(f"| {label(name)} | {metric} | " + " | ".join(rd.fmt_bd(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -227,6 +230,6 @@ def section(llm: dict | None, like: dict | None, out: Path, rel) -> list[str]:
     if like:
         md += ["### Synthetic LLaMA-3-8B-shaped adapters with these statistics", "",
                (f"`synthetic.llama_adapter_like` ({like['params']:,} params, rank 16, every projection) matches the "
-                "trained rank-16 LoRA above, projection by projection (section 2 has its rate-distortion):"), "",
+                "trained rank-16 LoRA above, projection by projection (section 4 has its rate-distortion):"), "",
                table_statistics(like["statistics"]), ""]
     return md

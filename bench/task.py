@@ -51,7 +51,7 @@ class TaskConfig:
         return cls(ranks=(1, 4), bits=(1, 2, 3, 8), train_count=600, test_count=300)
 
 
-def _digest(obj: object) -> str:
+def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -61,7 +61,7 @@ def adapter_dir(cfg: TaskConfig, kind: str, rank: int) -> tuple[Path, dict]:
               "batch_size": cfg.batch_size, "seed": cfg.seed, "train_count": cfg.train_count,
               "data_sha256": hashlib.sha256(DATA.read_bytes()).hexdigest(), "model": minilm.MODEL_NAME,
               "naming": "peft-on-BertModel"}
-    return CACHE / "adapters" / f"{kind}-r{rank}-{_digest(params)}", params
+    return CACHE / "adapters" / f"{kind}-r{rank}-{digest(params)}", params
 
 
 def sine_regime(tensors: dict[str, np.ndarray], omega: float | None) -> dict[str, float]:

@@ -25,7 +25,7 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, {step: json.loads((out / f"{step}.json").read_text()) for step in ("llm", "task", "codecs", "figure1", "speed", "serve", "catalog")}
+    return out, {step: json.loads((out / f"{step}.json").read_text()) for step in ("llm", "task", "order", "codecs", "figure1", "speed", "serve", "catalog")}
 
 
 def test_task_trains_and_evaluates_every_adapter(quick_run):
@@ -49,6 +49,22 @@ def test_task_trains_and_evaluates_every_adapter(quick_run):
     assert all(0 <= t["accuracy"] <= 1 and t["sqnr_db"] > 0 for t in targets)
     uniform = {(x["rank"], x["bits"]): x["accuracy"] for x in task["rows"] if x["quantizer"] == "uniform min-max"}
     assert uniform and all(0 <= v <= 1 for v in uniform.values())
+
+
+def test_order_step_scores_every_codec_by_accuracy_and_kl(quick_run):
+    _, r = quick_run
+    order = r["order"]
+    assert 0.3 < order["data"]["swapped"] < 0.7 and 0 < order["base"]["accuracy"] <= 1
+    assert set(order["adapters"]) == {f"{kind}-r{rank}" for kind, rank in order["config"]["kind_ranks"]}
+    for res in order["adapters"].values():
+        rows = res["rows"]
+        assert {"sqz --bpp", "sqz-auto", "paper (k-means+zip)", "NF4 (block 64)", "ComPEFT-style",
+                "LoRAQuant-style", "fp16 safetensors"} <= {row["codec"] for row in rows}
+        assert all(row["kl"] >= 0 and 0 <= row["accuracy"] <= 1 for row in rows)
+        lossless = [row for row in rows if row["family"] == "lossless"]  # the reference up to fp16 rounding
+        assert all(row["kl"] < 1e-6 and row["accuracy"] == res["full"]["accuracy"] for row in lossless)
+        auto = {row["bits"]: row["kl"] for row in rows if row["codec"] == "sqz-auto"}
+        assert auto[3] < auto[2]  # more bits, closer to full precision
 
 
 def test_codecs_rank_as_the_theory_says(quick_run):
@@ -133,14 +149,15 @@ def test_speed_and_report(quick_run):
                                         for x in conditions.values())
     assert [x["scale"] for x in speed["scaling"]] == sorted(x["scale"] for x in speed["scaling"])
     report = (out / "REPORT.md").read_text()
-    for heading in ("## 1. A small LLaMA", "## 2. MiniLM", "## 3. sqz against", "## 4. The paper's Figure 1", "## 5. Speed",
+    for heading in ("## 1. A small LLaMA", "## 2. MiniLM", "## 3. MiniLM word order", "## 4. sqz against",
+                    "## 5. The paper's Figure 1", "## 6. Speed",
                     "| cold page cache (file evicted before each read) |", "### The rate-distortion encoder",
                     "| LLaMA-shaped (synthetic) | plain |", "| LLaMA-shaped, trained statistics | sine |",
                     "### BD-rate of `sqz --bpp` against every other codec, per adapter"):
         assert heading in report
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 8 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    for name in ("llm.png", "accuracy_vs_size.png", "rd_llama.png", "rd_llama_trained.png", "rd_task.png", "figure1.png",
+    assert len(pngs) == 9 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    for name in ("llm.png", "order.png", "accuracy_vs_size.png", "rd_llama.png", "rd_llama_trained.png", "rd_task.png", "figure1.png",
                  "table5.png", "scaling.png"):
         assert f"]({name})" in report
 
