@@ -480,7 +480,7 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "relative Frobenius error of the effective update ΔW over all modules. Baselines are written as "
                "real files (`bench/baselines.py`), ComPEFT-style (top-k magnitudes as ternary signs times one scale per "
                "tensor) and LoRAQuant-style (SVD re-parameterisation, top components at 2–3 bits, the rest at 1–2) among "
-               "them. sqz runs with `auto` at 1–8 bits, with each forced stage at 1–5 bits, and `--bpp` from 0.5 to 8. "
+               "them. sqz runs with `auto` at 1–8 bits, with each forced stage at 1–5 bits, and `--bpp` from 0.25 to 8. "
                "SQNR = −20·log10(relative Frobenius error), so the plots show SQNR and the tables both."), ""]
         md += ["### The rate-distortion encoder (`sqz --bpp`) against every other codec", "",
                ("BD-rate on ΔW SQNR (Akima, `bjontegaard`): the change in file size at equal SQNR, over the rates "
