@@ -98,12 +98,17 @@ class TensorEncoder:
 
     def __init__(self, adapter: Adapter, options: EncodeOptions, progress: bool | None, workers: int):
         self.adapter, self.options, self.progress, self.workers = adapter, options, progress, workers
-        self._done: dict[tuple[str, int | None], tuple[dict, bytes]] = {}
+        self._done: dict[tuple, tuple[dict, bytes]] = {}
 
     def __call__(self, choices: dict | None = None) -> tuple[dict[str, Any], list[bytes]]:
         """The header and sections of the file with `choices` (name -> ratecontrol.Choice; others as -b says)."""
         choices = choices or {}
-        key = lambda name: (name, choices[name].bits if name in choices else -1)
+
+        def key(name: str) -> tuple:  # the codebook's size too: k = 3 and k = 4 both have width 2
+            choice = choices.get(name)
+            return (name,) if choice is None else (name, choice.bits, None if choice.codebook is None
+                                                   else choice.codebook.size)
+
         todo = [name for name in self.adapter.tensors if key(name) not in self._done]
 
         def one(name: str) -> tuple[dict, bytes]:

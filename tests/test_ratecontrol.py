@@ -226,3 +226,24 @@ def test_cli_targets_and_info_widths(tmp_path):
     assert "quantized tensors by index width:" in table
     bad = run("encode", LORA, "--size", "12XB", "-o", tmp_path / "b.sqz")
     assert bad.returncode == 1 and "--size must be" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_encoder_cache_tells_codebooks_of_one_width_apart():
+    """A target search may ask for k = 3 and then k = 4 (both 2-bit records): each gets its own section."""
+    from sqz.adapter import read_adapter
+    from sqz.api import TensorEncoder
+    from sqz.dtypes import to_float64
+    from sqz.quantize import fit_sizes
+    from sqz.ratecontrol import Choice
+
+    adapter = read_adapter(LORA)
+    name = adapter.pairs[0].a
+    tensor = adapter.tensors[name]
+    fits = fit_sizes(to_float64(tensor.raw, tensor.dtype), tensor.dtype, (3, 4))
+    encoder = TensorEncoder(adapter, sqz.EncodeOptions(bpp=2.0), False, 1)
+    for k in (3, 4, 3):
+        header, sections = encoder({name: Choice(2, fits[k].codebook)})
+        at = next(i for i, r in enumerate(header["tensors"]) if r["name"] == name)
+        assert (header["tensors"][at]["bits"], header["tensors"][at]["codebook_size"]) == (2, k)
+        stored = np.frombuffer(sections[at][: 4 * k], dtype="<f4")
+        np.testing.assert_allclose(stored, fits[k].codebook, rtol=1e-3)
