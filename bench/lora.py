@@ -30,7 +30,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.omega is None:
             return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T * self.scaling
-        return self.base(x) + x @ self.delta().T
+        # one matmul with the merged weight, not base(x) + x @ ΔWᵀ: sine training ran ~1.7x LoRA's time
+        return nn.functional.linear(x, self.base.weight + self.delta().to(self.base.weight.dtype), self.base.bias)
 
     def delta(self) -> torch.Tensor:
         return delta_of(self.lora_A, self.lora_B, self.scaling, self.omega)

@@ -227,7 +227,7 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
     src = write_llama_adapter(workdir / "adapter", scale=scale)
     weights = src / "adapter_model.safetensors"
     params = sum(t.numel() for t in load_file(str(weights)).values())
-    repeat = 1 if quick else 9
+    repeat = 1 if quick else 5
     log(f"speed: {params:,} params")
     rows = sizes_and_times(src, workdir, params, [3] if quick else [2, 3, 5],
                            ["auto", "zstd-aligned", "zstd", "rans"], repeat)
