@@ -43,6 +43,7 @@ def bd_metrics(anchor: list[tuple[float, float]], test: list[tuple[float, float]
     of two (rate, quality) curves; apply them to Pareto fronts (`curve`), on which quality rises with rate."""
     import bjontegaard as bd
 
+    bound = _rate_bound(anchor, test)
     ra, da = zip(*anchor)
     rt, dt = zip(*test)
     out: dict[str, float | str] = {}
@@ -55,7 +56,21 @@ def bd_metrics(anchor: list[tuple[float, float]], test: list[tuple[float, float]
             out[key] = value if math.isfinite(value) else "undefined"
         except Exception as exc:  # noqa: BLE001 - the library rejects curves that do not overlap
             out[key] = f"undefined ({exc})"
+    if bound is not None:
+        out["bd_rate_pct"] = bound
     return out
+
+
+def _rate_bound(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> str | None:
+    """Where one front is better than the other at every point, the two share no quality and the BD-rate (an
+    average over the shared range) does not exist; the size change at the nearer ends of the two ranges bounds
+    it instead. Better: the test reaches the anchor's best quality with at most its own smallest file. Worse:
+    its largest file falls short of the anchor's worst quality, which the anchor reaches with its smallest."""
+    if test[0][1] >= anchor[-1][1]:
+        return f"≤ {100 * (test[0][0] / anchor[-1][0] - 1):+.1f}%"
+    if test[-1][1] <= anchor[0][1]:
+        return f"≥ {100 * (test[-1][0] / anchor[0][0] - 1):+.1f}%"
+    return None
 
 
 def bd_rate(rows: list[dict], anchor: str, test: str, quality: Quality) -> float | str:

@@ -469,7 +469,8 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "### Bjøntegaard delta, SineLoRA against LoRA (curves over ranks; cf. Table 2)", "",
                ("Negative BD-rate: SineLoRA needs fewer bytes for the same accuracy. Akima interpolation "
                "(`bjontegaard`) on each curve's Pareto front (a rank that a smaller file of the same kind matches is "
-               "left out); 'undefined' where the curves do not overlap."), "",
+               "left out). Where one kind is more accurate at every rank, the curves share no accuracy and the "
+               "BD-rate is a bound (≤ or ≥): the size change at the ends of the two ranges."), "",
                table_bd(task), "",
                "### k-means (sqz) against uniform min-max quantization (cf. Table 5)", "",
                plot_table5(task, out / "table5.png"), "", f"![table 5]({rel(out / 'table5.png')})", ""]

@@ -25,6 +25,14 @@ def test_bd_rate_is_the_size_saved_at_equal_quality():
     assert rd.bd_rate(rows("one", [(1, 5)]) + data, "one", "test", rd.sqnr("delta")) == "n/a"
 
 
+def test_bd_rate_of_fronts_that_share_no_quality_is_a_bound_at_the_ends_of_their_ranges():
+    low = [(1, 5), (2, 6), (4, 7)]
+    high = [(3, 8), (6, 9)]  # better at every rate: reaches 7 (low's best) with at most 3 where low needs 4
+    data = rows("low", low) + rows("high", high)
+    assert rd.bd_rate(data, "low", "high", rd.sqnr("delta")) == "≤ -25.0%"
+    assert rd.bd_rate(data, "high", "low", rd.sqnr("delta")) == "≥ +33.3%"  # 4 against high's smallest, 3
+
+
 def test_value_at_interpolates_in_log_rate_and_refuses_to_extrapolate():
     data = [{"codec": "x", "bits_per_param": r, "kl": k} for r, k in ((1, 0.4), (4, 0.1))]
     assert rd.value_at(data, "x", 2, "kl") == pytest.approx(0.25)
