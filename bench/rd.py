@@ -39,8 +39,12 @@ def curve(rows: list[dict], codec: str, quality: Quality) -> list[tuple[float, f
 
 
 def bd_metrics(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> dict[str, float | str]:
-    """BD-rate (% size change at equal quality) and BD-quality (its units at equal size), Akima (`bjontegaard`),
-    of two (rate, quality) curves; apply them to Pareto fronts (`curve`), on which quality rises with rate."""
+    """BD-rate (% size change at equal quality) and BD-quality (its units at equal size) of two (rate, quality)
+    curves; apply them to Pareto fronts (`curve`), on which quality rises with rate. Interpolation is PCHIP
+    (`bjontegaard`'s monotone piecewise cubic), not Akima: on fronts of many points that saturate near full
+    precision, Akima's spline overshoots between points (LLaMA LoRA r=16, perplexity, `--bpp` against
+    LoRAQuant-style: Akima +894%, PCHIP -34%, piecewise linear -35%, with the `--bpp` front on or above the other);
+    over all the LLM step's BD-rates PCHIP stays within 0.7% of piecewise linear (median)."""
     import bjontegaard as bd
 
     bound = _rate_bound(anchor, test)
@@ -51,7 +55,7 @@ def bd_metrics(anchor: list[tuple[float, float]], test: list[tuple[float, float]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                value = float(fn(list(ra), list(da), list(rt), list(dt), method="akima", min_overlap=0.0,
+                value = float(fn(list(ra), list(da), list(rt), list(dt), method="pchip", min_overlap=0.0,
                                  require_matching_points=False))
             out[key] = value if math.isfinite(value) else "undefined"
         except Exception as exc:  # noqa: BLE001 - the library rejects curves that do not overlap
@@ -74,7 +78,7 @@ def _rate_bound(anchor: list[tuple[float, float]], test: list[tuple[float, float
 
 
 def bd_rate(rows: list[dict], anchor: str, test: str, quality: Quality) -> float | str:
-    """BD-rate (%) of `test` against `anchor` (Akima): negative = fewer bytes at equal quality."""
+    """BD-rate (%) of `test` against `anchor` (PCHIP): negative = fewer bytes at equal quality."""
     a, t = curve(rows, anchor, quality), curve(rows, test, quality)
     return bd_metrics(a, t)["bd_rate_pct"] if len(a) >= 2 and len(t) >= 2 else "n/a"
 

@@ -467,7 +467,7 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "adapter acts like a rescaled LoRA, and its stable-rank gain (section 5) needs larger values."), "",
                table_sine_regime(task), "",
                "### Bjøntegaard delta, SineLoRA against LoRA (curves over ranks; cf. Table 2)", "",
-               ("Negative BD-rate: SineLoRA needs fewer bytes for the same accuracy. Akima interpolation "
+               ("Negative BD-rate: SineLoRA needs fewer bytes for the same accuracy. PCHIP interpolation "
                "(`bjontegaard`) on each curve's Pareto front (a rank that a smaller file of the same kind matches is "
                "left out). Where one kind is more accurate at every rank, the curves share no accuracy and the "
                "BD-rate is a bound (≤ or ≥): the size change at the ends of the two ranges."), "",
@@ -484,7 +484,7 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "them. sqz runs with `auto` at 1–8 bits, with each forced stage at 1–5 bits, and `--bpp` from 0.25 to 8. "
                "SQNR = −20·log10(relative Frobenius error), so the plots show SQNR and the tables both."), ""]
         md += ["### The rate-distortion encoder (`sqz --bpp`) against every other codec", "",
-               ("BD-rate on ΔW SQNR (Akima, `bjontegaard`): the change in file size at equal SQNR, over the rates "
+               ("BD-rate on ΔW SQNR (PCHIP, `bjontegaard`): the change in file size at equal SQNR, over the rates "
                "where both curves exist; negative means `--bpp` needs fewer bytes. `sqz-auto` is `-b` at 1–8 bits."),
                "", table_bd_codecs(codecs), ""]
         if "llama" in codecs:

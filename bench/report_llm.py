@@ -220,7 +220,7 @@ def section(llm: dict | None, like: dict | None, out: Path, rel) -> list[str]:
                f"### {label(name)}: perplexity at fixed rates (full precision {res['full']['perplexity']:.1f})", "",
                table_at_rates(res, "perplexity", 1), "", single_points(res), ""]
     md += ["### BD-rate of `sqz --bpp` against every other codec, per adapter", "",
-           ("Akima on each codec's Pareto front (`bench/rd.py`): KL as −10·log10(KL), perplexity as −perplexity, "
+           ("PCHIP on each codec's Pareto front (`bench/rd.py`): KL as −10·log10(KL), perplexity as −perplexity, "
             "ΔW SQNR in dB. Negative: `--bpp` needs fewer bytes for the same quality. NF4 is a single point, so "
             "it has no curve; its values are in the tables above."), "", table_bd(llm), "", *kl_note(llm),
            "### The paper's tables on the LLM adapters", "",

@@ -58,6 +58,6 @@ def section(order: dict | None, out: Path, rel) -> list[str]:
                f"### {report_llm.label(name)}: KL (nats/sentence) at fixed rates", "",
                report_llm.table_at_rates(res, "kl", 4), ""]
     md += ["### BD-rate of `sqz --bpp` against every other codec", "",
-           "As in section 1: Akima on each codec's Pareto front, KL as −10·log10(KL); negative favours `--bpp`.", "",
+           "As in section 1: PCHIP on each codec's Pareto front, KL as −10·log10(KL); negative favours `--bpp`.", "",
            report_llm.table_bd(order, QUALITIES), ""]
     return md

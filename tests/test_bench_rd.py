@@ -33,6 +33,15 @@ def test_bd_rate_of_fronts_that_share_no_quality_is_a_bound_at_the_ends_of_their
     assert rd.bd_rate(data, "high", "low", rd.sqnr("delta")) == "≥ +33.3%"  # 4 against high's smallest, 3
 
 
+def test_bd_rate_does_not_overshoot_on_fronts_that_saturate():
+    # the bench's LLaMA LoRA r=16, -perplexity: --bpp at or above LoRAQuant-style at every rate (Akima said +894%)
+    bpp = [(0.25, -3215.3), (0.5, -1078.4), (1.0, -648.1), (1.5, -349.6), (2.0, -331.2), (2.5, -325.9), (3.0, -324.3),
+           (4.0, -323.0), (5.0, -322.4), (6.0, -322.2), (8.0, -322.0)]
+    loraquant = [(1.09, -1181.0), (1.34, -432.5), (1.57, -429.3), (2.53, -336.8), (3.0, -336.6)]
+    data = rows("bpp", bpp) + rows("lq", loraquant)
+    assert rd.bd_rate(data, "lq", "bpp", rd.sqnr("delta")) == pytest.approx(-35, abs=3)  # piecewise linear: -35%
+
+
 def test_value_at_interpolates_in_log_rate_and_refuses_to_extrapolate():
     data = [{"codec": "x", "bits_per_param": r, "kl": k} for r, k in ((1, 0.4), (4, 0.1))]
     assert rd.value_at(data, "x", 2, "kl") == pytest.approx(0.25)
