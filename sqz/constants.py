@@ -16,6 +16,8 @@ ALIGNMENT = 8
 # Reader limits (spec section "Limits"): checked before anything is allocated from a claim.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 """Limit on the header JSON after decompression (and so on the compressed header too)."""
+MAX_HEADER_DEPTH = 1024
+"""Deepest JSON nesting a reader accepts (§3): orjson's own limit, which the reader relies on."""
 MAX_TENSORS = 1_000_000
 MAX_NDIM = 8
 MAX_NUMEL = 1 << 32

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
+import orjson
 from zlib_ng import zlib_ng
 
 from .constants import (
@@ -54,7 +55,7 @@ from .constants import (
     VERSION_MINOR,
 )
 from .entropy import ZSTD_HEADER_LEVEL, zstd_compress, zstd_decompress
-from .errors import ChecksumError, FormatError, LimitError, TruncatedError, UnsupportedVersionError
+from .errors import ChecksumError, FormatError, InputError, LimitError, TruncatedError, UnsupportedVersionError
 
 _PREAMBLE = struct.Struct("<8sHHII")
 
@@ -82,6 +83,10 @@ def serialize(header: dict[str, Any], sections: list[bytes]) -> list[bytes]:
     header_json = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if len(header_json) > MAX_HEADER_BYTES:
         raise LimitError(f"header would be {len(header_json)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+    try:  # what a reader refuses (§3: a lone surrogate, deep nesting in a config) is refused before a file exists
+        orjson.loads(header_json)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"the adapter's config or metadata cannot be stored in a .sqz header: {exc}") from None
     header_bytes = zstd_compress(header_json, ZSTD_HEADER_LEVEL)
     preamble = _PREAMBLE.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, len(header_bytes), crc32(header_bytes))
     head = preamble + header_bytes
@@ -202,24 +207,37 @@ def _check_padding(buf: memoryview, header_end: int, data_start: int, records: l
         gaps.append((position, data_start + record["offset"]))
         position = data_start + record["offset"] + record["length"]
     for start, stop in gaps:
-        if stop > start and any(buf[start:stop]):
+        if not _all_zero(buf, start, stop):
             raise FormatError(f"{where}: non-zero padding at bytes {start}..{stop}")
 
 
+_ZERO_PAGE = memoryview(bytes(4096))
+
+
+def _all_zero(buf: memoryview, start: int, stop: int) -> bool:
+    """buf[start:stop] holds only zero bytes; compared a page at a time in C (`any` over a memoryview took a
+    third of a 320-tensor open), so a hostile gigabyte gap costs no allocation."""
+    while start < stop:
+        n = min(stop - start, len(_ZERO_PAGE))
+        if buf[start:start + n] != _ZERO_PAGE[:n]:
+            return False
+        start += n
+    return True
+
+
 def _parse_json(data: bytes, where: str) -> dict[str, Any]:
+    """orjson, 2.3x faster than json on a 320-tensor header (0.43 against 1.0 ms, most of an open), and stricter:
+    it refuses NaN, Infinity, numbers that overflow a double (1e400), lone surrogates and invalid UTF-8. Nesting
+    beyond 1024 levels it refuses as well, which is a limit rather than a syntax error."""
     try:
-        header = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except RecursionError:
-        raise LimitError(f"{where}: header JSON nests too deeply") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+        header = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit"):
+            raise LimitError(f"{where}: header JSON nests too deeply ({exc})") from None
         raise FormatError(f"{where}: header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{where}: header must be a JSON object")
     return header
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed in the header")
 
 
 def _bad(where: str, what: str) -> NoReturn:

@@ -10,8 +10,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sqz
 from sqz import container
-from sqz.constants import MAGIC
+from sqz.constants import MAGIC, MAX_HEADER_DEPTH
 from sqz.errors import ChecksumError, FormatError, LimitError, TruncatedError, UnsupportedVersionError
 
 names = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=20)
@@ -144,12 +145,34 @@ def test_overlapping_sections_and_giant_header_claims(tmp_path):
         container.Container(path)
 
 
-def test_deep_json_is_refused(tmp_path):
-    body = zstandard.ZstdCompressor().compress(b"[" * 100_000 + b"]" * 100_000)
+@pytest.mark.parametrize("depth,error,match", [(MAX_HEADER_DEPTH, FormatError, "must be a JSON object"),
+                                               (MAX_HEADER_DEPTH + 1, LimitError, "nests"),
+                                               (100_000, LimitError, "nests")])
+def test_deep_json_is_refused(tmp_path, depth, error, match):
+    body = zstandard.ZstdCompressor().compress(b"[" * depth + b"]" * depth)
     path = tmp_path / "deep.sqz"
     path.write_bytes(MAGIC + struct.pack("<HHII", 1, 0, len(body), zlib.crc32(body)) + body)
-    with pytest.raises(LimitError, match="nests"):
+    with pytest.raises(error, match=match):
         container.Container(path)
+
+
+@pytest.mark.parametrize("body", [b'{"data_size": NaN}', b'{"data_size": Infinity}', b'{"data_size": 1e400}',
+                                  b'{"name": "\\ud800"}', b'{"name": "\xff"}', b'{"a": 1} x'])
+def test_header_json_that_is_not_strict_json_is_refused(tmp_path, body):
+    frame = zstandard.ZstdCompressor().compress(body)
+    path = tmp_path / "loose.sqz"
+    path.write_bytes(MAGIC + struct.pack("<HHII", 1, 0, len(frame), zlib.crc32(frame)) + frame)
+    with pytest.raises(FormatError, match="not valid UTF-8 JSON"):
+        container.Container(path)
+
+
+def test_a_config_the_reader_would_refuse_is_refused_before_any_file_exists(peft_dir, tmp_path):
+    config = peft_dir / "adapter_config.json"
+    config.write_text(config.read_text().replace('"bias"', '"note": "\\ud800", "bias"', 1))  # a lone surrogate
+    out = tmp_path / "a.sqz"
+    with pytest.raises(sqz.InputError, match="config or metadata cannot be stored"):
+        sqz.encode(peft_dir, out, sqz.EncodeOptions(bits=2))
+    assert [p.name for p in tmp_path.iterdir()] == ["peft"]  # no output, no temporary file left behind
 
 
 def test_writer_is_deterministic():
