@@ -6,7 +6,9 @@
 
 raw: the input is a whole file, so most mutations stop at a CRC check (which is the point of them).
 structured: the input is header JSON, a NUL byte, then the data area; the target wraps it in a container
-with correct CRCs, so mutations reach header validation and every decoder.
+with correct CRCs, so mutations reach header validation and every decoder. A leading 0x02 byte makes it a 2.0
+file (the 2.0 header as stored: no offsets, pairs by index; CRC table and dictionary made by the target),
+otherwise 1.0.
 Seeds are the golden files (tests/golden), copied into a fresh corpus when none is given; structured mode adds
 variants at the edges of the ranges validation allows (edge_seeds). Every value a lossy tensor or a ΔW
 yields must be finite (spec §5): a non-finite one is a finding like a crash. Any other
@@ -29,16 +31,24 @@ with atheris.instrument_imports():
     import zstandard
 
     import sqz
-    from sqz.constants import MAGIC, MAX_PAIR_MAGNITUDE, MIN_GAMMA_MAGNITUDE
-    from sqz.container import Container, align
+    from sqz.constants import MAGIC, MAX_PAIR_MAGNITUDE, MIN_GAMMA_MAGNITUDE, PREAMBLE_SIZE
+    from sqz.container import V2_DICTIONARY, Container, align, chunk_table
 
 STRUCTURED = os.environ.get("SQZ_FUZZ") == "structured"
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden"
 
 
+V2 = b"\x02"
+
+
 def wrap(data: bytes) -> bytes:
-    """header JSON NUL data -> a container whose header and section CRCs are all correct."""
+    """[0x02] header JSON NUL data -> a container whose header and section (or chunk) CRCs are all correct."""
+    if data.startswith(V2):
+        text, _, area = data[1:].partition(b"\0")
+        body = zstandard.ZstdCompressor(dict_data=V2_DICTIONARY).compress(text)
+        head = MAGIC + struct.pack("<HHII", 2, 0, len(body), zlib.crc32(body)) + body + chunk_table(area)
+        return head + b"\0" * (align(len(head)) - len(head)) + area
     text, _, area = data.partition(b"\0")
     try:
         header = json.loads(text)
@@ -54,29 +64,35 @@ def wrap(data: bytes) -> bytes:
 
 
 def unwrap(data: bytes) -> bytes:
-    """A real file as a structured seed."""
+    """A real file as a structured seed: its header JSON as stored."""
     f = Container(data)
-    return json.dumps(f.header).encode() + b"\0" + data[f.data_start:]
+    if f.version[0] == 1:
+        return json.dumps(f.header).encode() + b"\0" + data[f.data_start:]
+    length = struct.unpack_from("<I", data, 12)[0]
+    text = zstandard.ZstdDecompressor(dict_data=V2_DICTIONARY).decompress(data[PREAMBLE_SIZE:PREAMBLE_SIZE + length])
+    return V2 + text + b"\0" + data[f.data_start:]
 
 
 def edge_seeds(seed: bytes) -> list[bytes]:
     """Structured seeds at the edges of what validation allows (spec §3.2, §4.2): pair numbers at their limits,
     and each float16 codebook's last entry at 65504, the largest finite float16, so that one mutation away
     lies a file that must be refused."""
-    text, _, area = seed.partition(b"\0")
-    header = json.loads(text)
+    version = V2 if seed.startswith(V2) else b""
+    text, _, area = seed[len(version):].partition(b"\0")
     seeds = []
     for fields in ({"scaling": MAX_PAIR_MAGNITUDE}, {"omega": -MAX_PAIR_MAGNITUDE, "gamma": MIN_GAMMA_MAGNITUDE}):
         edited = json.loads(text)
         for pair in edited["pairs"]:
             pair.update({k: v for k, v in fields.items() if k == "scaling" or pair["kind"] == "sine"})
-        seeds.append(json.dumps(edited).encode() + b"\0" + area)
+        seeds.append(version + json.dumps(edited).encode() + b"\0" + area)
+    f = Container(wrap(seed))
     edited_area = bytearray(area)
-    for record in header["tensors"]:
+    for record in f.records:  # the largest finite float16 as the last entry: F32 in 1.x, F16 in 2.0
         if record["encoding"] == "kmeans" and record["dtype"] == "F16" and record["codebook_size"] > 1:
-            last = record["offset"] + 4 * (record["codebook_size"] - 1)
-            edited_area[last:last + 4] = struct.pack("<f", 65504.0)
-    seeds.append(text + b"\0" + bytes(edited_area))
+            entry = 4 if record["codebook_dtype"] == "F32" else 2
+            last = record["offset"] + entry * (record["codebook_size"] - 1)
+            edited_area[last:last + entry] = struct.pack("<f" if entry == 4 else "<e", 65504.0)
+    seeds.append(version + text + b"\0" + bytes(edited_area))
     return seeds
 
 

@@ -24,7 +24,7 @@ from . import __version__, container, targets
 from .adapter import CONFIG_NAME, PEFT_PREFIX, TORCH_DTYPES, Adapter, Pair, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable
 from .bitpack import packed_size
-from .codec import EncodeOptions, decode_tensors, encode_tensor
+from .codec import EncodeOptions, codebook_bytes, decode_tensors, encode_tensor
 from .constants import ENCODING_KMEANS, PAIR_SINE
 from .delta import delta_weight
 from .dtypes import itemsize
@@ -86,7 +86,7 @@ def encode(src: str | Path, dst: str | Path, options: EncodeOptions = DEFAULT_OP
                                                 lambda gauged: TensorEncoder(gauged, options, progress, workers),
                                                 workers, lambda it, n, what: _progress(it, n, what, progress))
     with atomic_file(dst, force) as f:
-        size = container.write(f, header, sections)
+        size = container.write(f, header, sections, options.version)
     records = header["tensors"]
     return EncodeReport(dst, size, sum(math.prod(r["shape"]) for r in records), len(records), len(adapter.pairs),
                         sum(r["encoding"] == ENCODING_KMEANS for r in records), tuple(adapter.warnings), sqnr)
@@ -341,11 +341,12 @@ def info(path: str | Path) -> dict[str, Any]:
             numel = math.prod(record["shape"])
             row = {key: record[key] for key in ("name", "shape", "dtype", "role", "encoding", "entropy")}
             if record["encoding"] == ENCODING_KMEANS:
-                codebook, before = 4 * record["codebook_size"], packed_size(numel, record["bits"])
+                codebook, before = codebook_bytes(record), packed_size(numel, record["bits"])
                 width = record["bits"] if record["codebook_size"] > 1 else 0  # one entry: a zero-bit group
             else:
                 codebook, before, width = 0, numel * itemsize(record["dtype"]), None
-            row.update(params=numel, bits=width, codebook_size=record.get("codebook_size"), codebook_bytes=codebook,
+            row.update(params=numel, bits=width, codebook_size=record.get("codebook_size"),
+                       codebook_dtype=record.get("codebook_dtype"), codebook_bytes=codebook,
                        index_bytes_before=before,
                        index_bytes_after=record["length"] - codebook, section_bytes=record["length"],
                        bits_per_param=8 * record["length"] / numel if numel else 0.0)

@@ -14,7 +14,7 @@ from . import __version__
 from .adapter import SineOptions
 from .api import SqzWarning, decode, encode, info
 from .codec import ENTROPY_AUTO, EncodeOptions
-from .constants import ENTROPY_STAGES
+from .constants import ENTROPY_STAGES, WRITABLE_VERSIONS
 from .errors import InputError, SqzError
 from .quantize import DEFAULT_SAMPLE, PAPER_SAMPLE
 
@@ -69,6 +69,9 @@ def encode_options(command):
         click.option("--lossless", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB exact (repeatable)."),
         click.option("--quantize", multiple=True, metavar="GLOB",
                      help="Also quantize non-factor float tensors matching GLOB."),
+        click.option("--format", "format_version", default=EncodeOptions.format, show_default=True,
+                     type=click.Choice([f"{a}.{b}" for a, b in WRITABLE_VERSIONS]),
+                     help="Format version to write: 1.1 for readers older than sqz 2.0 (larger headers, F32 codebooks)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -77,9 +80,10 @@ def encode_options(command):
 
 def _options(bits: int, bpp: float | None, size_text: str | None, sqnr: float | None, sample: int, seed: int,
              entropy: str, omega: float | None, gamma: str | None, alpha: float | None, lossless: tuple[str, ...],
-             quantize: tuple[str, ...]) -> tuple[EncodeOptions, SineOptions]:
+             quantize: tuple[str, ...], format_version: str) -> tuple[EncodeOptions, SineOptions]:
     options = EncodeOptions(bits=bits, sample=sample, seed=seed, entropy=entropy, lossless=lossless, quantize=quantize,
-                            bpp=bpp, size=parse_size(size_text) if size_text is not None else None, sqnr=sqnr)
+                            bpp=bpp, size=parse_size(size_text) if size_text is not None else None, sqnr=sqnr,
+                            format=format_version)
     return options, SineOptions(omega=omega, gamma=gamma, alpha=alpha)
 
 

@@ -1,6 +1,7 @@
 """One tensor <-> one data section (spec: "Sections").
 
-kmeans section: codebook (codebook_size little-endian float32) then the entropy payload of the indices.
+kmeans section: codebook (codebook_size little-endian values of codebook_dtype) then the entropy payload of the
+                indices.
 raw section:    the tensor's little-endian bytes through the entropy stage (none or zstd).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from . import bitpack, entropy
 from .adapter import SourceTensor
 from .constants import (
+    DTYPE_ITEMSIZE,
     ENCODING_KMEANS,
     ENCODING_RAW,
     ENTROPY_NONE,
@@ -30,10 +32,13 @@ from .constants import (
     ROLE_A,
     ROLE_B,
     ROLE_OTHER,
+    VERSION_MAJOR,
+    VERSION_MINOR,
+    WRITABLE_VERSIONS,
 )
 from .dtypes import finite_bits, float32_to_bits, itemsize, to_float64
 from .errors import FormatError, InputError, LimitError, SqzError
-from .quantize import DEFAULT_SAMPLE, quantize, tensor_seed
+from .quantize import DEFAULT_SAMPLE, Quantized, quantize, tensor_seed
 
 if TYPE_CHECKING:
     from .ratecontrol import Choice
@@ -56,6 +61,13 @@ class EncodeOptions:
     bpp: float | None = None  # rate-distortion targets, at most one: all-in file bits per parameter,
     size: int | None = None  # file bytes,
     sqnr: float | None = None  # or the SQNR of ΔW in dB; `bits` is then ignored for paired factors
+    format: str = f"{VERSION_MAJOR}.{VERSION_MINOR}"  # the format version written: 2.0, or 1.1 for older readers
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """`format` as (major, minor)."""
+        major, minor = self.format.split(".")
+        return int(major), int(minor)
 
     @property
     def target(self) -> str | None:
@@ -78,6 +90,8 @@ class EncodeOptions:
             raise InputError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
         if self.sample < 0:
             raise InputError(f"--sample must be >= 0, got {self.sample}")
+        if self.format not in (writable := [f"{major}.{minor}" for major, minor in WRITABLE_VERSIONS]):
+            raise InputError(f"--format must be one of {', '.join(writable)}, got {self.format!r}")
         if self.entropy not in (ENTROPY_AUTO, *ENTROPY_STAGES):
             raise InputError(f"entropy must be auto or one of {', '.join(ENTROPY_STAGES)}, got {self.entropy!r}")
 
@@ -124,19 +138,21 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
     if not should_quantize(t, role, options) or (choice is not None and choice.bits is None):
         return _encode_raw(t, record, options)
     bits = options.bits if choice is None else max(choice.bits, MIN_BITS)  # width 0: one entry, recorded as 1 bit
+    values = to_float64(t.raw, t.dtype)
     try:
-        q = quantize(to_float64(t.raw, t.dtype), bits, options.sample,
+        q = quantize(values, bits, options.sample,
                      tensor_seed(options.seed, t.name), t.dtype, codebook=None if choice is None else choice.codebook)
     except InputError as exc:
         raise InputError(f"{t.name}: {exc}") from None
+    codebook_dtype, codebook = stored_codebook(values, q, t.dtype, options.version[0])
     k = int(q.codebook.size)
     stages = ENTROPY_STAGES if options.entropy == ENTROPY_AUTO else (options.entropy,)
     stage, payload = _smallest(entropy.encode_stages(q.indices, bits, k, stages), q.indices.size)
     if k == 1:
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
-    record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=bits, codebook_size=k,
+    record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=bits, codebook_size=k, codebook_dtype=codebook_dtype,
                   sample_size=q.sample_size, seed=q.seed)
-    section = q.codebook.astype("<f4").tobytes() + payload
+    section = codebook + payload
     if options.entropy == ENTROPY_AUTO:
         # A small tensor at many bits can cost more as codebook + indices than as its exact bytes
         # (a 384-value factor at 8 bits: 1 KiB of codebook). auto never stores a factor larger than exact.
@@ -153,8 +169,67 @@ def _encode_raw(t: SourceTensor, record: dict, options: EncodeOptions) -> tuple[
     return {**record, "encoding": ENCODING_RAW, "entropy": stage}, payload
 
 
+CODEBOOK_TOLERANCE = 1e-3
+CODEBOOK_FLOOR = 1e-6
+"""A float32 tensor's codebook is stored as F16 when that adds at most CODEBOOK_TOLERANCE to the tensor's squared
+quantization error, or at most CODEBOOK_FLOOR of its energy (60 dB below the signal, beyond float16's own 66 dB:
+a near-lossless fit, 256 entries for 768 values, has almost no error to compare with). It saves 2 bytes an entry:
+a 72-factor rank-2 adapter's 8-bit codebooks are 3.6 bits/param as F16, 7.1 as F32."""
+
+
+def stored_codebook(values: np.ndarray, q: Quantized, dtype: str, major: int) -> tuple[str, bytes]:
+    """(codebook_dtype, bytes) of a tensor's codebook (spec §4.2). 1.x stores F32. 2.0 stores an F16 or BF16
+    tensor's codebook in its own dtype, which is exact (decoding rounds to that dtype anyway), and a float32
+    or float64 one's as F16 where the tolerances above allow; F32 wherever rounding would merge two entries or
+    overflow."""
+    exact = q.codebook.astype("<f4")
+    if major == 1:
+        return "F32", exact.tobytes()
+    narrow = dtype if dtype in ("F16", "BF16") else "F16"
+    bits = float32_to_bits(exact, narrow)
+    if not finite_bits(bits, narrow).all():
+        return "F32", exact.tobytes()
+    rounded = _bits_to_float32(bits, narrow)
+    if not (np.diff(rounded) > 0).all():
+        return "F32", exact.tobytes()
+    if narrow != dtype and not _rounding_is_negligible(values, q.indices, exact, rounded):
+        return "F32", exact.tobytes()
+    return narrow, bits.tobytes()
+
+
+def _rounding_is_negligible(values: np.ndarray, indices: np.ndarray, codebook: np.ndarray,
+                            rounded: np.ndarray) -> bool:
+    """Whether replacing `codebook` by `rounded` adds at most the tolerances above to the squared error; from
+    per-entry counts and sums (Σ(x - c)² = Σx² - 2·Σc·S + Σn·c² over entries), so in one pass over the tensor."""
+    k = codebook.size
+    counts = np.bincount(indices, minlength=k).astype(np.float64)
+    sums = np.bincount(indices, weights=values, minlength=k)
+    energy = float(np.dot(values, values))
+
+    def error(c: np.ndarray) -> float:
+        c = c.astype(np.float64)
+        return energy - 2 * float(np.dot(c, sums)) + float(np.dot(counts, c * c))
+
+    base = error(codebook)
+    return error(rounded) - base <= max(CODEBOOK_TOLERANCE * base, CODEBOOK_FLOOR * energy)
+
+
+def _bits_to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view({"F16": "<f2", "F32": "<f4"}[dtype]).astype(np.float32)
+
+
+def codebook_bytes(record: dict) -> int:
+    """Bytes of a kmeans section's codebook."""
+    return DTYPE_ITEMSIZE[record["codebook_dtype"]] * record["codebook_size"]
+
+
 def codebook_of(record: dict, section: memoryview) -> np.ndarray:
-    return np.frombuffer(section[: 4 * record["codebook_size"]], dtype="<f4")
+    """A kmeans section's codebook as float32 (every codebook dtype converts to it exactly)."""
+    dtype = record["codebook_dtype"]
+    raw = np.frombuffer(section[:codebook_bytes(record)], dtype={"F32": "<u4", "F16": "<u2", "BF16": "<u2"}[dtype])
+    return _bits_to_float32(raw, dtype)
 
 
 OUTPUT_ALIGNMENT = 64
@@ -290,7 +365,7 @@ def _entropy_stage(record: dict, section: memoryview) -> tuple:
     if record["encoding"] == ENCODING_RAW:
         return ENCODING_RAW, entropy.decode_bytes(section, count * itemsize(record["dtype"]), record["entropy"])
     k, stage = record["codebook_size"], record["entropy"]
-    payload = section[4 * k:]
+    payload = section[codebook_bytes(record):]
     if bitpack.NATIVE_ZSTD and k > 1 and stage in (ENTROPY_ZSTD, ENTROPY_ZSTD_ALIGNED):
         frame, width = entropy.index_frame(payload, count, record["bits"], stage)
         return ENCODING_KMEANS, frame, count, width, True, codebook_of(record, section)

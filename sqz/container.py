@@ -1,13 +1,17 @@
-"""The .sqz container (spec/format.md): preamble, JSON header, 64-byte aligned data sections.
+"""The .sqz container (spec/format.md): preamble, JSON header, data sections.
 
     preamble  magic[8] | major u16 | minor u16 | header_length u32 | header_crc32 u32   (little-endian)
     header    header_length bytes: one zstd frame (content size set) of UTF-8 JSON (one object)
+    crc table 2.0: one u32 CRC-32 per 64 KiB chunk of the data area (1.x: none, each record holds its section's)
     padding   zeros up to the next multiple of 8: the data area starts there
-    data      one section per tensor record, at record.offset (relative to the data area),
-              each checked by its own CRC-32 when read
+    data      one section per tensor record, checked by CRC-32 when read
 
-Writing is a pure function of (header, sections); reading validates every claim of the header
-against the file's real size and the limits in constants.py before anything is allocated from it.
+In memory every version has one form: records carry offset and length (and crc32 in 1.x), pairs name their
+factors, kmeans records say their codebook_dtype, and data_size is set. A 2.0 file stores less (offsets follow
+from lengths, pairs index records, CRCs are binary and per chunk): `serialize` writes either version from that
+form and `parse_head` gives it back.
+Reading validates every claim of the header against the file's real size and the limits in constants.py before
+anything is allocated from it.
 """
 from __future__ import annotations
 
@@ -23,15 +27,21 @@ from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
 import orjson
+import zstandard
 from zlib_ng import zlib_ng
 
 from .constants import (
     ALIGNMENT,
+    CHUNK_SIZE,
+    CODEBOOK_DTYPES,
+    CRC_SIZE,
     DTYPE_ITEMSIZE,
     ENCODING_KMEANS,
     ENCODINGS,
     ENTROPY_STAGES,
     EXPANSION_FLOOR,
+    HEADER_DICTIONARY,
+    HEADER_DICTIONARY_SHA256,
     LAYER_KINDS,
     MAGIC,
     MAX_BITS,
@@ -50,14 +60,26 @@ from .constants import (
     PREAMBLE_SIZE,
     QUANTIZABLE_DTYPES,
     RAW_ENTROPY_STAGES,
+    READABLE_MAJORS,
     ROLES,
     VERSION_MAJOR,
     VERSION_MINOR,
+    WRITABLE_VERSIONS,
 )
 from .entropy import ZSTD_HEADER_LEVEL, zstd_compress, zstd_decompress
 from .errors import ChecksumError, FormatError, InputError, LimitError, TruncatedError, UnsupportedVersionError
 
 _PREAMBLE = struct.Struct("<8sHHII")
+
+
+def _header_dictionary() -> zstandard.ZstdCompressionDict:
+    data = (Path(__file__).parent / HEADER_DICTIONARY).read_bytes()
+    if hashlib.sha256(data).hexdigest() != HEADER_DICTIONARY_SHA256:  # it is part of the format: never edited
+        raise RuntimeError(f"sqz is damaged: {HEADER_DICTIONARY} is not the dictionary of format 2.0")
+    return zstandard.ZstdCompressionDict(data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+V2_DICTIONARY = _header_dictionary()
 
 
 def align(n: int) -> int:
@@ -69,39 +91,97 @@ def crc32(data: bytes | memoryview) -> int:
     return zlib_ng.crc32(data) & 0xFFFFFFFF
 
 
-def serialize(header: dict[str, Any], sections: list[bytes]) -> list[bytes]:
-    """The file as a list of byte chunks. Fills each record's offset/length/crc32 and data_size."""
+def section_start(end: int, record: dict[str, Any], major: int) -> int:
+    """Where a section starts, given where the previous one ended: 1.x aligns every section; 2.0 only the
+    `raw`/`none` ones, whose bytes are the tensor's own (a reader may view them in place). Runs on records not
+    yet validated (2.0 derives offsets first): a missing field only places the section, validation refuses it."""
+    if major == 1 or (record.get("encoding") != ENCODING_KMEANS and record.get("entropy") == "none"):
+        return align(end)
+    return end
+
+
+def serialize(header: dict[str, Any], sections: list[bytes],
+              version: tuple[int, int] = (VERSION_MAJOR, VERSION_MINOR)) -> list[bytes]:
+    """The file as a list of byte chunks, in `version`'s layout. Fills each record's offset/length/crc32 and
+    data_size of the in-memory header (the same for every version)."""
     records = header["tensors"]
     if len(records) != len(sections):
         raise ValueError("one section per tensor record")
-    offset = 0
+    if version not in WRITABLE_VERSIONS:
+        raise InputError(f"cannot write format {version[0]}.{version[1]}: this sqz writes "
+                         f"{', '.join(f'{a}.{b}' for a, b in WRITABLE_VERSIONS)}")
+    end = 0
     for record, section in zip(records, sections):
-        record.update(offset=offset, length=len(section), crc32=crc32(section))
-        offset = align(offset + len(section))
-    last_end = records[-1]["offset"] + records[-1]["length"] if records else 0
-    header["data_size"] = last_end
-    header_json = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        offset = section_start(end, record, version[0])
+        record.update(offset=offset, length=len(section))
+        if version[0] == 1:
+            record["crc32"] = crc32(section)
+        else:
+            record.pop("crc32", None)
+        end = offset + len(section)
+    header["data_size"] = end
+    stored = _v1_header(header) if version[0] == 1 else _v2_header(header)
+    header_json = json.dumps(stored, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if len(header_json) > MAX_HEADER_BYTES:
         raise LimitError(f"header would be {len(header_json)} bytes, over the {MAX_HEADER_BYTES}-byte limit")
     try:  # what a reader refuses (§3: a lone surrogate, deep nesting in a config) is refused before a file exists
         orjson.loads(header_json)
     except orjson.JSONDecodeError as exc:
         raise InputError(f"the adapter's config or metadata cannot be stored in a .sqz header: {exc}") from None
-    header_bytes = zstd_compress(header_json, ZSTD_HEADER_LEVEL)
-    preamble = _PREAMBLE.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, len(header_bytes), crc32(header_bytes))
-    head = preamble + header_bytes
-    chunks = [head, b"\0" * (align(len(head)) - len(head))]
+    header_bytes = zstd_compress(header_json, ZSTD_HEADER_LEVEL, None if version[0] == 1 else V2_DICTIONARY)
+    data: list[bytes] = []
     position = 0
     for record, section in zip(records, sections):
-        chunks += [b"\0" * (record["offset"] - position), section]
+        data += [b"\0" * (record["offset"] - position), section]
         position = record["offset"] + len(section)
-    return chunks
+    table = b"" if version[0] == 1 else chunk_table(b"".join(data))
+    head = _PREAMBLE.pack(MAGIC, *version, len(header_bytes), crc32(header_bytes)) + header_bytes + table
+    return [head, b"\0" * (align(len(head)) - len(head)), *data]
 
 
-def write(f: BinaryIO, header: dict[str, Any], sections: list[bytes]) -> int:
+def chunk_table(data: bytes) -> bytes:
+    """2.0's CRC table: the CRC-32 of each CHUNK_SIZE bytes of the data area, u32 little-endian."""
+    view = memoryview(data)
+    crcs = [crc32(view[at:at + CHUNK_SIZE]) for at in range(0, len(data), CHUNK_SIZE)]
+    return struct.pack(f"<{len(crcs)}I", *crcs)
+
+
+def chunk_count(data_size: int) -> int:
+    return -(-data_size // CHUNK_SIZE)
+
+
+def _v1_header(header: dict[str, Any]) -> dict[str, Any]:
+    """The 1.x header: the in-memory form less codebook_dtype, which 1.x does not have (its codebooks are F32)."""
+    if any(r.get("codebook_dtype", "F32") != "F32" for r in header["tensors"]):
+        raise ValueError("format 1.x stores F32 codebooks only")
+    return {**header, "tensors": [{k: v for k, v in r.items() if k != "codebook_dtype"} for r in header["tensors"]]}
+
+
+V2_RECORD_KEYS = ("name", "shape", "dtype", "role", "encoding", "entropy", "length")
+V2_KMEANS_KEYS = ("bits", "codebook_size", "codebook_dtype")
+V2_PAIR_KEYS = ("module", "kind", "layer", "scaling")
+V2_SINE_KEYS = ("omega", "gamma")
+V2_DERIVED = ("offset", "crc32", "data_size")
+"""Fields a 2.0 header leaves out: a reader derives offsets and data_size, and checks chunks, not sections."""
+
+
+def _v2_header(header: dict[str, Any]) -> dict[str, Any]:
+    """The 2.0 header: records without offset/crc32 (or the informative sample_size/seed), pairs naming their
+    factors by record index, sine numbers only on sine pairs, no data_size."""
+    records = header["tensors"]
+    index = {r["name"]: i for i, r in enumerate(records)}
+    tensors = [{k: r[k] for k in V2_RECORD_KEYS + (V2_KMEANS_KEYS if r["encoding"] == ENCODING_KMEANS else ())}
+               for r in records]
+    pairs = [{**{k: p[k] for k in V2_PAIR_KEYS + (V2_SINE_KEYS if p["kind"] == PAIR_SINE else ())},
+              "a": index[p["a"]], "b": index[p["b"]]} for p in header["pairs"]]
+    return {**{k: v for k, v in header.items() if k not in V2_DERIVED}, "tensors": tensors, "pairs": pairs}
+
+
+def write(f: BinaryIO, header: dict[str, Any], sections: list[bytes],
+          version: tuple[int, int] = (VERSION_MAJOR, VERSION_MINOR)) -> int:
     """Write a container to an open binary file; returns the number of bytes written."""
     total = 0
-    for chunk in serialize(header, sections):
+    for chunk in serialize(header, sections, version):
         f.write(chunk)
         total += len(chunk)
     return total
@@ -124,8 +204,9 @@ class Container:
             if self.size and MAGIC.startswith(bytes(self._buf[:len(MAGIC)])):
                 raise TruncatedError(f"{self.path}: truncated: {self.size} bytes, shorter than the preamble")
             raise FormatError(f"{self.path}: not a .sqz file (too short, {self.size} bytes)")
-        self.version, self.header, self.data_start = parse_head(self._buf, self.size, str(self.path))
+        self.version, self.header, self.data_start, self._chunk_crcs = parse_head(self._buf, self.size, str(self.path))
         self.records: list[dict[str, Any]] = self.header["tensors"]
+        self._checked = bytearray(len(self._chunk_crcs))  # 2.0: which chunks have passed their CRC
 
     @staticmethod
     def _open_map(path: Path) -> mmap.mmap | None:
@@ -138,11 +219,23 @@ class Container:
             raise FormatError(f"{path}: cannot open: {exc.strerror or exc}") from None
 
     def section(self, index: int) -> memoryview:
+        """A section's bytes, checked: against its record's CRC-32 (1.x) or each chunk it overlaps (2.0; a
+        chunk once checked stays checked, so a whole load checks every byte once)."""
         record = self.records[index]
         start = self.data_start + record["offset"]
         view = self._buf[start:start + record["length"]]
-        if crc32(view) != record["crc32"]:
-            raise ChecksumError(f"{self.path}: tensor {record['name']!r}: data fails its CRC-32 (corrupted file)")
+        if self.version[0] == 1:
+            if crc32(view) != record["crc32"]:
+                raise ChecksumError(f"{self.path}: tensor {record['name']!r}: data fails its CRC-32 (corrupted file)")
+            return view
+        first, stop = record["offset"] // CHUNK_SIZE, -(-(record["offset"] + record["length"]) // CHUNK_SIZE)
+        for chunk in range(first, stop if record["length"] else first):  # an empty section has nothing to check
+            if not self._checked[chunk]:
+                at = self.data_start + chunk * CHUNK_SIZE
+                if crc32(self._buf[at:min(at + CHUNK_SIZE, self.size)]) != self._chunk_crcs[chunk]:
+                    raise ChecksumError(f"{self.path}: tensor {record['name']!r}: data fails its CRC-32 "
+                                        f"(chunk {chunk}; corrupted file)")
+                self._checked[chunk] = 1
         return view
 
     def close(self) -> None:
@@ -159,33 +252,43 @@ _VALIDATED: OrderedDict[bytes, None] = OrderedDict()  # 16-byte BLAKE2b digests:
 _VALIDATED_LOCK = threading.Lock()
 
 
-def parse_head(buf: memoryview, size: int, where: str) -> tuple[tuple[int, int], dict[str, Any], int]:
-    """Check preamble and header; return (version, header, data_start). Never trusts a claim unchecked."""
+def parse_head(buf: memoryview, size: int,
+               where: str) -> tuple[tuple[int, int], dict[str, Any], int, tuple[int, ...]]:
+    """Check preamble and header; return (version, header in its in-memory form, data_start, 2.0's chunk CRCs).
+    Never trusts a claim unchecked."""
     magic, major, minor, header_length, header_crc = _PREAMBLE.unpack(buf[:PREAMBLE_SIZE])
     if magic != MAGIC:
         raise FormatError(f"{where}: not a .sqz file (bad magic)")
-    if major != VERSION_MAJOR:
-        hint = "; a newer sqz wrote it, upgrade sqz" if major > VERSION_MAJOR else ""
+    if major not in READABLE_MAJORS:
+        hint = "; a newer sqz wrote it, upgrade sqz" if major > max(READABLE_MAJORS) else ""
+        known = " and ".join(f"{m}.x" for m in READABLE_MAJORS)
         raise UnsupportedVersionError(
-            f"{where}: format version {major}.{minor} is not supported (this reader knows {VERSION_MAJOR}.x){hint}")
+            f"{where}: format version {major}.{minor} is not supported (this reader knows {known}){hint}")
     if header_length > MAX_HEADER_BYTES:
         raise LimitError(f"{where}: header claims {header_length} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-    if PREAMBLE_SIZE + header_length > size:
-        raise TruncatedError(f"{where}: truncated inside the header ({size} bytes, header needs {PREAMBLE_SIZE + header_length})")
-    header_bytes = buf[PREAMBLE_SIZE:PREAMBLE_SIZE + header_length]
+    header_end = PREAMBLE_SIZE + header_length
+    if header_end > size:
+        raise TruncatedError(f"{where}: truncated inside the header ({size} bytes, header needs {header_end})")
+    header_bytes = buf[PREAMBLE_SIZE:header_end]
     if crc32(header_bytes) != header_crc:
         raise ChecksumError(f"{where}: header fails its CRC-32 (corrupted file)")
     try:
-        header_json = zstd_decompress(header_bytes, MAX_HEADER_BYTES, exact=False)
+        header_json = zstd_decompress(header_bytes, MAX_HEADER_BYTES, exact=False,
+                                      dictionary=None if major == 1 else V2_DICTIONARY)
     except FormatError as exc:
         raise type(exc)(f"{where}: header: {exc}") from None
     header = _parse_json(header_json, where)
-    data_start = align(PREAMBLE_SIZE + header_length)
-    key = hashlib.blake2b(header_bytes, digest_size=16).digest()
+    chunk_crcs: tuple[int, ...] = ()
+    if major == 1:
+        _from_v1(header, where)
+    else:
+        header_end, chunk_crcs = _from_v2(header, buf, size, header_end, where)
+    data_start = align(header_end)
+    key = hashlib.blake2b(bytes([major]) + header_bytes, digest_size=16).digest()
     with _VALIDATED_LOCK:
         known = _VALIDATED.pop(key, False) is None
     if not known:
-        validate_header(header, where)
+        validate_header(header, where, major)
     with _VALIDATED_LOCK:
         _VALIDATED[key] = None  # (re)inserted last: the most recently used
         if len(_VALIDATED) > VALIDATED_HEADERS:
@@ -195,8 +298,63 @@ def parse_head(buf: memoryview, size: int, where: str) -> tuple[tuple[int, int],
         raise TruncatedError(f"{where}: truncated: {size} bytes, the header describes {end}")
     if size > end:
         raise FormatError(f"{where}: {size - end} unexpected bytes after the last section")
-    _check_padding(buf, PREAMBLE_SIZE + header_length, data_start, header["tensors"], where)
-    return (major, minor), header, data_start
+    _check_padding(buf, header_end, data_start, header["tensors"], where)
+    return (major, minor), header, data_start, chunk_crcs
+
+
+def _records(header: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    records = header.get("tensors")
+    if not isinstance(records, list):
+        _bad(where, "'tensors' must be a list")
+    if len(records) > MAX_TENSORS:
+        raise LimitError(f"{where}: {len(records)} tensors, over the limit of {MAX_TENSORS}")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            _bad(where, f"tensor record {i} must be an object")
+    return records
+
+
+def _from_v1(header: dict[str, Any], where: str) -> None:
+    """A 1.x header in the in-memory form: its codebooks are F32 (a codebook_dtype it holds is an unknown 1.x
+    field, which a reader ignores)."""
+    for record in _records(header, where):
+        record.pop("codebook_dtype", None)
+        if record.get("encoding") == ENCODING_KMEANS:
+            record["codebook_dtype"] = "F32"
+
+
+def _from_v2(header: dict[str, Any], buf: memoryview, size: int, header_end: int,
+             where: str) -> tuple[int, tuple[int, ...]]:
+    """A 2.0 header in the in-memory form: offsets and data_size derived from the lengths (spec §4), pairs'
+    factor indices turned into names. Returns where the CRC table ends, and the table."""
+    records = _records(header, where)
+    end = 0
+    for record in records:
+        length = record.get("length")
+        if not (_is_int(length) and length >= 0):
+            _bad(where, f"{record.get('name')!r}: 'length' must be an integer >= 0")
+        record.pop("crc32", None)  # not a 2.0 field
+        record["offset"] = section_start(end, record, 2)
+        end = record["offset"] + length
+    header["data_size"] = end
+    chunks = chunk_count(end)
+    table_end = header_end + CRC_SIZE * chunks
+    if table_end > size:  # before the table is read: its length is a claim of the header's
+        raise TruncatedError(f"{where}: truncated: {size} bytes, the header describes {table_end + end} or more")
+    crcs = struct.unpack_from(f"<{chunks}I", buf, header_end)
+    pairs = header.get("pairs")
+    if isinstance(pairs, list):
+        for pair in pairs:
+            if not isinstance(pair, dict):
+                continue  # validate_header says what is wrong with it
+            for side in ("a", "b"):
+                at = pair.get(side)
+                if not (_is_int(at) and 0 <= at < len(records)):
+                    _bad(where, f"pair {pair.get('module')!r}: {side!r} must be the index of a tensor record")
+                pair[side] = records[at].get("name")
+            for key in V2_SINE_KEYS:
+                pair.setdefault(key, None)
+    return table_end, crcs
 
 
 def _check_padding(buf: memoryview, header_end: int, data_start: int, records: list[dict], where: str) -> None:
@@ -253,8 +411,9 @@ def _is_num(v: Any) -> bool:
     return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
-def validate_header(header: dict[str, Any], where: str) -> None:
-    """Every field a reader relies on has the right type and a sane value; sections tile the data area."""
+def validate_header(header: dict[str, Any], where: str, major: int = VERSION_MAJOR) -> None:
+    """Every field a reader relies on has the right type and a sane value; sections tile the data area. Takes
+    the in-memory form of a `major` header (2.0's derived offsets cannot be misaligned: checking costs little)."""
     records = header.get("tensors")
     if not isinstance(records, list):
         _bad(where, "'tensors' must be a list")
@@ -273,11 +432,11 @@ def validate_header(header: dict[str, Any], where: str) -> None:
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             _bad(where, f"tensor record {i} must be an object")
-        _validate_record(record, where)
+        _validate_record(record, where, major)
         if record["name"] in names:
             _bad(where, f"duplicate tensor name {record['name']!r}")
         names.add(record["name"])
-        if record["offset"] % ALIGNMENT:
+        if record["offset"] % ALIGNMENT and major == 1:  # 2.0 derives its offsets (§4)
             _bad(where, f"{record['name']!r}: offset not {ALIGNMENT}-byte aligned")
         if record["offset"] < end:
             _bad(where, f"{record['name']!r}: section overlaps the previous one")
@@ -296,18 +455,20 @@ def validate_header(header: dict[str, Any], where: str) -> None:
         modules.add(pair["module"])
 
 
-_NEWER = f"(a newer minor version? this sqz reads {VERSION_MAJOR}.0-{VERSION_MAJOR}.{VERSION_MINOR}; upgrade sqz)"
+_NEWER = (f"(a newer minor version? this sqz reads "
+          f"{' and '.join(f'{major}.0-{major}.{minor}' if minor else f'{major}.0' for major, minor in READABLE_MAJORS.items())}"
+          f"; upgrade sqz)")
 
 
-def _validate_record(r: dict[str, Any], where: str) -> None:
+def _validate_record(r: dict[str, Any], where: str, major: int) -> None:
     name = r.get("name")
     if not (isinstance(name, str) and 0 < len(name.encode("utf-8")) <= MAX_NAME_BYTES):
         _bad(where, "tensor name must be a non-empty string")
     label = f"{name!r}"
-    for key in ("offset", "length", "crc32"):
+    for key in ("offset", "length", "crc32") if major == 1 else ("offset", "length"):
         if not (_is_int(r.get(key)) and r[key] >= 0):
             _bad(where, f"{label}: '{key}' must be an integer >= 0")
-    if r["crc32"] > 0xFFFFFFFF:
+    if major == 1 and r["crc32"] > 0xFFFFFFFF:
         _bad(where, f"{label}: crc32 out of range")
     shape = r.get("shape")
     if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape)):
@@ -339,9 +500,11 @@ def _validate_record(r: dict[str, Any], where: str) -> None:
             _bad(where, f"{label}: kmeans tensor must not be empty")
         if numel > MAX_KMEANS_NUMEL:
             raise LimitError(f"{where}: {label} claims {numel} quantized elements, over the limit of {MAX_KMEANS_NUMEL}")
-        if r["length"] < 4 * k:
+        if r.get("codebook_dtype") not in CODEBOOK_DTYPES:
+            _bad(where, f"{label}: unknown codebook_dtype {r.get('codebook_dtype')!r} {_NEWER}")
+        if r["length"] < DTYPE_ITEMSIZE[r["codebook_dtype"]] * k:
             _bad(where, f"{label}: section shorter than its codebook")
-        for key in ("sample_size", "seed"):
+        for key in ("sample_size", "seed") if major == 1 else ():  # informative, and 2.0 leaves them out
             if not (_is_int(r.get(key)) and r[key] >= 0):
                 _bad(where, f"{label}: '{key}' must be an integer >= 0")
     else:

@@ -42,15 +42,17 @@ def _rans_model(counts: np.ndarray) -> constriction.stream.model.Categorical:
 _local = threading.local()
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
-    """One decompression context per thread: making one costs more than decoding a small tensor."""
-    if not hasattr(_local, "zstd"):
-        _local.zstd = zstandard.ZstdDecompressor()
-    return _local.zstd
+def _decompressor(dictionary: zstandard.ZstdCompressionDict | None = None) -> zstandard.ZstdDecompressor:
+    """One decompression context per thread (and dictionary): making one costs more than decoding a small tensor."""
+    contexts = _local.__dict__.setdefault("zstd", {})
+    key = id(dictionary)
+    if key not in contexts:
+        contexts[key] = zstandard.ZstdDecompressor(dict_data=dictionary)
+    return contexts[key]
 
 
-def zstd_compress(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
-    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+def zstd_compress(data: bytes, level: int = ZSTD_LEVEL, dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, dict_data=dictionary).compress(data)
 
 
 def check_frame(payload: bytes | memoryview, size: int, exact: bool = True) -> int:
@@ -64,7 +66,8 @@ def check_frame(payload: bytes | memoryview, size: int, exact: bool = True) -> i
     return declared
 
 
-def zstd_decompress(payload: bytes | memoryview, size: int, exact: bool = True) -> bytes:
+def zstd_decompress(payload: bytes | memoryview, size: int, exact: bool = True,
+                    dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
     """Decompress one frame of exactly `size` bytes (at most `size` if not exact).
 
     The frame's declared content size is checked before decompressing: python-zstandard would
@@ -72,7 +75,7 @@ def zstd_decompress(payload: bytes | memoryview, size: int, exact: bool = True) 
     """
     declared = check_frame(payload, size, exact)
     try:
-        out = _decompressor().decompress(payload, max_output_size=size)
+        out = _decompressor(dictionary).decompress(payload, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise FormatError(f"bad zstd stream: {exc}") from None
     if len(out) != declared:

@@ -111,9 +111,10 @@ def slope_weight(pair: Pair, a: np.ndarray, b: np.ndarray) -> tuple[float, float
     return scale * pair.omega ** 2 * float(np.square(np.cos(phase)).mean()), energy
 
 
-def rate_bits(fit: Fit, width: int, count: int) -> float:
-    """Estimated bits of a kmeans section: codebook, then the indices at about their entropy (never more than
-    bit-packed), plus the section's share of alignment and header."""
+def rate_bits(fit: Fit, width: int, count: int, entry_bits: int = 32) -> float:
+    """Estimated bits of a kmeans section: codebook (`entry_bits` an entry: 32 in 1.x, 16 in 2.0, which stores
+    codebooks as F16 where that is exact or costs next to nothing), then the indices at about their entropy
+    (never more than bit-packed), plus the section's share of alignment and header."""
     k = fit.codebook.size
     if k == 1:
         index_bits = 0.0
@@ -121,11 +122,12 @@ def rate_bits(fit: Fit, width: int, count: int) -> float:
         p = fit.counts / count
         entropy = float(-(p * np.log2(np.where(p > 0, p, 1))).sum())
         index_bits = min(count * width, ENTROPY_SLACK * count * entropy + FRAME_BITS)
-    return index_bits + 32 * k + SECTION_BITS
+    return index_bits + entry_bits * k + SECTION_BITS
 
 
 def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: Callable[[str], bool],
-            workers: int, progress: Callable, widest: int = MAX_WIDTH, relative: bool = True) -> Prepared:
+            workers: int, progress: Callable, widest: int = MAX_WIDTH, relative: bool = True,
+            entry_bits: int = 32) -> Prepared:
     """The candidate table of every factor of every pair whose two factors are both quantized (codebooks of at
     most 2^widest entries; the larger columns stay missing). Distortion is each pair's ΔW error relative to its
     ||ΔW||², or with `relative` False the plain squared error of ΔW summed over the pairs (what --sqnr asks for)."""
@@ -159,7 +161,7 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
         for col, k in enumerate(sizes):
             fit = fits[name][k]
             if fit.codebook.size > previous:  # past the tensor's distinct values, a larger k is the same fit
-                rate[row, col] = rate_bits(fit, max(width_of(k), 1), count)
+                rate[row, col] = rate_bits(fit, max(width_of(k), 1), count, entry_bits)
                 distortion[row, col] = weights[name] * fit.sse
                 previous = fit.codebook.size
         rate[row, RAW], distortion[row, RAW] = 8 * count * itemsize(tensors[name].dtype) + SECTION_BITS, 0.0

@@ -40,12 +40,12 @@ def encode(adapter: Adapter, options: EncodeOptions, builder: Callable[[Adapter]
     widest = ratecontrol.max_width(sqnr_db=options.sqnr) if options.sqnr is not None else ratecontrol.max_width(
         bpp=8 * target_bytes / max(params, 1))
     prepared = ratecontrol.prepare(gauged.tensors, allocated, quantized, workers, progress, widest,
-                                   relative=options.sqnr is None)
+                                   relative=options.sqnr is None, entry_bits=32 if options.version[0] == 1 else 16)
     reference = _values(adapter, prepared.names)  # ΔW is measured against the trained factors, not the gauged
 
     def make(picks: np.ndarray) -> tuple[dict[str, Any], list[bytes], int]:
         header, sections = build(prepared.choices(picks))
-        return header, sections, sum(len(chunk) for chunk in container.serialize(header, sections))
+        return header, sections, sum(len(chunk) for chunk in container.serialize(header, sections, options.version))
 
     def measure(header: dict[str, Any], sections: list[bytes]) -> float:
         return ratecontrol.measured_sqnr(allocated, reference, _decoded(header, sections, prepared.names, workers))

@@ -14,6 +14,24 @@ def run(*args, cwd=None):
                           check=False)
 
 
+def test_format_1_1_is_written_for_older_readers(tmp_path, peft_dir):
+    """--format 1.1 writes what sqz 1.1 reads: F32 codebooks, a header with every 1.1 field; it decodes to what
+    sqz 1.1 would have decoded, exact codebooks, which the 2.0 file rounds to float16 within its tolerance."""
+    old, new = tmp_path / "old.sqz", tmp_path / "new.sqz"
+    assert run("encode", peft_dir, "-b", "3", "-o", old, "--format", "1.1").returncode == 0
+    assert run("encode", peft_dir, "-b", "3", "-o", new).returncode == 0
+    data = json.loads(run("info", old, "--json").stdout)
+    assert data["version"] == "1.1" and all(t["codebook_dtype"] == "F32" for t in data["tensors"])
+    f = sqz.container.Container(old)
+    assert all({"offset", "crc32", "sample_size", "seed"} <= set(r) for r in f.records)
+    assert new.stat().st_size < old.stat().st_size
+    a, b = sqz.load(old), sqz.load(new)
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-3, atol=0), name
+    bad = run("encode", peft_dir, "-b", "3", "-o", tmp_path / "x.sqz", "--format", "1.0")
+    assert bad.returncode == 2 and "1.1" in bad.stderr and not (tmp_path / "x.sqz").exists()
+
+
 def test_encode_info_decode(tmp_path, peft_dir):
     out = tmp_path / "a.sqz"
     enc = run("encode", peft_dir, "-b", "3", "-o", out, "--json")
@@ -26,7 +44,10 @@ def test_encode_info_decode(tmp_path, peft_dir):
     data = json.loads(info.stdout)
     assert data["totals"]["file_bytes"] == out.stat().st_size
     assert sum(t["section_bytes"] for t in data["tensors"]) == data["totals"]["section_bytes"]
-    assert all(t["bits"] == 3 and t["codebook_bytes"] == 32 for t in data["tensors"])
+    assert data["version"] == "2.0"
+    assert all(t["bits"] == 3 and t["codebook_bytes"] == 8 * {"F32": 4, "F16": 2}[t["codebook_dtype"]]
+               for t in data["tensors"])
+    assert {t["codebook_dtype"] for t in data["tensors"]} == {"F16"}  # float32 factors, 3 bits: F16 costs nothing
     table = run("info", out).stdout
     assert "bits/param" in table and "smaller than fp16" in table
 

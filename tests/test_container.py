@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import sqz
 from sqz import container
-from sqz.constants import MAGIC, MAX_HEADER_DEPTH
+from sqz.constants import CHUNK_SIZE, MAGIC, MAX_HEADER_DEPTH
 from sqz.errors import ChecksumError, FormatError, LimitError, TruncatedError, UnsupportedVersionError
 
 names = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=20)
@@ -20,31 +20,63 @@ names = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size
 
 @st.composite
 def files(draw):
+    """Raw records whose sections are stored as they are (`none`: aligned in every version) or compressed
+    (`zstd`: the container never looks inside a section, so any bytes do)."""
     tensor_names = draw(st.lists(names, unique=True, max_size=6))
     sections = [draw(st.binary(max_size=300)) for _ in tensor_names]
-    records = [{"name": n, "shape": [len(s)], "dtype": "U8", "role": "other", "encoding": "raw", "entropy": "none"}
-               for n, s in zip(tensor_names, sections)]
+    records = [{"name": n, "shape": [len(s)], "dtype": "U8", "role": "other", "encoding": "raw",
+                "entropy": draw(st.sampled_from(["none", "zstd"]))} for n, s in zip(tensor_names, sections)]
     metadata = draw(st.none() | st.dictionaries(names, names, max_size=3))
     return {"tensors": records, "pairs": [], "config": None, "metadata": metadata}, sections
 
 
-def write(tmp_path: Path, header: dict, sections: list[bytes]) -> Path:
+def write(tmp_path: Path, header: dict, sections: list[bytes], version: tuple[int, int] = (2, 0)) -> Path:
     path = tmp_path / "f.sqz"
-    path.write_bytes(b"".join(container.serialize(header, sections)))
+    path.write_bytes(b"".join(container.serialize(header, sections, version)))
     return path
 
 
 @settings(max_examples=100, deadline=None)
-@given(files())
-def test_round_trip(tmp_path_factory, case):
+@given(files(), st.sampled_from([(1, 1), (2, 0)]))
+def test_round_trip(tmp_path_factory, case, version):
     header, sections = case
-    path = write(tmp_path_factory.mktemp("c"), header, sections)
+    path = write(tmp_path_factory.mktemp("c"), header, sections, version)
     f = container.Container(path)
+    assert f.version == version
     assert [r["name"] for r in f.records] == [r["name"] for r in header["tensors"]]
     assert [bytes(f.section(i)) for i in range(len(sections))] == sections
     assert f.header["metadata"] == header["metadata"]
-    assert all(r["offset"] % 8 == 0 for r in f.records)
+    end = 0
+    for r in f.records:  # 1.x aligns every section; 2.0 only those a reader may view in place (raw, none)
+        aligned = version[0] == 1 or r["entropy"] == "none"
+        assert r["offset"] == (-(-end // 8) * 8 if aligned else end)
+        end = r["offset"] + r["length"]
     f.close()
+
+
+def test_each_chunk_is_checked_by_the_sections_that_overlap_it(tmp_path):
+    """2.0 keeps one CRC-32 per 64 KiB chunk of the data area: a flipped byte anywhere in a chunk fails every
+    section that overlaps that chunk, and no other."""
+    sizes = [100, CHUNK_SIZE, 50, 2 * CHUNK_SIZE + 7, 3]
+    records = [{"name": f"t{i}", "shape": [n], "dtype": "U8", "role": "other", "encoding": "raw", "entropy": "zstd"}
+               for i, n in enumerate(sizes)]
+    sections = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    data = write(tmp_path, {"tensors": records, "pairs": [], "config": None, "metadata": None}, sections).read_bytes()
+    clean = container.Container(data)
+    assert [(r["offset"], r["length"]) for r in clean.records] == [(0, 100), (100, CHUNK_SIZE), (CHUNK_SIZE + 100, 50),
+                                                                   (CHUNK_SIZE + 150, 2 * CHUNK_SIZE + 7),
+                                                                   (3 * CHUNK_SIZE + 157, 3)]
+    for chunk in range(4):
+        flipped = bytearray(data)
+        flipped[clean.data_start + chunk * CHUNK_SIZE + 60] ^= 1
+        f = container.Container(bytes(flipped))
+        for i, r in enumerate(f.records):
+            overlaps = r["offset"] // CHUNK_SIZE <= chunk <= (r["offset"] + r["length"] - 1) // CHUNK_SIZE
+            if overlaps:
+                with pytest.raises(ChecksumError, match=f"'t{i}'.*chunk {chunk}"):
+                    f.section(i)
+            else:
+                assert bytes(f.section(i)) == sections[i]
 
 
 def simple(tmp_path: Path) -> Path:
@@ -63,9 +95,9 @@ def test_wrong_magic(tmp_path):
 def test_future_major_version_names_both_versions(tmp_path):
     path = simple(tmp_path)
     data = bytearray(path.read_bytes())
-    struct.pack_into("<H", data, 8, 2)
+    struct.pack_into("<H", data, 8, 3)
     path.write_bytes(bytes(data))
-    with pytest.raises(UnsupportedVersionError, match=r"version 2\.\d+ .*1\.x.*upgrade"):
+    with pytest.raises(UnsupportedVersionError, match=r"version 3\.\d+ .*1\.x and 2\.x.*upgrade"):
         container.Container(path)
 
 
@@ -74,7 +106,7 @@ def test_newer_minor_version_is_read(tmp_path):
     data = bytearray(path.read_bytes())
     struct.pack_into("<H", data, 10, 7)
     path.write_bytes(bytes(data))
-    assert container.Container(path).version == (1, 7)
+    assert container.Container(path).version == (2, 7)
 
 
 def test_truncation_at_every_offset_is_reported(tmp_path):
@@ -124,13 +156,69 @@ def base_record(**changes) -> dict:
     ({"shape": [1 << 26], "encoding": "kmeans", "entropy": "none", "bits": 1, "codebook_size": 1, "sample_size": 1,
       "seed": 0, "length": 4}, LimitError, "expand 4 bytes into 268435456"),
     ({"encoding": "kmeans", "entropy": "zstd-2030", "bits": 2, "codebook_size": 4, "sample_size": 0, "seed": 0},
-     FormatError, r"unknown entropy stage 'zstd-2030' \(a newer minor version\? this sqz reads 1\.0-1\.1; upgrade"),
+     FormatError, r"unknown entropy stage 'zstd-2030' \(a newer minor version\? this sqz reads 1\.0-1\.1 and 2\.0; upgrade"),
     ({"encoding": "vq"}, FormatError, "unknown encoding 'vq' .*upgrade sqz"),
 ])
 def test_hostile_records_are_refused_at_open(tmp_path, changes, error, match):
     path = forge(tmp_path, {"tensors": [base_record(**changes)], "pairs": [], "data_size": 16}, b"\0" * 16)
     with pytest.raises(error, match=match):
         container.Container(path)
+
+
+def forge_v2(header: dict, area: bytes, table: bytes | None = None) -> bytes:
+    """A 2.0 file of any header, compressed with the format's dictionary; the chunk table made valid unless given."""
+    body = zstandard.ZstdCompressor(dict_data=container.V2_DICTIONARY).compress(json.dumps(header).encode())
+    table = container.chunk_table(area) if table is None else table
+    head = MAGIC + struct.pack("<HHII", 2, 0, len(body), zlib.crc32(body)) + body + table
+    return head + b"\0" * (container.align(len(head)) - len(head)) + area
+
+
+def v2_record(**changes) -> dict:
+    record = {"name": "t", "shape": [4], "dtype": "F32", "role": "other", "encoding": "raw", "entropy": "none",
+              "length": 16}
+    return {k: v for k, v in {**record, **changes}.items() if v is not None}
+
+
+PAIR_OF_TWO = [v2_record(name="a", shape=[2, 2], role="lora_A"), v2_record(name="b", shape=[2, 2], role="lora_B")]
+
+
+@pytest.mark.parametrize("header,error,match", [
+    ({"tensors": [v2_record(encoding=None)]}, FormatError, "unknown encoding None"),  # fuzzing: a KeyError once
+    ({"tensors": [v2_record(entropy=None)]}, FormatError, "raw tensors use entropy"),
+    ({"tensors": [v2_record(length=-16)]}, FormatError, "'length' must be an integer"),
+    ({"tensors": [v2_record(length="16")]}, FormatError, "'length' must be an integer"),
+    ({"tensors": [v2_record(length=1 << 40, entropy="zstd")]}, TruncatedError, "truncated"),
+    ({"tensors": ["t"]}, FormatError, "tensor record 0 must be an object"),
+    ({"tensors": [v2_record(encoding="kmeans", entropy="none", bits=2, codebook_size=4, codebook_dtype="F8")]},
+     FormatError, "unknown codebook_dtype 'F8'"),
+    ({"tensors": [v2_record(encoding="kmeans", entropy="none", bits=2, codebook_size=4)]},
+     FormatError, "unknown codebook_dtype None"),
+    ({"tensors": PAIR_OF_TWO, "pairs": [{"module": "m", "a": 0, "b": 2, "kind": "lora", "layer": "linear",
+                                         "scaling": 1.0}]}, FormatError, "'b' must be the index of a tensor record"),
+    ({"tensors": PAIR_OF_TWO, "pairs": [{"module": "m", "a": "a", "b": "b", "kind": "lora", "layer": "linear",
+                                         "scaling": 1.0}]}, FormatError, "'a' must be the index of a tensor record"),
+    ({"tensors": PAIR_OF_TWO, "pairs": [{"module": "m", "a": 0, "b": 1, "kind": "sine", "layer": "linear",
+                                         "scaling": 1.0}]}, FormatError, "sine pairs need a number 'omega'"),
+])
+def test_hostile_2_0_headers_are_refused_at_open(header, error, match):
+    area = b"\0" * sum(r.get("length", 0) for r in header["tensors"] if isinstance(r, dict) and
+                       isinstance(r.get("length"), int) and 0 <= r["length"] < 1 << 20)
+    with pytest.raises(error, match=match):
+        container.Container(forge_v2({"pairs": [], **header}, area))
+
+
+def test_a_2_0_file_with_a_bad_or_cut_crc_table(tmp_path):
+    """The CRC table is read only once the header's lengths say how long it is, and it must be all there; a wrong
+    entry fails the chunk (and its sections) when read, not the open."""
+    header = {"tensors": [v2_record(entropy="zstd", length=5)], "pairs": []}
+    good = forge_v2(header, b"hello")
+    assert bytes(container.Container(good).section(0)) == b"hello"
+    bad = container.Container(forge_v2(header, b"hello", table=struct.pack("<I", zlib.crc32(b"hellO"))))
+    with pytest.raises(ChecksumError, match="chunk 0"):
+        bad.section(0)
+    cut = good[:container.Container(good).data_start - 8]  # into the table: the data area is gone too
+    with pytest.raises(TruncatedError):
+        container.Container(cut)
 
 
 def test_overlapping_sections_and_giant_header_claims(tmp_path):
@@ -187,7 +275,8 @@ def test_writer_is_deterministic():
 def test_a_header_is_validated_once_per_process_and_a_bad_one_every_time(tmp_path, monkeypatch):
     calls = []
     validate = container.validate_header
-    monkeypatch.setattr(container, "validate_header", lambda header, where: (calls.append(where), validate(header, where)))
+    monkeypatch.setattr(container, "validate_header",
+                        lambda header, where, major: (calls.append(where), validate(header, where, major)))
     good = write(tmp_path, {"tensors": [{"name": "t", "shape": [3], "dtype": "U8", "role": "other", "encoding": "raw",
                                          "entropy": "none"}], "pairs": [], "config": None, "metadata": {"n": "x"}},
                  [b"abc"])

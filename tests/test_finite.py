@@ -33,13 +33,14 @@ def factors() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, bytes]:
-    """A plain and a sine file of every float dtype, indices bit-packed (entropy none: codebook edits stay local)."""
+    """A plain and a sine file of every float dtype, indices bit-packed (entropy none: codebook edits stay local),
+    written as 1.1, whose codebooks are all F32 (forge writes them back as 2.0, which allows F32 codebooks)."""
     folder = tmp_path_factory.mktemp("finite")
     src = folder / "src.safetensors"
     save_file(factors(), str(src))
     out = {}
     for kind, sine in (("lora", sqz.SineOptions(alpha=4.0)), ("sine", sqz.SineOptions(omega=200.0, alpha=4.0))):
-        sqz.encode(src, folder / f"{kind}.sqz", sqz.EncodeOptions(bits=2, entropy="none"), sine)
+        sqz.encode(src, folder / f"{kind}.sqz", sqz.EncodeOptions(bits=2, entropy="none", format="1.1"), sine)
         out[kind] = (folder / f"{kind}.sqz").read_bytes()
     return out
 
@@ -134,6 +135,25 @@ def test_a_delta_that_overflows_is_an_error_naming_the_module(files):
         adapter.delta("m.F32")
     with pytest.raises(sqz.NonFiniteError):
         adapter.deltas()
+
+
+@pytest.mark.parametrize("dtype,pattern", [("F16", 0x7C00), ("F16", 0xFE00), ("BF16", 0x7F80), ("BF16", 0xFFC1)])
+def test_a_narrow_codebook_holding_inf_or_nan_is_refused(tmp_path, dtype, pattern):
+    """2.0 stores a float16 tensor's codebook as F16 (a bfloat16 one's as BF16): an entry whose bits are inf or NaN
+    is refused like any other non-finite entry, and only that tensor fails."""
+    src = tmp_path / "src.safetensors"
+    save_file(factors(), str(src))
+    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bits=2, entropy="none"), sqz.SineOptions(alpha=4.0))
+    f = container.Container((tmp_path / "a.sqz").read_bytes())
+    header, sections = copy.deepcopy(f.header), sections_of(f)
+    name = f"m.{dtype}.lora_A.weight"
+    i = next(n for n, r in enumerate(header["tensors"]) if r["name"] == name)
+    assert header["tensors"][i]["codebook_dtype"] == dtype
+    sections[i] = struct.pack("<H", pattern) + sections[i][2:]
+    adapter = sqz.load(b"".join(container.serialize(header, sections)))
+    with pytest.raises(sqz.FormatError, match=f"{name}.*must be finite"):
+        adapter[name]
+    assert all(torch.isfinite(adapter[other]).all() for other in adapter if other != name)
 
 
 def test_lossless_factors_come_back_as_stored_inf_and_nan_included(tmp_path):

@@ -15,7 +15,7 @@ from conftest import mixed_tensors
 
 import sqz
 from sqz import api, bitpack, container
-from sqz.constants import DTYPE_ITEMSIZE, ENCODING_KMEANS
+from sqz.constants import CHUNK_SIZE, DTYPE_ITEMSIZE, ENCODING_KMEANS
 
 
 @pytest.fixture(params=["auto", "zstd-aligned"])
@@ -37,14 +37,14 @@ def read_all(adapter: sqz.SqzAdapter) -> dict[str, torch.Tensor | sqz.SqzError]:
     return out
 
 
-def rewrite(path: Path, edit) -> bytes:
+def rewrite(path: Path, edit, version: tuple[int, int] = (2, 0)) -> bytes:
     """The file re-serialized after edit(records, sections): every CRC and offset is valid again."""
     f = container.Container(path)
     header = copy.deepcopy(f.header)
     sections = [bytes(f.section(i)) for i in range(len(f.records))]
     f.close()
     edit(header["tensors"], sections)
-    return b"".join(container.serialize(header, sections))
+    return b"".join(container.serialize(header, sections, version))
 
 
 def test_a_miss_reads_ahead_in_file_order_up_to_the_limit(monkeypatch, mixed_sqz):
@@ -78,33 +78,48 @@ def first_kmeans(records: list[dict], after: int = 0) -> int:
                 and r["codebook_size"] > 2)
 
 
-@pytest.mark.parametrize("damage", ["checksum", "codebook", "index"])
-def test_a_bad_tensor_in_a_batch_reports_alone(tmp_path, mixed_sqz, damage, decoder):
-    """One damaged tensor, read ahead with the others: only it raises, and only when it is asked for."""
-    clean = read_all(sqz.load(mixed_sqz))
-    records = sqz.load(mixed_sqz).header["tensors"]
+@pytest.mark.parametrize("damage", ["checksum", "chunk", "codebook", "index"])
+def test_a_bad_tensor_in_a_batch_reports_alone(tmp_path, mixed_file, mixed_sqz, damage, decoder):
+    """One damaged tensor, read ahead with the others: only it raises, and only when it is asked for. A flipped
+    byte fails its section's CRC-32 in 1.x ("checksum"), its 64 KiB chunk's in 2.0 ("chunk"): there every tensor
+    that shares the chunk raises (this file is one chunk; test_container shows the others unharmed)."""
+    source, version = mixed_sqz, (2, 0)
+    if damage == "checksum":  # the same file as 1.1 writes it (F32 codebooks)
+        source, version = tmp_path / "v1.sqz", (1, 1)
+        entropy = sqz.load(mixed_sqz).header["options"]["entropy"]
+        sqz.encode(mixed_file, source, sqz.EncodeOptions(bits=3, sample=0, entropy=entropy, format="1.1"))
+    clean = read_all(sqz.load(source))
+    records = sqz.load(source).header["tensors"]
     victim = first_kmeans(records, after=1)
+    entry = DTYPE_ITEMSIZE[records[victim]["codebook_dtype"]]
 
     def edit(records: list[dict], sections: list[bytes]) -> None:
         k = records[victim]["codebook_size"]
         if damage == "codebook":  # two entries swapped: no longer strictly increasing
             cb = sections[victim]
-            sections[victim] = cb[4:8] + cb[:4] + cb[8:]
+            sections[victim] = cb[entry:2 * entry] + cb[:entry] + cb[2 * entry:]
         elif damage == "index":  # the last entry dropped: the indices that used it point past the codebook
-            sections[victim] = sections[victim][:4 * (k - 1)] + sections[victim][4 * k:]
+            sections[victim] = sections[victim][:entry * (k - 1)] + sections[victim][entry * k:]
             records[victim]["codebook_size"] = k - 1
 
-    data = bytearray(rewrite(mixed_sqz, edit))
-    if damage == "checksum":
+    data = bytearray(rewrite(source, edit, version))
+    damaged = {records[victim]["name"]}
+    if damage in ("checksum", "chunk"):
         f = container.Container(bytes(data))
         data[f.data_start + f.records[victim]["offset"] + 1] ^= 0x10
-    expected = {"checksum": sqz.ChecksumError, "codebook": sqz.FormatError, "index": sqz.FormatError}[damage]
-    match = {"checksum": "CRC-32", "codebook": "strictly increasing", "index": "outside"}[damage]
+        if damage == "chunk":
+            assert f.header["data_size"] < CHUNK_SIZE
+            damaged = {r["name"] for r in f.records if r["length"]}
+    expected = {"checksum": sqz.ChecksumError, "chunk": sqz.ChecksumError, "codebook": sqz.FormatError,
+                "index": sqz.FormatError}[damage]
+    match = {"checksum": "CRC-32", "chunk": "CRC-32 (chunk 0", "codebook": "strictly increasing",
+             "index": "outside"}[damage]
     adapter = sqz.load(bytes(data))
-    assert torch.equal(adapter[records[0]["name"]], clean[records[0]["name"]])  # its batch holds the victim
+    if damage != "chunk":
+        assert torch.equal(adapter[records[0]["name"]], clean[records[0]["name"]])  # its batch holds the victim
     got = read_all(adapter)
     for name, tensor in got.items():
-        if name == records[victim]["name"]:
+        if name in damaged:
             assert isinstance(tensor, expected) and match in str(tensor), tensor
         else:
             assert torch.equal(tensor, clean[name]), name

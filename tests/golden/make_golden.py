@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
@@ -25,7 +26,29 @@ CASES = {  # per version: the stages and widths that version added, and auto as 
     (1, 1): {"b3-auto": {"bits": 3}, "b3-zstd-aligned": {"bits": 3, "entropy": "zstd-aligned"},
              "b6-zstd-aligned": {"bits": 6, "entropy": "zstd-aligned"},
              "b1-zstd-aligned": {"bits": 1, "entropy": "zstd-aligned"}, "b7-zstd": {"bits": 7, "entropy": "zstd"}},
+    # 2.0: codebooks in F16/BF16 (and F32 where F16 would not do), packed sections, the chunk CRC table (the
+    # "large" source spans two 64 KiB chunks), and the rate-controlled encoder's gauged, mixed-width files
+    (2, 0): {"b3-auto": {"bits": 3, "sample": 0}, "b4-rans": {"bits": 4, "sample": 0, "entropy": "rans"},
+             "size3000-auto": {"size": 3000, "sample": 0},
+             "large-b8-none": {"bits": 8, "sample": 0, "entropy": "none", "source": "large"},
+             "large-size80000-auto": {"size": 80_000, "sample": 0, "source": "large"},
+             "large-sqnr20-auto": {"sqnr": 20.0, "sample": 0, "source": "large"}},
 }
+SAMPLE = 64
+"""The sample 1.x's golden files were fitted on (2.0 cases say their own)."""
+
+
+def large_tensors() -> dict[str, torch.Tensor]:
+    """mixed_tensors and a data area over 64 KiB: a 4x2048 pair, a factor of values so small that float16 cannot
+    hold its codebook (F32 in 2.0), and 68 KB of lossless noise."""
+    g = torch.Generator().manual_seed(5)
+    t = mixed_tensors()
+    t["base_model.model.large.lora_A.weight"] = torch.randn(4, 2048, generator=g) * 0.02
+    t["base_model.model.large.lora_B.weight"] = torch.randn(8, 4, generator=g) * 0.01
+    t["base_model.model.tiny.lora_A.weight"] = torch.randn(4, 64, generator=g) * 1e-6
+    t["base_model.model.tiny.lora_B.weight"] = torch.randn(16, 4, generator=g)
+    t["base_model.model.noise"] = torch.randn(17_000, generator=g)
+    return t
 
 
 def main() -> None:
@@ -33,16 +56,21 @@ def main() -> None:
     if folder.exists() and any(folder.iterdir()):
         sys.exit(f"{folder} exists: golden files are never regenerated")
     folder.mkdir(parents=True, exist_ok=True)
-    src = folder / "source.safetensors"
-    save_file(mixed_tensors(), str(src), metadata={"format": "pt", "golden": "yes"})
+    sources = {"mixed": folder / "source.safetensors", "large": folder / "large.safetensors"}
+    save_file(mixed_tensors(), str(sources["mixed"]), metadata={"format": "pt", "golden": "yes"})
+    save_file(large_tensors(), str(sources["large"]), metadata={"format": "pt", "golden": "yes"})
     for name, options in CASES[VERSION_MAJOR, VERSION_MINOR].items():
-        _write(src, folder / name, sqz.EncodeOptions(sample=64, **options))
+        options = {"sample": SAMPLE, **options}
+        _write(sources[options.pop("source", "mixed")], folder / name, sqz.EncodeOptions(**options))
     sine = sine_dir(folder / "sine-src")
     _write(sine, folder / "sine-b3", sqz.EncodeOptions(bits=3))
+    if VERSION_MAJOR >= 2:  # the rate-controlled encoder's sine files: gauged pairs under sin(ω·B@A)
+        _write(sine, folder / "sine-sqnr20", sqz.EncodeOptions(sqnr=20.0))
     for leftover in sine.iterdir():
         leftover.unlink()
     sine.rmdir()
-    src.unlink()
+    for src in sources.values():
+        src.unlink()
 
 
 def _write(src: Path, stem: Path, options: sqz.EncodeOptions) -> None:
