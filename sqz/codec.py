@@ -139,12 +139,15 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
         return _encode_raw(t, record, options)
     bits = options.bits if choice is None else max(choice.bits, MIN_BITS)  # width 0: one entry, recorded as 1 bit
     values = to_float64(t.raw, t.dtype)
+    scales = None if choice is None else choice.scales
+    if scales is not None:  # quantized as values / scale along the axis (spec §4.2): a rate-controlled B factor
+        values = (values.reshape(matrix_shape(t.shape)) / scales[None, :]).ravel()
     try:
         q = quantize(values, bits, options.sample,
                      tensor_seed(options.seed, t.name), t.dtype, codebook=None if choice is None else choice.codebook)
     except InputError as exc:
         raise InputError(f"{t.name}: {exc}") from None
-    codebook_dtype, codebook = stored_codebook(values, q, t.dtype, options.version[0])
+    codebook_dtype, codebook = stored_codebook(values, q, t.dtype, options.version[0], scaled=scales is not None)
     k = int(q.codebook.size)
     stages = ENTROPY_STAGES if options.entropy == ENTROPY_AUTO else (options.entropy,)
     stage, payload = _smallest(entropy.encode_stages(q.indices, bits, k, stages), q.indices.size)
@@ -152,6 +155,9 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
     record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=bits, codebook_size=k, codebook_dtype=codebook_dtype,
                   sample_size=q.sample_size, seed=q.seed)
+    if scales is not None:
+        record["scale_axis"] = 1
+        codebook += float32_to_bits(scales, codebook_dtype).tobytes()
     section = codebook + payload
     if options.entropy == ENTROPY_AUTO:
         # A small tensor at many bits can cost more as codebook + indices than as its exact bytes
@@ -177,11 +183,12 @@ a near-lossless fit, 256 entries for 768 values, has almost no error to compare 
 a 72-factor rank-2 adapter's 8-bit codebooks are 3.6 bits/param as F16, 7.1 as F32."""
 
 
-def stored_codebook(values: np.ndarray, q: Quantized, dtype: str, major: int) -> tuple[str, bytes]:
+def stored_codebook(values: np.ndarray, q: Quantized, dtype: str, major: int,
+                    scaled: bool = False) -> tuple[str, bytes]:
     """(codebook_dtype, bytes) of a tensor's codebook (spec §4.2). 1.x stores F32. 2.0 stores an F16 or BF16
     tensor's codebook in its own dtype, which is exact (decoding rounds to that dtype anyway), and a float32
-    or float64 one's as F16 where the tolerances above allow; F32 wherever rounding would merge two entries or
-    overflow."""
+    or float64 one's, or a `scaled` one's (whose entries are multiplied before that rounding), as F16 where the
+    tolerances above allow; F32 wherever rounding would merge two entries or overflow."""
     exact = q.codebook.astype("<f4")
     if major == 1:
         return "F32", exact.tobytes()
@@ -192,7 +199,7 @@ def stored_codebook(values: np.ndarray, q: Quantized, dtype: str, major: int) ->
     rounded = _bits_to_float32(bits, narrow)
     if not (np.diff(rounded) > 0).all():
         return "F32", exact.tobytes()
-    if narrow != dtype and not _rounding_is_negligible(values, q.indices, exact, rounded):
+    if (narrow != dtype or scaled) and not _rounding_is_negligible(values, q.indices, exact, rounded):
         return "F32", exact.tobytes()
     return narrow, bits.tobytes()
 
@@ -220,16 +227,44 @@ def _bits_to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
     return bits.view({"F16": "<f2", "F32": "<f4"}[dtype]).astype(np.float32)
 
 
+def matrix_shape(shape: list[int] | tuple[int, ...]) -> tuple[int, int]:
+    """A tensor viewed as a matrix [shape[0], n / shape[0]] (a scalar as [1, 1]): what scale_axis refers to."""
+    rows = shape[0] if shape else 1
+    return rows, math.prod(shape) // rows if rows else 0
+
+
+def scale_count(record: dict) -> int:
+    """How many scales a kmeans section holds: 0 without `scale_axis`."""
+    axis = record.get("scale_axis")
+    return 0 if axis is None else matrix_shape(record["shape"])[axis]
+
+
 def codebook_bytes(record: dict) -> int:
     """Bytes of a kmeans section's codebook."""
     return DTYPE_ITEMSIZE[record["codebook_dtype"]] * record["codebook_size"]
 
 
+def side_bytes(record: dict) -> int:
+    """Bytes of a kmeans section before its payload: the codebook, then the scales if any."""
+    return DTYPE_ITEMSIZE[record["codebook_dtype"]] * (record["codebook_size"] + scale_count(record))
+
+
+_BITS_VIEW = {"F32": "<u4", "F16": "<u2", "BF16": "<u2"}
+
+
 def codebook_of(record: dict, section: memoryview) -> np.ndarray:
     """A kmeans section's codebook as float32 (every codebook dtype converts to it exactly)."""
     dtype = record["codebook_dtype"]
-    raw = np.frombuffer(section[:codebook_bytes(record)], dtype={"F32": "<u4", "F16": "<u2", "BF16": "<u2"}[dtype])
-    return _bits_to_float32(raw, dtype)
+    return _bits_to_float32(np.frombuffer(section[:codebook_bytes(record)], dtype=_BITS_VIEW[dtype]), dtype)
+
+
+def scales_of(record: dict, section: memoryview) -> np.ndarray | None:
+    """A kmeans section's scales as float32, or None."""
+    if record.get("scale_axis") is None:
+        return None
+    dtype = record["codebook_dtype"]
+    return _bits_to_float32(np.frombuffer(section[codebook_bytes(record):side_bytes(record)],
+                                          dtype=_BITS_VIEW[dtype]), dtype)
 
 
 OUTPUT_ALIGNMENT = 64
@@ -266,13 +301,17 @@ def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1,
     kmeans = [n for n, stage in stages.items() if stage[0] == ENCODING_KMEANS]
     tables = _code_tables([items[n][0] for n in kmeans], [stages[n][5] for n in kmeans])
     for n, table in zip(kmeans, tables):
+        scales = stages[n][6]
+        if not isinstance(table, SqzError) and scales is not None:
+            table = _scaled_table(items[n][0], stages[n][5], scales)
         if isinstance(table, SqzError):
             results[n] = table
             del stages[n]
         else:
-            stages[n] = (*stages[n][:5], table)
+            stages[n] = (*stages[n][:5], table, scales)
     outputs = _output_buffers({n: _nbytes(items[n][0]) for n in stages}, allocate)
     lookups: list[tuple[int, bitpack.LookupJob]] = []
+    scaled: list[int] = []
     for n, stage in stages.items():
         out = results[n] = outputs[n]
         if out is None:
@@ -280,12 +319,46 @@ def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1,
         elif stage[0] == ENCODING_RAW:
             out[:] = np.frombuffer(stage[1], dtype=np.uint8)
         else:
-            _, stream, count, width, framed, table = stage
-            lookups.append((n, (stream, count, width, table, out.view(table.dtype), framed)))
+            _, stream, count, width, framed, table, scales = stage
+            if scales is not None:  # the lookup writes float32 codebook values, which the scales then multiply
+                target = np.empty(count, dtype=np.uint32)
+                stages[n] = (*stage[:6], (scales, target))
+                scaled.append(n)
+            else:
+                target = out.view(table.dtype)
+            lookups.append((n, (stream, count, width, table, target, framed)))
+    failed = set()
     for job, problem in bitpack.lookup_many([job for _, job in lookups], threads):
         n, (_, _, _, table, _, _) = lookups[job]
         results[n] = _lookup_error(items[n][0], problem, table.size)
+        failed.add(n)
+    for n in scaled:
+        if n not in failed:
+            _apply_scales(items[n][0], *stages[n][6], results[n])
     return results  # type: ignore[return-value]  # every slot is filled above
+
+
+def _scaled_table(record: dict, codebook: np.ndarray, scales: np.ndarray) -> np.ndarray | FormatError:
+    """The float32 bit patterns a scaled record's lookup writes, once its scales are checked: finite, and no
+    product of an entry and a scale beyond its dtype's range (the largest such product, rounded as decoding
+    rounds, must be finite, so every element is)."""
+    if not np.isfinite(scales).all():
+        return FormatError(f"{record['name']!r}: scales must be finite")
+    bound = float(np.abs(codebook).max()) * float(np.abs(scales).max()) if scales.size else 0.0
+    with np.errstate(over="ignore"):
+        largest = np.float32(bound)
+    if not (math.isfinite(largest) and finite_bits(float32_to_bits(np.array([largest]), record["dtype"]),
+                                                   record["dtype"]).all()):
+        return FormatError(f"{record['name']!r}: codebook x scales reaches {bound:g}, not finite as {record['dtype']}")
+    return codebook.view(np.uint32)
+
+
+def _apply_scales(record: dict, scales: np.ndarray, values: np.ndarray, out: np.ndarray) -> None:
+    """out = each float32 value times its row's or column's scale (in float32), rounded to the record's dtype."""
+    matrix = values.view(np.float32).reshape(matrix_shape(record["shape"]))
+    matrix *= scales[None, :] if record["scale_axis"] == 1 else scales[:, None]
+    bits = float32_to_bits(matrix.ravel(), record["dtype"])
+    out.view(bits.dtype)[:] = bits
 
 
 def _lookup_error(record: dict, problem: str, k: int) -> SqzError:
@@ -359,19 +432,20 @@ def _try_allocate(size: int, allocate: Allocator) -> np.ndarray | None:
 
 def _entropy_stage(record: dict, section: memoryview) -> tuple:
     """Undo the entropy stage, or get it ready for the lookup to undo: ('raw', bytes), or
-    ('kmeans', stream, count, width, framed, float32 codebook) where a framed stream is the zstd frame
-    of the packed indices, which the C extension decompresses in its own threads (NATIVE_ZSTD)."""
+    ('kmeans', stream, count, width, framed, float32 codebook, float32 scales or None) where a framed stream is the
+    zstd frame of the packed indices, which the C extension decompresses in its own threads (NATIVE_ZSTD)."""
     count = math.prod(record["shape"])
     if record["encoding"] == ENCODING_RAW:
         return ENCODING_RAW, entropy.decode_bytes(section, count * itemsize(record["dtype"]), record["entropy"])
     k, stage = record["codebook_size"], record["entropy"]
-    payload = section[codebook_bytes(record):]
+    payload = section[side_bytes(record):]
+    codebook, scales = codebook_of(record, section), scales_of(record, section)
     if bitpack.NATIVE_ZSTD and k > 1 and stage in (ENTROPY_ZSTD, ENTROPY_ZSTD_ALIGNED):
         frame, width = entropy.index_frame(payload, count, record["bits"], stage)
-        return ENCODING_KMEANS, frame, count, width, True, codebook_of(record, section)
+        return ENCODING_KMEANS, frame, count, width, True, codebook, scales
     stream, width = entropy.decode_stream(payload, count, record["bits"], k, stage)
     try:
         stream = bitpack.check_stream(stream, count, width)
     except ValueError as exc:
         raise FormatError(f"{record['name']!r}: packed indices: {exc}") from None
-    return ENCODING_KMEANS, stream, count, width, False, codebook_of(record, section)
+    return ENCODING_KMEANS, stream, count, width, False, codebook, scales

@@ -92,6 +92,9 @@ QUANTIZABLE_DTYPES = ("F64", "F32", "F16", "BF16")
 
 CODEBOOK_DTYPES = ("F32", "F16", "BF16")
 """2.0: a kmeans record's `codebook_dtype` (1.x codebooks are all F32)."""
+SCALE_AXES = (0, 1)
+"""2.0: a kmeans record's optional `scale_axis`: one scale per row (0) or per column (1) of the tensor viewed as
+[shape[0], n / shape[0]], stored after the codebook; element = codebook[index] x its row's or column's scale."""
 
 MAX_PAIR_MAGNITUDE = 1e6
 MIN_GAMMA_MAGNITUDE = 1e-6

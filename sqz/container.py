@@ -62,6 +62,7 @@ from .constants import (
     RAW_ENTROPY_STAGES,
     READABLE_MAJORS,
     ROLES,
+    SCALE_AXES,
     VERSION_MAJOR,
     VERSION_MINOR,
     WRITABLE_VERSIONS,
@@ -151,9 +152,10 @@ def chunk_count(data_size: int) -> int:
 
 
 def _v1_header(header: dict[str, Any]) -> dict[str, Any]:
-    """The 1.x header: the in-memory form less codebook_dtype, which 1.x does not have (its codebooks are F32)."""
-    if any(r.get("codebook_dtype", "F32") != "F32" for r in header["tensors"]):
-        raise ValueError("format 1.x stores F32 codebooks only")
+    """The 1.x header: the in-memory form less codebook_dtype, which 1.x does not have (its codebooks are F32, and
+    it has no scales)."""
+    if any(r.get("codebook_dtype", "F32") != "F32" or "scale_axis" in r for r in header["tensors"]):
+        raise ValueError("format 1.x stores F32 codebooks and no scales")
     return {**header, "tensors": [{k: v for k, v in r.items() if k != "codebook_dtype"} for r in header["tensors"]]}
 
 
@@ -170,8 +172,8 @@ def _v2_header(header: dict[str, Any]) -> dict[str, Any]:
     factors by record index, sine numbers only on sine pairs, no data_size."""
     records = header["tensors"]
     index = {r["name"]: i for i, r in enumerate(records)}
-    tensors = [{k: r[k] for k in V2_RECORD_KEYS + (V2_KMEANS_KEYS if r["encoding"] == ENCODING_KMEANS else ())}
-               for r in records]
+    tensors = [{k: r[k] for k in V2_RECORD_KEYS + (V2_KMEANS_KEYS if r["encoding"] == ENCODING_KMEANS else ())
+                + (("scale_axis",) if "scale_axis" in r else ())} for r in records]
     pairs = [{**{k: p[k] for k in V2_PAIR_KEYS + (V2_SINE_KEYS if p["kind"] == PAIR_SINE else ())},
               "a": index[p["a"]], "b": index[p["b"]]} for p in header["pairs"]]
     return {**{k: v for k, v in header.items() if k not in V2_DERIVED}, "tensors": tensors, "pairs": pairs}
@@ -316,9 +318,10 @@ def _records(header: dict[str, Any], where: str) -> list[dict[str, Any]]:
 
 def _from_v1(header: dict[str, Any], where: str) -> None:
     """A 1.x header in the in-memory form: its codebooks are F32 (a codebook_dtype it holds is an unknown 1.x
-    field, which a reader ignores)."""
+    field, which a reader ignores, and so is a scale_axis)."""
     for record in _records(header, where):
         record.pop("codebook_dtype", None)
+        record.pop("scale_axis", None)
         if record.get("encoding") == ENCODING_KMEANS:
             record["codebook_dtype"] = "F32"
 
@@ -502,8 +505,14 @@ def _validate_record(r: dict[str, Any], where: str, major: int) -> None:
             raise LimitError(f"{where}: {label} claims {numel} quantized elements, over the limit of {MAX_KMEANS_NUMEL}")
         if r.get("codebook_dtype") not in CODEBOOK_DTYPES:
             _bad(where, f"{label}: unknown codebook_dtype {r.get('codebook_dtype')!r} {_NEWER}")
-        if r["length"] < DTYPE_ITEMSIZE[r["codebook_dtype"]] * k:
-            _bad(where, f"{label}: section shorter than its codebook")
+        scales = 0
+        if "scale_axis" in r:
+            if r["scale_axis"] not in SCALE_AXES or type(r["scale_axis"]) is not int:
+                _bad(where, f"{label}: scale_axis must be 0 or 1")
+            rows = shape[0] if shape else 1
+            scales = rows if r["scale_axis"] == 0 else numel // rows
+        if r["length"] < DTYPE_ITEMSIZE[r["codebook_dtype"]] * (k + scales):
+            _bad(where, f"{label}: section shorter than its codebook and scales")
         for key in ("sample_size", "seed") if major == 1 else ():  # informative, and 2.0 leaves them out
             if not (_is_int(r.get(key)) and r[key] >= 0):
                 _bad(where, f"{label}: '{key}' must be an integer >= 0")

@@ -40,7 +40,8 @@ def encode(adapter: Adapter, options: EncodeOptions, builder: Callable[[Adapter]
     widest = ratecontrol.max_width(sqnr_db=options.sqnr) if options.sqnr is not None else ratecontrol.max_width(
         bpp=8 * target_bytes / max(params, 1))
     prepared = ratecontrol.prepare(gauged.tensors, allocated, quantized, workers, progress, widest,
-                                   relative=options.sqnr is None, entry_bits=32 if options.version[0] == 1 else 16)
+                                   relative=options.sqnr is None, entry_bits=32 if options.version[0] == 1 else 16,
+                                   scaled=options.version[0] >= 2)
     reference = _values(adapter, prepared.names)  # ΔW is measured against the trained factors, not the gauged
 
     def make(picks: np.ndarray) -> tuple[dict[str, Any], list[bytes], int]:

@@ -248,3 +248,91 @@ def test_the_encoder_cache_tells_codebooks_of_one_width_apart():
         record = header["tensors"][at]
         assert (record["bits"], record["codebook_size"]) == (2, k)
         np.testing.assert_allclose(codebook_of(record, memoryview(sections[at])), fits[k].codebook, rtol=1e-3)
+
+
+def steep_pairs(folder: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Two pairs whose components fall off by 10x each (as trained LLM adapters' do, more than MiniLM's)."""
+    g = torch.Generator().manual_seed(11)
+    decay = torch.tensor([[1.0], [0.1], [0.01], [0.001]])
+    tensors = {}
+    for m in ("q", "v"):
+        tensors[f"base_model.model.{m}.lora_A.weight"] = (torch.randn(4, 256, generator=g) * decay).to(dtype)
+        tensors[f"base_model.model.{m}.lora_B.weight"] = (torch.randn(96, 4, generator=g) * 0.05).to(dtype)
+    path = folder / "steep.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def scaled_records(path: Path) -> list[tuple[dict, memoryview]]:
+    f = sqz.container.Container(path)
+    return [(r, f.section(i)) for i, r in enumerate(f.records) if "scale_axis" in r]
+
+
+def test_column_scales_are_chosen_where_components_fall_off_and_decode_as_specified(tmp_path):
+    """The --bpp plan gives B factors of steep pairs column scales; each element decodes as codebook[index] times
+    its column's scale, in float32, rounded to the dtype (spec §4.2), and ΔW beats the unscaled plan's."""
+    from sqz.codec import codebook_of, scales_of, side_bytes
+    from sqz.entropy import decode_indices
+
+    src = steep_pairs(tmp_path)
+    out = tmp_path / "a.sqz"
+    report = sqz.encode(src, out, sqz.EncodeOptions(bpp=2.0), sqz.SineOptions(alpha=4.0))
+    scaled = scaled_records(out)
+    assert scaled and all(r["role"] == "lora_B" and r["scale_axis"] == 1 for r, _ in scaled)
+    adapter = sqz.load(out)
+    for record, section in scaled:
+        scales = scales_of(record, section)
+        assert scales.size == 4 and set(np.log2(scales)) <= set(range(11))  # powers of two, 2^0 .. 2^10
+        idx = decode_indices(section[side_bytes(record):], 96 * 4, record["bits"], record["codebook_size"],
+                             record["entropy"])
+        values = codebook_of(record, section)[idx].reshape(96, 4) * scales[None, :]
+        assert torch.equal(adapter[record["name"]], torch.from_numpy(values.astype(np.float16)))
+    plain = sqz.encode(src, tmp_path / "v1.sqz", sqz.EncodeOptions(bpp=2.0, format="1.1"), sqz.SineOptions(alpha=4.0))
+    assert not scaled_records(tmp_path / "v1.sqz")  # 1.1 has no scales
+    assert report.sqnr_db > plain.sqnr_db + 3 and report.file_bytes <= plain.file_bytes
+
+
+@pytest.mark.parametrize("pattern,top,message", [
+    (0x7C00, None, "scales must be finite"),  # a scale of inf (F16 bits)
+    (0x4000, 0x7B53, "not finite as F16"),  # scale 2, last codebook entry 60000: their product overflows float16
+])
+def test_forged_scales_are_refused_and_spoil_only_their_tensor(tmp_path, pattern, top, message):
+    src = steep_pairs(tmp_path)
+    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0), sqz.SineOptions(alpha=4.0))
+    f = sqz.container.Container(tmp_path / "a.sqz")
+    header = json.loads(json.dumps(f.header))
+    sections = [bytes(f.section(i)) for i in range(len(f.records))]
+    victim = next(i for i, r in enumerate(f.records) if "scale_axis" in r)
+    record = f.records[victim]
+    assert record["codebook_dtype"] == "F16"
+    at = 2 * record["codebook_size"] + 2 * 3  # the last scale
+    sections[victim] = sections[victim][:at] + int(pattern).to_bytes(2, "little") + sections[victim][at + 2:]
+    if top is not None:
+        last = 2 * (record["codebook_size"] - 1)
+        sections[victim] = sections[victim][:last] + int(top).to_bytes(2, "little") + sections[victim][last + 2:]
+    forged = sqz.load(b"".join(sqz.container.serialize(header, sections)))
+    reference = sqz.load(tmp_path / "a.sqz")
+    with pytest.raises(sqz.FormatError, match=message):
+        forged[record["name"]]
+    for name in forged:
+        if name != record["name"]:
+            assert torch.equal(forged[name], reference[name])
+
+
+def test_a_scale_axis_that_is_not_0_or_1_is_refused_at_open(tmp_path):
+    src = steep_pairs(tmp_path)
+    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0), sqz.SineOptions(alpha=4.0))
+    f = sqz.container.Container(tmp_path / "a.sqz")
+    sections = [bytes(f.section(i)) for i in range(len(f.records))]
+    for axis, message in ((2, "scale_axis must be 0 or 1"), (True, "scale_axis must be 0 or 1"),
+                          (0, "shorter than its codebook and scales")):  # 96 row scales: past the section's end
+        header = json.loads(json.dumps(f.header))
+        next(r for r in header["tensors"] if "scale_axis" in r)["scale_axis"] = axis
+        data = b"".join(sqz.container.serialize(header, sections))
+        if axis == 0:
+            with pytest.raises(sqz.FormatError):  # refused at open, or when read if the section is long enough
+                adapter = sqz.load(data)
+                [adapter[n] for n in adapter]
+        else:
+            with pytest.raises(sqz.FormatError, match=message):
+                sqz.load(data)

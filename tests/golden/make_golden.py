@@ -40,13 +40,17 @@ SAMPLE = 64
 
 def large_tensors() -> dict[str, torch.Tensor]:
     """mixed_tensors and a data area over 64 KiB: a 4x2048 pair, a factor of values so small that float16 cannot
-    hold its codebook (F32 in 2.0), and 68 KB of lossless noise."""
+    hold its codebook (F32 in 2.0), a pair whose components fall off steeply (the rate-controlled encoder gives its
+    B column scales), and 68 KB of lossless noise."""
     g = torch.Generator().manual_seed(5)
     t = mixed_tensors()
     t["base_model.model.large.lora_A.weight"] = torch.randn(4, 2048, generator=g) * 0.02
     t["base_model.model.large.lora_B.weight"] = torch.randn(8, 4, generator=g) * 0.01
     t["base_model.model.tiny.lora_A.weight"] = torch.randn(4, 64, generator=g) * 1e-6
     t["base_model.model.tiny.lora_B.weight"] = torch.randn(16, 4, generator=g)
+    t["base_model.model.steep.lora_A.weight"] = torch.randn(4, 512, generator=g) * torch.tensor([[1.0], [0.1], [0.01],
+                                                                                                 [0.001]])
+    t["base_model.model.steep.lora_B.weight"] = torch.randn(64, 4, generator=g) * 0.05
     t["base_model.model.noise"] = torch.randn(17_000, generator=g)
     return t
 
