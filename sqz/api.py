@@ -24,7 +24,7 @@ from . import __version__, container, targets
 from .adapter import CONFIG_NAME, PEFT_PREFIX, TORCH_DTYPES, Adapter, Pair, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable
 from .bitpack import packed_size
-from .codec import EncodeOptions, codebook_bytes, decode_tensors, encode_tensor
+from .codec import EncodeOptions, codebook_bytes, decode_tensors, encode_tensor, side_bytes
 from .constants import ENCODING_KMEANS, PAIR_SINE
 from .delta import delta_weight
 from .dtypes import itemsize
@@ -341,14 +341,15 @@ def info(path: str | Path) -> dict[str, Any]:
             numel = math.prod(record["shape"])
             row = {key: record[key] for key in ("name", "shape", "dtype", "role", "encoding", "entropy")}
             if record["encoding"] == ENCODING_KMEANS:
-                codebook, before = codebook_bytes(record), packed_size(numel, record["bits"])
+                codebook, side = codebook_bytes(record), side_bytes(record)
+                before = packed_size(numel, record["bits"])
                 width = record["bits"] if record["codebook_size"] > 1 else 0  # one entry: a zero-bit group
             else:
-                codebook, before, width = 0, numel * itemsize(record["dtype"]), None
+                codebook, side, before, width = 0, 0, numel * itemsize(record["dtype"]), None
             row.update(params=numel, bits=width, codebook_size=record.get("codebook_size"),
                        codebook_dtype=record.get("codebook_dtype"), codebook_bytes=codebook,
-                       index_bytes_before=before,
-                       index_bytes_after=record["length"] - codebook, section_bytes=record["length"],
+                       scale_bytes=side - codebook, index_bytes_before=before,
+                       index_bytes_after=record["length"] - side, section_bytes=record["length"],
                        bits_per_param=8 * record["length"] / numel if numel else 0.0)
             rows.append(row)
         params = sum(r["params"] for r in rows)

@@ -190,10 +190,11 @@ def info_cmd(src: str, as_json: bool) -> None:
 
 def _info_table(data: dict) -> str:
     head = ("tensor", "shape", "role", "bits", "entropy", "codebook B", "packed B", "coded B", "bits/param")
+    # codebook B counts a record's scales too (2.0): codebook B + coded B is the section
     rows = [head]
     for r in data["tensors"]:
         rows.append((r["name"], "x".join(map(str, r["shape"])) or "scalar", r["role"],
-                     r["dtype"] if r["bits"] is None else str(r["bits"]), r["entropy"], f"{r['codebook_bytes']:,}",
+                     r["dtype"] if r["bits"] is None else str(r["bits"]), r["entropy"], f"{r['codebook_bytes'] + r['scale_bytes']:,}",
                      f"{r['index_bytes_before']:,}", f"{r['index_bytes_after']:,}", f"{r['bits_per_param']:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]

@@ -287,6 +287,11 @@ def test_column_scales_are_chosen_where_components_fall_off_and_decode_as_specif
                              record["entropy"])
         values = codebook_of(record, section)[idx].reshape(96, 4) * scales[None, :]
         assert torch.equal(adapter[record["name"]], torch.from_numpy(values.astype(np.float16)))
+    rows = {row["name"]: row for row in sqz.api.info(out)["tensors"]}
+    for record, _ in scaled:  # sqz info says where the scales' bytes went
+        row = rows[record["name"]]
+        assert row["scale_bytes"] == 2 * 4 and row["codebook_bytes"] == 2 * record["codebook_size"]
+        assert row["codebook_bytes"] + row["scale_bytes"] + row["index_bytes_after"] == row["section_bytes"]
     plain = sqz.encode(src, tmp_path / "v1.sqz", sqz.EncodeOptions(bpp=2.0, format="1.1"), sqz.SineOptions(alpha=4.0))
     assert not scaled_records(tmp_path / "v1.sqz")  # 1.1 has no scales
     assert report.sqnr_db > plain.sqnr_db + 3 and report.file_bytes <= plain.file_bytes
