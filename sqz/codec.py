@@ -321,7 +321,11 @@ def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1,
         else:
             _, stream, count, width, framed, table, scales = stage
             if scales is not None:  # the lookup writes float32 codebook values, which the scales then multiply
-                target = np.empty(count, dtype=np.uint32)
+                target = _try_allocate(4 * count, allocate)
+                if target is None:
+                    results[n] = _too_big(items[n][0])
+                    continue
+                target = target.view(np.uint32)
                 stages[n] = (*stage[:6], (scales, target))
                 scaled.append(n)
             else:

@@ -341,3 +341,28 @@ def test_a_scale_axis_that_is_not_0_or_1_is_refused_at_open(tmp_path):
         else:
             with pytest.raises(sqz.FormatError, match=message):
                 sqz.load(data)
+
+
+def test_a_scaled_tensor_whose_float32_buffer_does_not_fit_is_a_limit_error_of_its_own(tmp_path):
+    """Scaled records decode through a float32 buffer of 4 bytes an element: when that cannot be had, the tensor
+    reports a LimitError like any other that does not fit, and nothing raises out of the batch."""
+    from sqz.codec import decode_tensors
+
+    src = steep_pairs(tmp_path)
+    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0), sqz.SineOptions(alpha=4.0))
+    f = sqz.container.Container(tmp_path / "a.sqz")
+    items = [(r, f.section(i)) for i, r in enumerate(f.records)]
+
+    def tight(size: int) -> np.ndarray:  # the B outputs (768 bytes) fit, their float32 buffers (1,536) do not
+        if size > 1000:
+            raise MemoryError(size)
+        return np.empty(size, np.uint8)
+
+    results = decode_tensors(items, allocate=tight)
+    reference = decode_tensors(items)
+    for (record, _), result, want in zip(items, results, reference):
+        if "scale_axis" in record or math.prod(record["shape"]) * 2 > 1000:
+            assert isinstance(result, sqz.LimitError) and "does not fit in memory" in str(result), record["name"]
+        else:
+            assert np.array_equal(result, want), record["name"]
+    assert any("scale_axis" in record for record, _ in items)
