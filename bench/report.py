@@ -525,7 +525,7 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                (f"{speed['adapter']['params']:,}-parameter adapter (fp16 {speed['adapter']['fp16_bytes'] / 1e6:.2f} MB), "
                f"{m['cpus']} threads, Python {m['python']}, torch {m['torch']}, sqz {m['sqz']}. Times are the best of "
                f"{speed['repeat']} rounds in which the readers compared take turns, warm page cache unless a row says "
-               "otherwise."), "",
+               f"otherwise; encode times the best of {speed.get('encode_repeat', 1)}."), "",
                speed_tables(speed), "", f"![scaling]({rel(out / 'scaling.png')})", ""]
     if serve:
         md += ["## 7. Serving many adapters from host memory", "",
