@@ -36,7 +36,7 @@ from .constants import (
     VERSION_MINOR,
     WRITABLE_VERSIONS,
 )
-from .dtypes import finite_bits, float32_to_bits, itemsize, to_float64
+from .dtypes import bits_to_float32, finite_bits, float32_to_bits, itemsize, to_float64
 from .errors import FormatError, InputError, LimitError, SqzError
 from .quantize import DEFAULT_SAMPLE, Quantized, quantize, tensor_seed
 
@@ -196,7 +196,7 @@ def stored_codebook(values: np.ndarray, q: Quantized, dtype: str, major: int,
     bits = float32_to_bits(exact, narrow)
     if not finite_bits(bits, narrow).all():
         return "F32", exact.tobytes()
-    rounded = _bits_to_float32(bits, narrow)
+    rounded = bits_to_float32(bits, narrow)
     if not (np.diff(rounded) > 0).all():
         return "F32", exact.tobytes()
     if (narrow != dtype or scaled) and not _rounding_is_negligible(values, q.indices, exact, rounded):
@@ -219,12 +219,6 @@ def _rounding_is_negligible(values: np.ndarray, indices: np.ndarray, codebook: n
 
     base = error(codebook)
     return error(rounded) - base <= max(CODEBOOK_TOLERANCE * base, CODEBOOK_FLOOR * energy)
-
-
-def _bits_to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    return bits.view({"F16": "<f2", "F32": "<f4"}[dtype]).astype(np.float32)
 
 
 def matrix_shape(shape: list[int] | tuple[int, ...]) -> tuple[int, int]:
@@ -255,7 +249,7 @@ _BITS_VIEW = {"F32": "<u4", "F16": "<u2", "BF16": "<u2"}
 def codebook_of(record: dict, section: memoryview) -> np.ndarray:
     """A kmeans section's codebook as float32 (every codebook dtype converts to it exactly)."""
     dtype = record["codebook_dtype"]
-    return _bits_to_float32(np.frombuffer(section[:codebook_bytes(record)], dtype=_BITS_VIEW[dtype]), dtype)
+    return bits_to_float32(np.frombuffer(section[:codebook_bytes(record)], dtype=_BITS_VIEW[dtype]), dtype)
 
 
 def scales_of(record: dict, section: memoryview) -> np.ndarray | None:
@@ -263,7 +257,7 @@ def scales_of(record: dict, section: memoryview) -> np.ndarray | None:
     if record.get("scale_axis") is None:
         return None
     dtype = record["codebook_dtype"]
-    return _bits_to_float32(np.frombuffer(section[codebook_bytes(record):side_bytes(record)],
+    return bits_to_float32(np.frombuffer(section[codebook_bytes(record):side_bytes(record)],
                                           dtype=_BITS_VIEW[dtype]), dtype)
 
 
@@ -311,7 +305,7 @@ def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1,
             stages[n] = (*stages[n][:5], table, scales)
     outputs = _output_buffers({n: _nbytes(items[n][0]) for n in stages}, allocate)
     lookups: list[tuple[int, bitpack.LookupJob]] = []
-    scaled: list[int] = []
+    scaled: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # n -> (scales, the lookup's float32 output)
     for n, stage in stages.items():
         out = results[n] = outputs[n]
         if out is None:
@@ -326,8 +320,7 @@ def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1,
                     results[n] = _too_big(items[n][0])
                     continue
                 target = target.view(np.uint32)
-                stages[n] = (*stage[:6], (scales, target))
-                scaled.append(n)
+                scaled[n] = scales, target
             else:
                 target = out.view(table.dtype)
             lookups.append((n, (stream, count, width, table, target, framed)))
@@ -336,9 +329,9 @@ def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1,
         n, (_, _, _, table, _, _) = lookups[job]
         results[n] = _lookup_error(items[n][0], problem, table.size)
         failed.add(n)
-    for n in scaled:
+    for n, (scales, values) in scaled.items():
         if n not in failed:
-            _apply_scales(items[n][0], *stages[n][6], results[n])
+            _apply_scales(items[n][0], scales, values, results[n])
     return results  # type: ignore[return-value]  # every slot is filled above
 
 

@@ -305,6 +305,7 @@ def parse_head(buf: memoryview, size: int,
 
 
 def _records(header: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """The header's tensor records, once they are a list of objects within MAX_TENSORS."""
     records = header.get("tensors")
     if not isinstance(records, list):
         _bad(where, "'tensors' must be a list")
@@ -417,11 +418,7 @@ def _is_num(v: Any) -> bool:
 def validate_header(header: dict[str, Any], where: str, major: int = VERSION_MAJOR) -> None:
     """Every field a reader relies on has the right type and a sane value; sections tile the data area. Takes
     the in-memory form of a `major` header (2.0's derived offsets cannot be misaligned: checking costs little)."""
-    records = header.get("tensors")
-    if not isinstance(records, list):
-        _bad(where, "'tensors' must be a list")
-    if len(records) > MAX_TENSORS:
-        raise LimitError(f"{where}: {len(records)} tensors, over the limit of {MAX_TENSORS}")
+    records = _records(header, where)
     if not (_is_int(header.get("data_size")) and header["data_size"] >= 0):
         _bad(where, "'data_size' must be an integer >= 0")
     for key in ("config", "metadata"):
@@ -432,9 +429,7 @@ def validate_header(header: dict[str, Any], where: str, major: int = VERSION_MAJ
         _bad(where, "metadata values must be strings")
     names: set[str] = set()
     end = 0
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            _bad(where, f"tensor record {i} must be an object")
+    for record in records:
         _validate_record(record, where, major)
         if record["name"] in names:
             _bad(where, f"duplicate tensor name {record['name']!r}")

@@ -39,6 +39,13 @@ def float32_to_bits(values: np.ndarray, dtype: str) -> np.ndarray:
         return v.astype(float_t).view(uint_t)
 
 
+def bits_to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """The values of `dtype` bit patterns (F32, F16 or BF16) as float32, exactly: float32_to_bits' inverse."""
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(_FLOAT_VIEWS[dtype][0]).astype(np.float32)
+
+
 _EXPONENT_MASKS = {"F64": 0x7FF0_0000_0000_0000, "F32": 0x7F80_0000, "F16": 0x7C00, "BF16": 0x7F80}
 
 
