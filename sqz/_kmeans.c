@@ -12,10 +12,15 @@
  * never decreases as i grows (the squared-error cost is Monge), so each of the k rows is filled by divide
  * and conquer in O(n log n); the smallest best j is kept on ties, so the result is deterministic. Sums are
  * taken about the mean (less cancellation in sum_sq - sum^2/weight). Runs without the GIL.
+ *
+ * fit_entropy(weight, sum, start, slope, level_bits, max_iter) is the entropy-constrained Lloyd algorithm on the
+ * same bins (entropy_constrained.py): the first bin of each cell of the quantizer that minimises squared error
+ * plus slope times the bits of the indices and of the codebook, from the levels `start`. Also without the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 
 typedef struct {
@@ -243,11 +248,115 @@ done:
     return result;
 }
 
+/* Entropy-constrained Lloyd (Chou, Lookabaugh and Gray) on the same histogram: cells minimise
+ * (x - c)^2 + slope * (-log2 p), so each value goes to the level of least cost, which for levels in increasing
+ * order is the lower envelope of lines in x (a level that never attains it empties); then every level moves
+ * to its cell's mean and p to its cell's share. A level's own bits in the codebook are shared out over its cell's
+ * values: its code length is -log2 p + level_bits / count, so a level that few values use does not pay.
+ * Iterates until no cell boundary moves (or max_iter). Writes the
+ * first bin of each non-empty cell to `out` (room for k) and returns how many. */
+static Py_ssize_t entropy_fit(const double *pw, const double *p1, const double *centers, Py_ssize_t n,
+                              const double *start, Py_ssize_t k, double slope, double level_bits, int max_iter,
+                              double *c, double *len,
+                              Py_ssize_t *keep, double *t, Py_ssize_t *edge, Py_ssize_t *prev, int32_t *out) {
+    Py_ssize_t m = k, cells = 0;
+    for (Py_ssize_t j = 0; j < k; j++) c[j] = start[j], len[j] = log2((double)k);
+    for (int iter = 0; iter < max_iter; iter++) {
+        Py_ssize_t top = 0; /* the envelope: keep[0..top) levels, t[i] the crossing of keep[i] and keep[i + 1] */
+        for (Py_ssize_t j = 0; j < m; j++) {
+            while (top > 0) {
+                Py_ssize_t a = keep[top - 1];
+                double x = (c[a] + c[j]) / 2 + slope * (len[j] - len[a]) / (2 * (c[j] - c[a]));
+                if (top > 1 && x <= t[top - 2]) top--;
+                else {
+                    t[top - 1] = x;
+                    break;
+                }
+            }
+            keep[top++] = j;
+        }
+        edge[0] = 0; /* cell i holds bins edge[i] .. edge[i + 1] - 1: bins whose center is above t[i - 1] */
+        for (Py_ssize_t i = 1; i < top; i++) {
+            Py_ssize_t lo = edge[i - 1], hi = n;
+            while (lo < hi) {
+                Py_ssize_t mid = lo + (hi - lo) / 2;
+                if (centers[mid] <= t[i - 1]) lo = mid + 1;
+                else hi = mid;
+            }
+            edge[i] = lo;
+        }
+        edge[top] = n;
+        int moved = iter == 0 || top != cells;
+        Py_ssize_t used = 0;
+        for (Py_ssize_t i = 0; i < top; i++) {
+            double w = pw[edge[i + 1]] - pw[edge[i]];
+            if (w <= 0) continue;
+            if (!moved && prev[used] != edge[i]) moved = 1;
+            prev[used] = edge[i];
+            c[used] = (p1[edge[i + 1]] - p1[edge[i]]) / w;
+            len[used] = -log2(w / pw[n]) + level_bits / w;
+            used++;
+        }
+        if (!moved && used == cells) break;
+        m = cells = used;
+    }
+    for (Py_ssize_t i = 0; i < cells; i++) out[i] = (int32_t)prev[i];
+    return cells;
+}
+
+static PyObject *fit_entropy(PyObject *self, PyObject *args) {
+    Py_buffer w, s1, start;
+    double slope, level_bits;
+    int max_iter;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*ddi", &w, &s1, &start, &slope, &level_bits, &max_iter)) return NULL;
+    Py_ssize_t n = w.len / (Py_ssize_t)sizeof(double), k = start.len / (Py_ssize_t)sizeof(double);
+    if (w.len % sizeof(double) || s1.len != w.len || n < 1 || n > INT32_MAX || start.len % sizeof(double) ||
+        k < 1 || k > n || !(slope >= 0) || !(level_bits >= 0) || max_iter < 1) {
+        PyErr_SetString(PyExc_ValueError, "fit_entropy needs two float64 buffers of n >= 1 bins, 1 <= k <= n "
+                                          "start levels, a slope >= 0, level_bits >= 0 and max_iter >= 1");
+        goto release;
+    }
+    const double *st = start.buf;
+    for (Py_ssize_t j = 1; j < k; j++)
+        if (!(st[j] > st[j - 1])) {
+            PyErr_SetString(PyExc_ValueError, "fit_entropy's start levels must increase");
+            goto release;
+        }
+    double *pw = malloc((size_t)(n + 1) * sizeof(double)), *p1 = malloc((size_t)(n + 1) * sizeof(double));
+    double *centers = malloc((size_t)n * sizeof(double)), *c = malloc((size_t)k * 3 * sizeof(double));
+    Py_ssize_t *idx = malloc((size_t)(4 * k + 2) * sizeof(Py_ssize_t));
+    int32_t *out = malloc((size_t)k * sizeof(int32_t));
+    Py_ssize_t cells = -1;
+    if (pw && p1 && centers && c && idx && out) {
+        Py_BEGIN_ALLOW_THREADS
+        const double *wb = w.buf, *sb = s1.buf;
+        pw[0] = p1[0] = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            pw[i + 1] = pw[i] + wb[i], p1[i + 1] = p1[i] + sb[i];
+            centers[i] = sb[i] / wb[i];
+        }
+        cells = entropy_fit(pw, p1, centers, n, st, k, slope, level_bits, max_iter, c, c + k, idx, c + 2 * k, idx + k,
+                            idx + 2 * k + 2, out);
+        Py_END_ALLOW_THREADS
+        result = PyBytes_FromStringAndSize((const char *)out, cells * (Py_ssize_t)sizeof(int32_t));
+    } else
+        PyErr_NoMemory();
+    free(pw), free(p1), free(centers), free(c), free(idx), free(out);
+release:
+    PyBuffer_Release(&w), PyBuffer_Release(&s1), PyBuffer_Release(&start);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fit", fit, METH_VARARGS, "fit(weight, sum, sum_sq, ks) -> [int32 bytes]: for each k, the first bin of each cluster"},
     {"fit_one", fit_one, METH_VARARGS,
      "fit_one(weight, sum, sum_sq, k) -> int32 bytes or None: the same for one k by Lagrangian relaxation, None if "
      "no price gives exactly k clusters"},
+    {"fit_entropy", fit_entropy, METH_VARARGS,
+     "fit_entropy(weight, sum, start, slope, level_bits, max_iter) -> int32 bytes: the first bin of each cell of "
+     "the entropy-constrained quantizer at slope, each level costing level_bits, started from the increasing "
+     "float64 levels start"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "sqz._kmeans", .m_size = -1, .m_methods = methods};

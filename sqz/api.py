@@ -104,10 +104,12 @@ class TensorEncoder:
         """The header and sections of the file with `choices` (name -> ratecontrol.Choice; others as -b says)."""
         choices = choices or {}
 
-        def key(name: str) -> tuple:  # the codebook's size and scales too: k = 3 and k = 4 both have width 2
+        def key(name: str) -> tuple:  # the codebook and cells too: fits of one width differ in both
             choice = choices.get(name)
-            return (name,) if choice is None else (name, choice.bits, None if choice.codebook is None
-                                                   else choice.codebook.size, choice.scales is not None)
+            if choice is None:
+                return (name,)
+            return (name, choice.bits, *(None if a is None else a.tobytes()
+                                         for a in (choice.codebook, choice.thresholds, choice.scales)))
 
         todo = [name for name in self.adapter.tensors if key(name) not in self._done]
 

@@ -144,7 +144,8 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
         values = (values.reshape(matrix_shape(t.shape)) / scales[None, :]).ravel()
     try:
         q = quantize(values, bits, options.sample,
-                     tensor_seed(options.seed, t.name), t.dtype, codebook=None if choice is None else choice.codebook)
+                     tensor_seed(options.seed, t.name), t.dtype, codebook=None if choice is None else choice.codebook,
+                     thresholds=None if choice is None else choice.thresholds)
     except InputError as exc:
         raise InputError(f"{t.name}: {exc}") from None
     codebook_dtype, codebook = stored_codebook(values, q, t.dtype, options.version[0], scaled=scales is not None)

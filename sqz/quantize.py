@@ -73,7 +73,7 @@ def _check_bits(bits: int) -> int:
     return 1 << bits
 
 
-def _as_codebook(centroids: np.ndarray) -> np.ndarray:
+def as_codebook(centroids: np.ndarray) -> np.ndarray:
     """float32 rounding can merge neighbours; the codebook must stay strictly increasing."""
     return np.unique(np.asarray(centroids, dtype=np.float64).astype(np.float32))
 
@@ -87,11 +87,15 @@ def fit_codebook(sample: np.ndarray, bits: int) -> np.ndarray:
     k = _check_bits(bits)
     distinct = np.unique(sample)
     if distinct.size <= k:
-        return _as_codebook(distinct)
-    return _as_codebook(kmeans1d.cluster(sample, k).centroids)
+        return as_codebook(distinct)
+    return as_codebook(kmeans1d.cluster(sample, k).centroids)
 
 
-def histogram(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+Histogram = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""(count, sum, sum of squares) of the values in each bin, bins in increasing order of value, float64."""
+
+
+def histogram(values: np.ndarray, dtype: str) -> Histogram:
     """(count, sum, sum of squares) of the values in each bin, bins in increasing order of value, float64.
 
     16-bit dtypes: one bin per distinct value (by bit pattern, O(n)). Wider ones: one bin per float32 value for
@@ -152,6 +156,7 @@ class Fit:
     codebook: np.ndarray  # float32, strictly increasing
     sse: float  # squared error over every value, before the codebook is rounded to float32
     counts: np.ndarray  # values per cluster: the index histogram, whose entropy the entropy stage approaches
+    thresholds: np.ndarray | None = None  # where a value's index changes, if not at the midpoints (assign)
 
 
 def fit_sizes(values: np.ndarray, dtype: str, sizes: tuple[int, ...]) -> dict[int, Fit]:
@@ -161,29 +166,31 @@ def fit_sizes(values: np.ndarray, dtype: str, sizes: tuple[int, ...]) -> dict[in
     weight, sums, squares = histogram(values, dtype)
     ks = sorted({min(k, weight.size) for k in sizes})
     if native_fit is None:
-        raise InputError("the rate-distortion targets need sqz's C extension sqz._kmeans, which was not built: "
-                         "reinstall sqz where a C compiler is at hand, or use -b")
+        raise InputError("k-means by codebook size needs sqz's C extension sqz._kmeans, which was not built")
     priced = native_fit_one(weight, sums, squares, ks[0]) if len(ks) == 1 and ks[0] >= PRICED_MIN_K else None
     partitions = {ks[0]: priced} if priced is not None else dict(zip(ks, native_fit(weight, sums, squares, ks)))
     fits = {}
     for k in sizes:
         starts = np.frombuffer(partitions[min(k, weight.size)], dtype=np.int32)
         w, s1, s2 = (np.add.reduceat(a, starts) for a in (weight, sums, squares))
-        fits[k] = Fit(_as_codebook(s1 / w), float(np.maximum(s2 - s1 * s1 / w, 0).sum()), w)
+        fits[k] = Fit(as_codebook(s1 / w), float(np.maximum(s2 - s1 * s1 / w, 0).sum()), w)
     return fits
 
 
-def assign(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """Index of the nearest codebook entry for every value (ties go to the lower entry)."""
-    cb = codebook.astype(np.float64)
-    midpoints = (cb[:-1] + cb[1:]) / 2
-    return np.searchsorted(midpoints, values, side="left").astype(np.uint8)
+def assign(values: np.ndarray, codebook: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """Index of the nearest codebook entry for every value (ties go to the lower entry), or of the cell between
+    `thresholds` it falls in (an entropy-constrained fit's, entropy_constrained.py; a value on one goes lower)."""
+    if thresholds is None:
+        cb = codebook.astype(np.float64)
+        thresholds = (cb[:-1] + cb[1:]) / 2
+    return np.searchsorted(thresholds, values, side="left").astype(np.uint8)
 
 
 def quantize(values: np.ndarray, bits: int, sample: int = DEFAULT_SAMPLE, seed: int = 0,
-             dtype: str = "F64", codebook: np.ndarray | None = None) -> Quantized:
+             dtype: str = "F64", codebook: np.ndarray | None = None, thresholds: np.ndarray | None = None) -> Quantized:
     """Quantize a flat float array whose values are of `dtype` (the histogram's bins depend on it); NaN/inf are
-    rejected (they would poison the centroids). A `codebook` fitted already (fit_widths) is used as it is."""
+    rejected (they would poison the centroids). A `codebook` fitted already (fit_sizes, or entropy-constrained
+    with its `thresholds`) is used as it is."""
     flat = np.ascontiguousarray(values, dtype=np.float64).ravel()
     if flat.size == 0:
         raise InputError("cannot quantize an empty tensor")
@@ -196,7 +203,7 @@ def quantize(values: np.ndarray, bits: int, sample: int = DEFAULT_SAMPLE, seed: 
     else:
         fitted_on = draw_sample(flat, sample, seed)
         codebook, fitted = fit_codebook(fitted_on, bits), fitted_on.size
-    return Quantized(codebook=codebook, indices=assign(flat, codebook), sample_size=int(fitted), seed=seed)
+    return Quantized(codebook=codebook, indices=assign(flat, codebook, thresholds), sample_size=int(fitted), seed=seed)
 
 
 def dequantize(codebook: np.ndarray, indices: np.ndarray) -> np.ndarray:

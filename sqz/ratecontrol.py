@@ -1,21 +1,24 @@
 """The rate-distortion encoder's plan: the encoding of each LoRA factor that meets a --bpp, --size or --sqnr target.
 
-For every pair whose factors are both quantized, each factor is fitted at codebook sizes k from 1 to 256 in steps
-of about √2 (one run of the k-means kernel serves them all; k = 1 is the factor's mean, a zero-bit group) and
-offered raw. The format lets a b-bit record hold any k <= 2^b, and the entropy stage codes indices near their
-entropy, so a k between powers of two is a rate between whole bits: finer steps for the allocator, and a
-better rate-distortion trade than rounding k up. Each candidate's rate is estimated from its index entropy
-(what the entropy stage approaches) plus its codebook; its distortion is its contribution to the error of its
-pair's ΔW: an error δA reaches ΔW as s·B·δA, so the factor's squared error is weighted by s²·||B||²/r (s·ω/γ and
-the mean of cos²(ω·B@A), the sine's slope, for sine pairs), and likewise for B, each pair's error then taken
-relative to its own ||ΔW||² (not for --sqnr, which asks for the SQNR of all of ΔW). One slope over all tensors
-(allocate.py) picks the candidates; the caller encodes them, checks the real file against the target, and plans
-again with the budget corrected by what the estimate missed. The factors come here in the SVD gauge (gauge.py).
+For every pair whose factors are both quantized, each factor is offered entropy-constrained quantizers at a
+ladder of slopes (entropy_constrained.py: the index rate falls in steps of about a quarter bit, and for the same
+index entropy the error is up to 6 dB below k-means' on heavy-tailed factors), its mean (a zero-bit group), and
+its exact bytes. Each candidate's rate is estimated from its index entropy (what the entropy stage approaches)
+plus its codebook; its distortion is its contribution to the error of its pair's ΔW: an error δA reaches ΔW as
+s·B·δA, so the factor's squared error is weighted by s²·||B||²/r (s·ω/γ and the mean of cos²(ω·B@A), the sine's
+slope, for sine pairs), and likewise for B, each pair's error then divided by ||ΔW||^1.5 (not for --sqnr, which
+asks for the SQNR of all of ΔW). One slope over all tensors (allocate.py) picks the candidates; the caller
+encodes them, checks the real file against the target, and plans again with the budget corrected by what the
+estimate missed. The factors come here in the SVD gauge (gauge.py).
 
-Why relative, measured on the bench's LLaMA (bench/llm.py): the next-token KL caused by an error in one module
-falls off with that module's ||ΔW||² as about ||ΔW||^-1.6, so the summed absolute error starved the small
-modules (k_proj, v_proj) of bits. On its LoRA r=16 at 2 bits/param the KL was 0.47 with summed absolute error,
-0.12 with relative error, 0.014 with relative error in the SVD gauge (the paper's fixed 2-bit widths: 0.074).
+Why divided by a power of ||ΔW||, measured on the bench's LLaMA (bench/llm.py): the next-token KL caused by an
+error in one module falls off with that module's ||ΔW||, so the summed absolute error starved the small modules
+(k_proj, v_proj) of bits: on its LoRA r=16 at 2 bits/param the KL was 0.47 with summed absolute error, 0.12 with
+error relative to ||ΔW||², 0.014 with that in the SVD gauge (the paper's fixed 2-bit widths: 0.074). The power
+is a measured compromise. BD-rate on KL against the paper's pipeline over the 7 LLM adapters at 1-4 bits/param
+(with entropy-constrained candidates started from k-means codebooks): -32.4% relative to ||ΔW||², -33.1% to
+||ΔW||^1.5, -31.6% to ||ΔW||, so KL cannot tell them apart; BD-rate on ΔW SQNR over the MiniLM adapters: -3%,
+-8%, -12%. Below 1.5 a module with 1,000x less ΔW energy than the others gets no bits at all (test_ratecontrol).
 """
 from __future__ import annotations
 
@@ -26,26 +29,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import allocate
+from . import allocate, entropy_constrained
 from .adapter import Pair, SourceTensor
 from .constants import PAIR_SINE
 from .dtypes import itemsize, to_float64
-from .quantize import Fit, fit_sizes
+from .quantize import Fit, histogram
 
-SIZES = (1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256)
-"""Candidate codebook sizes; k = 1 is stored as bits 1, codebook_size 1, no payload (a zero-bit group)."""
-RAW = len(SIZES)
-"""The column of the lossless candidate. Columns before it are the codebook sizes; after it, for B factors with
-column scales (format 2.0), the same sizes fitted on the scaled values."""
+RAW = 0
+"""The column of the lossless candidate; then MEAN, the one-level quantizer (a zero-bit group: the factor's mean),
+then the entropy-constrained quantizers, one per rate of the ladder, then for B factors with column scales
+(format 2.0) the same ladder fitted on the scaled values."""
+MEAN = 1
+EC_STEP = 0.25
+"""Entropy-constrained quantizers are fitted at slopes aimed at index rates from EC_STEP bits a value to the
+widest width, EC_STEP apart (entropy_constrained.slopes)."""
 MAX_WIDTH = 8
 HEADROOM_BITS = 3
-"""Widths are fitted up to this many bits above the target's average (fitting k = 256 costs 4x k = 64, and a
-global slope that gives one factor 3 bits more than the average gives it rarely more)."""
+"""The ladder reaches this many bits a value above the target's average (a global slope that gives one factor 3
+bits more than the average gives it rarely more, and every rung is one more fit of every factor)."""
 DB_PER_BIT = 6.02
 
 
 def max_width(bpp: float | None = None, sqnr_db: float | None = None) -> int:
-    """The widest candidate worth fitting for a bits/param target, or for an SQNR target (about 6 dB a bit)."""
+    """The highest index rate worth fitting for a bits/param target, or for an SQNR target (about 6 dB a bit)."""
     average = bpp if bpp is not None else max(sqnr_db or 0.0, 0.0) / DB_PER_BIT
     return min(MAX_WIDTH, math.ceil(average) + HEADROOM_BITS)
 
@@ -53,14 +59,18 @@ def max_width(bpp: float | None = None, sqnr_db: float | None = None) -> int:
 def width_of(k: int) -> int:
     """Index bits of a k-entry codebook: 0 for k = 1."""
     return (k - 1).bit_length()
+
+
 ENTROPY_SLACK = 1.01
 FRAME_BITS = 8 * 24
 """The entropy stage codes indices within about 1% of their entropy (zstd-aligned), plus a frame header."""
 SECTION_BITS = 8 * 8
 """A section's alignment padding, on average, and its share of the header (informative: the search corrects it)."""
+RELATIVE_POWER = 0.75
+"""A pair's squared ΔW error is divided by its ||ΔW||² to this power (see the module's docstring)."""
 ENERGY_FLOOR = 1e-4
-"""A pair's error is measured relative to its own ||ΔW||², or to this share of the adapter's mean ||ΔW||² if that
-is larger (a pair that does next to nothing is not worth bits kept in proportion to it)."""
+"""A pair's error is measured relative to its own ||ΔW||² (to RELATIVE_POWER), or to this share of the adapter's
+mean ||ΔW||² if that is larger (a pair that does next to nothing is not worth bits kept in proportion to it)."""
 SINE_ROWS = 256
 """Rows of B@A a sine pair's ΔW energy and slope are measured on (rows of B@A are exact, so this is unbiased)."""
 
@@ -68,11 +78,13 @@ SINE_ROWS = 256
 @dataclass(frozen=True)
 class Choice:
     """What one tensor is encoded as: `bits` None is lossless; else the index width of `codebook` (0: one entry),
-    fitted on the values divided by `scales` along their columns where a B factor has them."""
+    fitted on the values divided by `scales` along their columns where a B factor has them, its cells split at
+    `thresholds` where they are not the midpoints (an entropy-constrained fit)."""
 
     bits: int | None
     codebook: np.ndarray | None = None
     scales: np.ndarray | None = None
+    thresholds: np.ndarray | None = None
 
 
 @dataclass
@@ -81,11 +93,11 @@ class Prepared:
 
     names: list[str]
     values: dict[str, np.ndarray]  # each factor's values, float64, in its own shape
-    fits: dict[str, dict[int, Fit]]
-    scaled_fits: dict[str, dict[int, Fit]]  # B factors: fitted on the values divided by their column scales
+    fits: dict[str, dict[int, Fit]]  # each tensor's fit in each column it has (not RAW)
+    scaled: list[bool]  # per column: fitted on the values divided by their column scales (B factors)
     rate: np.ndarray  # bits, [tensors, candidates]
-    distortion: np.ndarray  # squared error of ΔW, each pair's relative to its ||ΔW||² or not, [tensors, candidates]
-    signal: float  # the same measure of ΔW itself (relative: one per allocated pair, less under the floor)
+    distortion: np.ndarray  # squared error of ΔW, each pair's divided by a power of its ||ΔW|| or not
+    signal: float  # the same measure of ΔW itself
     scales: dict[str, np.ndarray]  # B factors' column scales (component_scales), float32
 
     def choices(self, picks: np.ndarray) -> dict[str, Choice]:
@@ -94,10 +106,9 @@ class Prepared:
     def _choice(self, name: str, column: int) -> Choice:
         if column == RAW:
             return Choice(None)
-        if column < RAW:
-            return Choice(width_of(SIZES[column]), self.fits[name][SIZES[column]].codebook)
-        k = SIZES[column - RAW - 1]
-        return Choice(width_of(k), self.scaled_fits[name][k].codebook, self.scales[name])
+        fit = self.fits[name][column]
+        return Choice(width_of(fit.codebook.size), fit.codebook, self.scales[name] if self.scaled[column] else None,
+                      fit.thresholds)
 
     def estimate(self, picks: np.ndarray) -> tuple[float, float]:
         rows = np.arange(len(self.names))
@@ -158,12 +169,13 @@ def rate_bits(fit: Fit, width: int, count: int, entry_bits: int = 32) -> float:
 def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: Callable[[str], bool],
             workers: int, progress: Callable, widest: int = MAX_WIDTH, relative: bool = True,
             entry_bits: int = 32, scaled: bool = False) -> Prepared:
-    """The candidate table of every factor of every pair whose two factors are both quantized (codebooks of at
-    most 2^widest entries; the larger columns stay missing). Distortion is each pair's ΔW error relative to its
-    ||ΔW||², or with `relative` False the plain squared error of ΔW summed over the pairs (what --sqnr asks for).
-    With `scaled`, B factors are also offered the same sizes with component_scales (format 2.0): the plan takes
-    them where they serve better (on the bench's LLaMA adapters nearly everywhere: +1.5 to +4 dB of ΔW SQNR at
-    1-3 bits/param; on the MiniLM ones, whose spectra are flatter, scaled alone lost up to 0.9 dB)."""
+    """The candidate table of every factor of every pair whose two factors are both quantized: its mean, and
+    entropy-constrained quantizers at index rates up to `widest` bits. Distortion is each pair's squared ΔW error
+    divided by ||ΔW||^(2·RELATIVE_POWER), or with `relative` False the plain squared error of ΔW summed over the
+    pairs (what --sqnr asks for). With `scaled`, B factors are also offered the same
+    candidates with component_scales (format 2.0): the plan takes them where they serve better (on the bench's
+    LLaMA adapters nearly everywhere: +1.5 to +4 dB of ΔW SQNR at 1-3 bits/param; on the MiniLM ones, whose
+    spectra are flatter, scaled alone lost up to 0.9 dB)."""
     pairs = [p for p in pairs if quantized(p.a) and quantized(p.b)]
     values, weights, energies, scales, scaled_values, scaled_weights = {}, {}, [], {}, {}, {}
     for pair in pairs:
@@ -182,7 +194,7 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
             rows = np.square(a.reshape(rank, -1)).sum(axis=1)
             scaled_weights[pair.b] = e * float((np.square(s_b.astype(np.float64)) * rows).mean())
     floor = ENERGY_FLOOR * (float(np.mean(energies)) if energies else 0.0) or 1.0
-    norms = [max(energy, floor) if relative else 1.0 for energy in energies]
+    norms = [max(energy, floor) ** RELATIVE_POWER if relative else 1.0 for energy in energies]
     for pair, norm in zip(pairs, norms):
         weights[pair.a] /= norm
         weights[pair.b] /= norm
@@ -190,36 +202,37 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
             scaled_weights[pair.b] /= norm
     signal = sum(energy / norm for energy, norm in zip(energies, norms))
     names = [n for p in pairs for n in (p.a, p.b)]
+    rates = np.arange(EC_STEP, widest + EC_STEP / 2, EC_STEP)
+    plain, scaled_columns = [MEAN] + list(range(2, 2 + rates.size)), list(range(2 + rates.size, 2 + 2 * rates.size))
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the kernel releases the GIL
-        sizes = tuple(k for k in SIZES if k <= 1 << widest)
-        jobs = [(n, values[n].ravel(), tensors[n].dtype, False) for n in names]
-        jobs += [(n, v, "F64", True) for n, v in scaled_values.items()]  # scaled: not values of the tensor's dtype
-        done = pool.map(lambda job: fit_sizes(job[1], job[2], sizes), jobs)
-        fits, scaled_fits = {}, {}
-        for (name, _, _, is_scaled), result in zip(jobs, progress(done, len(jobs), "fit")):
-            (scaled_fits if is_scaled else fits)[name] = result
-    rate = np.full((len(names), RAW + 1 + (len(SIZES) if scales else 0)), np.inf)
+        jobs = [(n, values[n].ravel(), tensors[n].dtype, plain) for n in names]
+        jobs += [(n, v, "F64", scaled_columns) for n, v in scaled_values.items()]  # not values of the tensor's dtype
+        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, with_mean=job[3] is plain), jobs)
+        fits: dict[str, dict[int, Fit]] = {n: {} for n in names}
+        for (name, _, _, at), result in zip(jobs, progress(done, len(jobs), "fit")):
+            fits[name].update((column, fit) for column, fit in zip(at, result) if fit is not None)
+    columns = 2 + (2 if scales else 1) * rates.size
+    is_scaled = [column >= 2 + rates.size for column in range(columns)]
+    rate = np.full((len(names), columns), np.inf)
     distortion = np.full_like(rate, np.inf)
     for row, name in enumerate(names):
         count = values[name].size
-        _fill(rate[row, :RAW], distortion[row, :RAW], fits[name], sizes, count, entry_bits, weights[name], 0)
-        if name in scales:  # the scales are stored after the codebook
-            _fill(rate[row, RAW + 1:], distortion[row, RAW + 1:], scaled_fits[name], sizes, count, entry_bits,
-                  scaled_weights[name], entry_bits * scales[name].size)
+        for column, fit in fits[name].items():
+            weight, extra = (scaled_weights[name], entry_bits * scales[name].size) if is_scaled[column] else (
+                weights[name], 0)  # the scales are stored after the codebook
+            rate[row, column] = rate_bits(fit, max(width_of(fit.codebook.size), 1), count, entry_bits) + extra
+            distortion[row, column] = weight * fit.sse
         rate[row, RAW], distortion[row, RAW] = 8 * count * itemsize(tensors[name].dtype) + SECTION_BITS, 0.0
-    return Prepared(names, values, fits, scaled_fits, rate, distortion, signal, scales)
+    return Prepared(names, values, fits, is_scaled, rate, distortion, signal, scales)
 
 
-def _fill(rate: np.ndarray, distortion: np.ndarray, fits: dict[int, Fit], sizes: tuple[int, ...], count: int,
-          entry_bits: int, weight: float, extra_bits: float) -> None:
-    """One tensor's row of candidates, one column per codebook size."""
-    previous = 0
-    for col, k in enumerate(sizes):
-        fit = fits[k]
-        if fit.codebook.size > previous:  # past the tensor's distinct values, a larger k is the same fit
-            rate[col] = rate_bits(fit, max(width_of(k), 1), count, entry_bits) + extra_bits
-            distortion[col] = weight * fit.sse
-            previous = fit.codebook.size
+def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, entry_bits: int,
+                with_mean: bool) -> list[Fit | None]:
+    """One tensor's fits: its mean (`with_mean`), then the entropy-constrained quantizer at each of `rates`'
+    slopes, each codebook entry priced at its `entry_bits` (None where it would need more than 256 levels)."""
+    hist = histogram(values, dtype)
+    fits = [entropy_constrained.fit(hist, float(slope), entry_bits) for slope in entropy_constrained.slopes(hist, rates)]
+    return [entropy_constrained.mean(hist), *fits] if with_mean else fits
 
 
 def plan_for_rate(prepared: Prepared, budget_bits: float) -> np.ndarray:

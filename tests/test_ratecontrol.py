@@ -129,9 +129,10 @@ def test_bpp_keeps_each_module_about_as_close_as_fixed_width(tmp_path, lora_refe
 
 @pytest.mark.parametrize("folder", [LORA, SINE])
 def test_a_module_with_little_delta_is_not_starved(tmp_path, folder):
-    """Each module's error counts relative to its own ΔW: one whose ΔW is 1,000x weaker than the others' keeps
-    about their accuracy (with the summed error it got no bits: its ΔW decoded as nothing). Sine pairs too: their
-    ΔW is sin(ω·B@A) scaled, measured through the sine."""
+    """Each module's squared error counts divided by its own ||ΔW||^1.5: one whose ΔW has 1,000x less energy than
+    the others' still gets bits (with the summed error it got none: its ΔW decoded as nothing), at a relative error
+    about 1000^0.25 = 5.6x theirs (0.52 against a median of 0.10 measured on LoRA). Sine pairs too: their ΔW is
+    sin(ω·B@A) scaled, measured through the sine."""
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     weak = min(n for n in tensors if n.endswith(".lora_B.weight"))
     tensors[weak] = tensors[weak] * 0.03
@@ -142,7 +143,7 @@ def test_a_module_with_little_delta_is_not_starved(tmp_path, folder):
     sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0))
     relative = {m: noise / signal for m, (noise, signal) in errors(tmp_path / "a.sqz", reference_deltas(src)).items()}
     module = weak.removesuffix(".lora_B.weight")
-    assert relative[module] < 3 * float(np.median(list(relative.values()))), relative[module]
+    assert relative[module] < min(0.7, 8 * float(np.median(list(relative.values())))), relative[module]
 
 
 @pytest.mark.parametrize("bpp", [0.6, 1.5, 2.5, 4.0])
@@ -201,9 +202,9 @@ def test_bad_target_options_are_refused(options, message):
 
 
 def test_without_the_kernel_targets_say_so_in_one_line(tmp_path, monkeypatch):
-    from sqz import quantize
+    from sqz import entropy_constrained
 
-    monkeypatch.setattr(quantize, "native_fit", None)
+    monkeypatch.setattr(entropy_constrained, "native_fit_entropy", None)
     with pytest.raises(sqz.InputError, match="need sqz's C extension"):
         sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0))
     assert not (tmp_path / "a.sqz").exists()
@@ -248,6 +249,11 @@ def test_the_encoder_cache_tells_codebooks_of_one_width_apart():
         record = header["tensors"][at]
         assert (record["bits"], record["codebook_size"]) == (2, k)
         np.testing.assert_allclose(codebook_of(record, memoryview(sections[at])), fits[k].codebook, rtol=1e-3)
+    nearest = encoder({name: Choice(2, fits[4].codebook)})[1][at]
+    cb = fits[4].codebook.astype(np.float64)
+    shifted = np.array([cb[0] + cb[1], cb[1] + cb[2], cb[2] + cb[3]]) / 2 + (cb[1] - cb[0]) / 4
+    moved = encoder({name: Choice(2, fits[4].codebook, thresholds=shifted)})[1][at]
+    assert moved != nearest  # one codebook, other cells (an entropy-constrained fit's): its own section
 
 
 def steep_pairs(folder: Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -294,7 +300,7 @@ def test_column_scales_are_chosen_where_components_fall_off_and_decode_as_specif
         assert row["codebook_bytes"] + row["scale_bytes"] + row["index_bytes_after"] == row["section_bytes"]
     plain = sqz.encode(src, tmp_path / "v1.sqz", sqz.EncodeOptions(bpp=2.0, format="1.1"), sqz.SineOptions(alpha=4.0))
     assert not scaled_records(tmp_path / "v1.sqz")  # 1.1 has no scales
-    assert report.sqnr_db > plain.sqnr_db + 3 and report.file_bytes <= plain.file_bytes
+    assert report.sqnr_db > plain.sqnr_db + 3 and max(report.file_bytes, plain.file_bytes) <= 2.0 * report.params / 8
 
 
 @pytest.mark.parametrize("pattern,top,message", [

@@ -1,0 +1,87 @@
+"""Entropy-constrained scalar quantization: the codebook and cells that minimise D + λ·R with R the entropy of
+the indices, which is what the entropy stage codes them at (Chou, Lookabaugh and Gray's entropy-constrained
+Lloyd algorithm, in one dimension, on a tensor's value histogram).
+
+k-means minimises the error for a given number of levels; once indices are entropy-coded, the number of levels
+costs nothing by itself and the entropy is the rate. A cell then belongs to the level of least
+(x - c)² + λ·(-log2 p): boundaries move away from the frequent levels, levels that do not pay for their bits
+empty and vanish, and the quantizer tends to a uniform one with a wide dead zone. On the bench's LLaMA factors in
+the SVD gauge (gauge.py; peaked, heavy-tailed values) that is 1.5 to 6 dB over k-means at the same index entropy,
+below 2 bits a value; on the near-Gaussian MiniLM factors about 0.3 dB.
+
+The decoder needs nothing new: the levels are a codebook like any other, and only the encoder's choice of index
+(a threshold per pair of neighbours instead of the midpoint) differs.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import InputError
+from .quantize import Fit, Histogram, as_codebook
+
+try:
+    from ._kmeans import fit_entropy as native_fit_entropy
+except ImportError:  # no C compiler at install: the rate-distortion targets say they need it (fit)
+    native_fit_entropy = None
+
+MAX_ITERATIONS = 100
+"""Lloyd iterations at most; the cells usually stop moving within 10-30 (an iteration is O(k log n))."""
+MAX_LEVELS = 256
+"""A fit that keeps more levels than a codebook may hold (8-bit indices) is no candidate."""
+MAX_START = 4096
+"""Levels of the starting grid at most (a grid finer than the bins adds nothing: at most one level per bin)."""
+
+
+def fit(histogram: Histogram, slope: float, level_bits: float = 0.0, start: np.ndarray | None = None) -> Fit | None:
+    """The entropy-constrained quantizer at `slope` (λ, in squared value units per bit) where each level costs
+    `level_bits` in the codebook besides its indices, or None if it keeps more than MAX_LEVELS levels. By default
+    it starts from a uniform grid at the step a uniform quantizer has at this slope at high rate (D = Δ²/12,
+    dD/dR = -2·ln 2·D), and the iterations, which only merge and move levels, decide how many to keep. (Measured
+    on the bench's LLaMA LoRA r=16 at 2 bits/param: ΔW SQNR 23.1 dB, against 22.6 from a grid at half that step
+    and 21.6 from the k-means codebook of about 2^(rate + 1.5) levels, which also costs a k-means fit; next-token
+    KL 0.0012, 0.0021 and 0.0009.) Bins are whole: each goes to one cell. The thresholds between cells are the
+    cost crossings of the final levels, kept between the cells' bins."""
+    if native_fit_entropy is None:
+        raise InputError("the rate-distortion targets need sqz's C extension sqz._kmeans, which was not built: "
+                         "reinstall sqz where a C compiler is at hand, or use -b")
+    weight, sums, squares = histogram
+    centers = sums / weight
+    if start is None:
+        step = math.sqrt(6 * slope / math.log(2))
+        count = min(int((centers[-1] - centers[0]) / step) + 1 if step > 0 else MAX_START, MAX_START, centers.size)
+        start = np.linspace(centers[0], centers[-1], count) if count > 1 else centers[:1].copy()
+    first = np.frombuffer(native_fit_entropy(weight, sums, np.asarray(start, np.float64), slope, level_bits,
+                                             MAX_ITERATIONS), dtype=np.int32)
+    if first.size > MAX_LEVELS:
+        return None
+    w, s, q = (np.add.reduceat(a, first) for a in (weight, sums, squares))
+    levels, codebook = s / w, as_codebook(s / w)
+    thresholds = None
+    if codebook.size == levels.size and levels.size > 1:  # else float32 merged two levels: index by the nearest
+        lengths = -np.log2(w / w.sum()) + level_bits / w
+        crossings = (levels[:-1] + levels[1:]) / 2 + slope * (lengths[1:] - lengths[:-1]) / (
+            2 * (levels[1:] - levels[:-1]))
+        thresholds = np.clip(crossings, centers[first[1:] - 1], np.nextafter(centers[first[1:]], -np.inf))
+    return Fit(codebook, _sse(codebook, w, s, q), w, thresholds)
+
+
+def mean(histogram: Histogram) -> Fit:
+    """The one-level quantizer: every value decodes as the mean (a zero-bit group)."""
+    w, s, q = (np.array([a.sum()]) for a in histogram)
+    codebook = as_codebook(s / w)
+    return Fit(codebook, _sse(codebook, w, s, q), w)
+
+
+def _sse(codebook: np.ndarray, w: np.ndarray, s: np.ndarray, q: np.ndarray) -> float:
+    c = codebook.astype(np.float64)
+    return float(np.maximum(q - 2 * c * s + w * c * c, 0).sum())
+
+
+def slopes(histogram: Histogram, rates: np.ndarray) -> np.ndarray:
+    """A ladder of slopes that land near the given index rates (bits a value): at high rate dD/dR of a quantizer
+    is -2·ln 2·D with D ≈ σ²·2^(-2R)."""
+    weight, _, squares = histogram
+    power = float(squares.sum() / weight.sum())
+    return 2 * math.log(2) * power * np.exp2(-2 * np.asarray(rates, np.float64))
