@@ -172,10 +172,8 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     """The candidate table of every factor of every pair whose two factors are both quantized: its mean, and
     entropy-constrained quantizers at index rates up to `widest` bits. Distortion is each pair's squared ΔW error
     divided by ||ΔW||^(2·RELATIVE_POWER), or with `relative` False the plain squared error of ΔW summed over the
-    pairs (what --sqnr asks for). With `scaled`, B factors are also offered the same
-    candidates with component_scales (format 2.0): the plan takes them where they serve better (on the bench's
-    LLaMA adapters nearly everywhere: +1.5 to +4 dB of ΔW SQNR at 1-3 bits/param; on the MiniLM ones, whose
-    spectra are flatter, scaled alone lost up to 0.9 dB)."""
+    pairs (what --sqnr asks for). With `scaled`, B factors are also offered the ladder on their values divided
+    by component_scales (format 2.0), which the plan takes where it serves better."""
     pairs = [p for p in pairs if quantized(p.a) and quantized(p.b)]
     values, weights, energies, scales, scaled_values, scaled_weights = {}, {}, [], {}, {}, {}
     for pair in pairs:
@@ -203,16 +201,19 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     signal = sum(energy / norm for energy, norm in zip(energies, norms))
     names = [n for p in pairs for n in (p.a, p.b)]
     rates = np.arange(EC_STEP, widest + EC_STEP / 2, EC_STEP)
-    plain, scaled_columns = [MEAN] + list(range(2, 2 + rates.size)), list(range(2 + rates.size, 2 + 2 * rates.size))
+    first_scaled = MEAN + 1 + rates.size  # columns: RAW, MEAN, the ladder, the ladder on scaled values
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the kernel releases the GIL
-        jobs = [(n, values[n].ravel(), tensors[n].dtype, plain) for n in names]
-        jobs += [(n, v, "F64", scaled_columns) for n, v in scaled_values.items()]  # not values of the tensor's dtype
-        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, with_mean=job[3] is plain), jobs)
+        jobs = [(n, values[n].ravel(), tensors[n].dtype, False) for n in names]
+        jobs += [(n, v, "F64", True) for n, v in scaled_values.items()]  # scaled: not values of the tensor's dtype
+        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits), jobs)
         fits: dict[str, dict[int, Fit]] = {n: {} for n in names}
-        for (name, _, _, at), result in zip(jobs, progress(done, len(jobs), "fit")):
-            fits[name].update((column, fit) for column, fit in zip(at, result) if fit is not None)
-    columns = 2 + (2 if scales else 1) * rates.size
-    is_scaled = [column >= 2 + rates.size for column in range(columns)]
+        for (name, _, _, is_scaled), (mean, ladder) in zip(jobs, progress(done, len(jobs), "fit")):
+            if not is_scaled:
+                fits[name][MEAN] = mean
+            first = first_scaled if is_scaled else MEAN + 1
+            fits[name].update((first + i, fit) for i, fit in enumerate(ladder) if fit is not None)
+    columns = first_scaled + (rates.size if scales else 0)
+    is_scaled = [column >= first_scaled for column in range(columns)]
     rate = np.full((len(names), columns), np.inf)
     distortion = np.full_like(rate, np.inf)
     for row, name in enumerate(names):
@@ -226,13 +227,12 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     return Prepared(names, values, fits, is_scaled, rate, distortion, signal, scales)
 
 
-def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, entry_bits: int,
-                with_mean: bool) -> list[Fit | None]:
-    """One tensor's fits: its mean (`with_mean`), then the entropy-constrained quantizer at each of `rates`'
-    slopes, each codebook entry priced at its `entry_bits` (None where it would need more than 256 levels)."""
+def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, entry_bits: int) -> tuple[Fit, list[Fit | None]]:
+    """One tensor's mean, and its entropy-constrained quantizer at each of `rates`' slopes with each codebook
+    entry priced at `entry_bits` (None where it would need more than 256 levels)."""
     hist = histogram(values, dtype)
-    fits = [entropy_constrained.fit(hist, float(slope), entry_bits) for slope in entropy_constrained.slopes(hist, rates)]
-    return [entropy_constrained.mean(hist), *fits] if with_mean else fits
+    slopes = entropy_constrained.slopes(hist, rates)
+    return entropy_constrained.mean(hist), [entropy_constrained.fit(hist, float(s), entry_bits) for s in slopes]
 
 
 def plan_for_rate(prepared: Prepared, budget_bits: float) -> np.ndarray:
