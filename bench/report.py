@@ -426,6 +426,11 @@ def headline(task: dict | None, codecs: dict | None, speed: dict | None, serve: 
                          f"(fp16) and {znn['adapters_per_gib']:.0f} (ZipNN); an adapter not decoded yet is ready in "
                          f"{ours['miss_p50_ms']:.0f} ms (p50) against {fp16['miss_p50_ms']:.0f} and "
                          f"{znn['miss_p50_ms']:.0f} ms.")
+            fast = rows.get(("sqz --bpp 2 --entropy zstd-aligned", 100))
+            if fast and serve.get("sqnr_db"):
+                lines[-1] += (f" With `--entropy zstd-aligned` (no rANS): {fast['miss_p50_ms']:.0f} ms, at ΔW SQNR "
+                              f"{serve['sqnr_db']['sqz --bpp 2 --entropy zstd-aligned']:.1f} dB against "
+                              f"{serve['sqnr_db']['sqz --bpp 2']:.1f}.")
     return lines
 
 
@@ -535,6 +540,9 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "served by `sqz.AdapterCache`; the others by the same LRU policy. Latency is until every tensor of the "
                "requested adapter is on the device; 'cold' is a first request to a fresh server. Adapters per GiB "
                "counts the held bytes only."), "", serve_table(serve), ""]
+        if serve.get("sqnr_db"):
+            md += ["ΔW SQNR of the sqz files: " + ", ".join(f"{label} {db:.1f} dB" for label, db in
+                                                          serve["sqnr_db"].items()) + ".", ""]
     if catalog:
         md += ["## 8. A catalog: `sqz encode-many`", "",
                (f"{catalog['adapters']} LLaMA-shaped PEFT adapters of mixed sizes (1–8 layers, ranks 4–16; "
