@@ -253,8 +253,8 @@ done:
  * order is the lower envelope of lines in x (a level that never attains it empties); then every level moves
  * to its cell's mean and p to its cell's share. A level's own bits in the codebook are shared out over its cell's
  * values: its code length is -log2 p + level_bits / count, so a level that few values use does not pay.
- * Iterates until no cell boundary moves (or max_iter). Writes the
- * first bin of each non-empty cell to `out` (room for k) and returns how many. */
+ * Iterates until no cell boundary moves (or max_iter). Writes the first bin of each non-empty cell to `out`
+ * (room for k) and returns how many. */
 static Py_ssize_t entropy_fit(const double *pw, const double *p1, const double *centers, Py_ssize_t n,
                               const double *start, Py_ssize_t k, double slope, double level_bits, int max_iter,
                               double *c, double *len,
@@ -327,8 +327,8 @@ static PyObject *fit_entropy(PyObject *self, PyObject *args) {
     double *centers = malloc((size_t)n * sizeof(double)), *c = malloc((size_t)k * 3 * sizeof(double));
     Py_ssize_t *idx = malloc((size_t)(4 * k + 2) * sizeof(Py_ssize_t));
     int32_t *out = malloc((size_t)k * sizeof(int32_t));
-    Py_ssize_t cells = -1;
     if (pw && p1 && centers && c && idx && out) {
+        Py_ssize_t cells;
         Py_BEGIN_ALLOW_THREADS
         const double *wb = w.buf, *sb = s1.buf;
         pw[0] = p1[0] = 0;
