@@ -20,16 +20,18 @@ def lagrangian(fit: q.Fit, slope: float) -> float:
     return fit.sse + slope * float(-(fit.counts[fit.counts > 0] * np.log2(p)).sum())
 
 
-def reference(values: np.ndarray, start: np.ndarray, slope: float, iterations: int = 100) -> float:
+def reference(values: np.ndarray, start: np.ndarray, slope: float, level_bits: float = 0.0,
+              iterations: int = 100) -> float:
     """D + slope·R of entropy-constrained Lloyd from the definition: each value to the level of least
-    (x - c)² + slope·(-log2 p), dense over every value and level; then each level to its cell's mean."""
+    (x - c)² + slope·(-log2 p + level_bits / count), dense over every value and level; then each level to its
+    cell's mean. R counts the index bits only."""
     levels, lengths = start.astype(np.float64), np.full(start.size, math.log2(start.size))
     for _ in range(iterations):
         cells = np.argmin(np.square(values[:, None] - levels[None, :]) + slope * lengths[None, :], axis=1)
         counts = np.bincount(cells, minlength=levels.size)
         used = counts > 0
         moved = np.bincount(cells, values, minlength=levels.size)[used] / counts[used]
-        priced = -np.log2(counts[used] / values.size)
+        priced = -np.log2(counts[used] / values.size) + level_bits / counts[used]
         if np.array_equal(moved, levels) and np.array_equal(priced, lengths):
             break
         levels, lengths = moved, priced
@@ -42,21 +44,43 @@ def reference(values: np.ndarray, start: np.ndarray, slope: float, iterations: i
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(20, 600), rate=st.floats(0.2, 4.0),
-       tails=st.sampled_from([3.0, 30.0]))
-def test_the_kernel_matches_entropy_constrained_lloyd_from_the_definition(seed, n, rate, tails):
-    """Same start, same slope: the C kernel on the histogram reaches the Lagrangian of the dense reference
-    (to rounding: they may stop one tie apart), and its indices, by its thresholds, are the cells it reports."""
+       tails=st.sampled_from([3.0, 30.0]), level_bits=st.sampled_from([0.0, 16.0]))
+def test_the_kernel_matches_entropy_constrained_lloyd_from_the_definition(seed, n, rate, tails, level_bits):
+    """Same start, same slope, same price per level: the C kernel on the histogram reaches the Lagrangian of the
+    dense reference, and its indices, by its thresholds, are the cells it reports."""
     values = np.random.default_rng(seed).standard_t(tails, n).astype(np.float32).astype(np.float64)
     hist = q.histogram(values, "F32")
     slope = float(ec.slopes(hist, np.array([rate]))[0])
     start = q.fit_sizes(values, "F32", (16,))[16].codebook
-    fit = ec.fit(hist, slope, start=start)
-    expected = reference(values, start, slope)
+    fit = ec.fit(hist, slope, level_bits, start=start)
+    expected = reference(values, start, slope, level_bits)
     assert lagrangian(fit, slope) == pytest.approx(expected, rel=1e-6, abs=1e-9)
     indices = q.assign(values, fit.codebook, fit.thresholds)
     assert np.array_equal(np.bincount(indices, minlength=fit.codebook.size), fit.counts)
     decoded = fit.codebook.astype(np.float64)[indices]
     assert float(np.square(values - decoded).sum()) == pytest.approx(fit.sse, rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 3000), rate=st.floats(0.1, 8.0),
+       level_bits=st.sampled_from([0.0, 16.0, 32.0]), dtype=st.sampled_from(["F16", "F32"]))
+def test_from_its_own_start_every_fit_is_a_codebook_its_thresholds_reproduce(seed, n, rate, level_bits, dtype):
+    """The encoder's path (a uniform grid start): at most 256 increasing levels or None, and assigning every
+    value by the thresholds gives exactly the reported counts and squared error, so rate and distortion
+    estimates are those of the indices the file will hold."""
+    rng = np.random.default_rng(seed)
+    values = (rng.standard_t(3, n) * rng.uniform(1e-4, 1.0)).astype(np.float16 if dtype == "F16" else np.float32)
+    values = values.astype(np.float64)
+    hist = q.histogram(values, dtype)
+    fit = ec.fit(hist, float(ec.slopes(hist, np.array([rate]))[0]), level_bits)
+    if fit is None:
+        assert rate > 6  # only a fine ladder rung can keep more than 256 levels
+        return
+    assert 1 <= fit.codebook.size <= 256 and (np.diff(fit.codebook) > 0).all()
+    indices = q.assign(values, fit.codebook, fit.thresholds)
+    assert np.array_equal(np.bincount(indices, minlength=fit.codebook.size), fit.counts)
+    decoded = fit.codebook.astype(np.float64)[indices]
+    assert float(np.square(values - decoded).sum()) == pytest.approx(fit.sse, rel=1e-9, abs=1e-15)
 
 
 @settings(max_examples=40, deadline=None)
