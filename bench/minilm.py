@@ -147,8 +147,10 @@ def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], rank: int, a
 
 
 @torch.no_grad()
+def correct(model: Classifier, tokens: Tokens, batch_size: int = 128) -> np.ndarray:
+    """Whether each record is classified right, in one fixed order (the same every call: paired comparisons)."""
+    return np.concatenate([(model(inputs).argmax(-1) == labels).numpy() for inputs, labels in tokens.batches(batch_size)])
+
+
 def accuracy(model: Classifier, tokens: Tokens, batch_size: int = 128) -> float:
-    correct = 0
-    for inputs, labels in tokens.batches(batch_size):
-        correct += int((model(inputs).argmax(-1) == labels).sum())
-    return correct / len(tokens)
+    return float(correct(model, tokens, batch_size).mean())

@@ -82,13 +82,16 @@ def table_sine_regime(task: dict) -> str:
 
 
 def table_targets(task: dict) -> str:
-    """Accuracy of every trained adapter after sqz's rate-distortion encoder, beside its full precision."""
-    lines = ["| adapter | target | bits/param | file bytes | ΔW SQNR | accuracy | full precision | change |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Accuracy of every trained adapter after sqz's rate-distortion encoder, beside its full precision, with the
+    95% interval of the change over the same records (paired) and how many records changed their outcome."""
+    lines = [("| adapter | target | bits/param | file bytes | ΔW SQNR | accuracy | full precision | change (95% CI) | "
+              "records changed |"), "|---|---|---|---|---|---|---|---|---|"]
     for t in task.get("targets", []):
+        ci = f" ± {100 * t['change_ci95']:.2f}" if "change_ci95" in t else ""
         lines.append(f"| {KIND_LABEL[t['kind']]} r={t['rank']} | --bpp {t['target_bpp']:g} | {t['bits_per_param']:.3f} | "
                      f"{t['file_bytes']:,} | {t['sqnr_db']:.1f} dB | {100 * t['accuracy']:.2f}% | "
-                     f"{100 * t['accuracy_full']:.2f}% | {100 * (t['accuracy'] - t['accuracy_full']):+.2f} pts |")
+                     f"{100 * t['accuracy_full']:.2f}% | {100 * (t['accuracy'] - t['accuracy_full']):+.2f}{ci} pts | "
+                     f"{t.get('records_changed', '—')} |")
     return "\n".join(lines)
 
 

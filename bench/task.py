@@ -75,6 +75,12 @@ def sine_regime(tensors: dict[str, np.ndarray], omega: float | None) -> dict[str
             "omega_BA_max": float(values.max())}
 
 
+def paired_ci95(change: np.ndarray) -> float:
+    """Half-width of the 95% interval of the accuracy change, from per-record changes (-1, 0, +1) of the same
+    records: the noise a change of accuracy has to clear (records that flip both ways make it wider)."""
+    return 1.96 * float(change.std(ddof=1)) / math.sqrt(change.size) if change.size > 1 else math.inf
+
+
 def run(cfg: TaskConfig, progress_factory=None, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     train_split, test_split, classes = load(cfg.seed)
@@ -109,14 +115,16 @@ def run(cfg: TaskConfig, progress_factory=None, log=print) -> dict:
             n_params = sum(v.size for v in reference.values())
             fp16_bytes = len(baselines.fp16_safetensors(reference)[0])
 
-            def evaluate(deltas: dict[str, torch.Tensor]) -> float:
+            def evaluate(deltas: dict[str, torch.Tensor]) -> np.ndarray:
+                """Whether each test record is classified right with these ΔWs merged."""
                 t0 = time.perf_counter()
                 with lora.merged(model.encoder, deltas):
-                    acc = minilm.accuracy(model, test)
+                    right = minilm.correct(model, test)
                 timings["eval_s"] += time.perf_counter() - t0
-                return acc
+                return right
 
-            full = evaluate(lora.deltas_of(reference, scaling, omega))
+            full_right = evaluate(lora.deltas_of(reference, scaling, omega))
+            full = float(full_right.mean())
             adapters.append({"kind": kind, "rank": rank, "params": n_params, "omega": omega,
                              "alpha": params["alpha"], "fp16_bytes": fp16_bytes, "accuracy_full": full,
                              "cache": directory.name, **sine_regime(reference, omega)})
@@ -130,13 +138,14 @@ def run(cfg: TaskConfig, progress_factory=None, log=print) -> dict:
                     sqz.encode(directory, out, sqz.EncodeOptions(bits=b), force=True, progress=False)
                     timings["encode_s"] += time.perf_counter() - t0
                     with sqz.load(out) as adapter:  # sqz applies ω, γ and the scaling it stored
-                        acc = evaluate(adapter.deltas())
+                        acc = float(evaluate(adapter.deltas()).mean())
                     rows.append({"kind": kind, "rank": rank, "quantizer": "sqz k-means", "bits": b,
                                  "file_bytes": out.stat().st_size, "accuracy": acc})
                     if kind in cfg.uniform_kinds:
                         data, recon = baselines.uniform_minmax(b)(reference)
                         rows.append({"kind": kind, "rank": rank, "quantizer": "uniform min-max", "bits": b,
-                                     "file_bytes": len(data), "accuracy": evaluate(lora.deltas_of(recon, scaling, omega))})
+                                     "file_bytes": len(data),
+                                     "accuracy": float(evaluate(lora.deltas_of(recon, scaling, omega)).mean())})
                     log(f"  {b} bits: {out.stat().st_size} bytes, accuracy {acc:.4f}")
                 for bpp in cfg.target_bpp:
                     out = Path(tmp) / f"bpp{bpp:g}.sqz"
@@ -144,10 +153,12 @@ def run(cfg: TaskConfig, progress_factory=None, log=print) -> dict:
                     report = sqz.encode(directory, out, sqz.EncodeOptions(bpp=bpp), force=True, progress=False)
                     timings["encode_s"] += time.perf_counter() - t0
                     with sqz.load(out) as adapter:
-                        acc = evaluate(adapter.deltas())
+                        right = evaluate(adapter.deltas())
+                    acc, change = float(right.mean()), right.astype(float) - full_right
                     targets.append({"kind": kind, "rank": rank, "target_bpp": bpp, "bits_per_param": report.bits_per_param,
                                     "file_bytes": report.file_bytes, "sqnr_db": report.sqnr_db, "accuracy": acc,
-                                    "accuracy_full": full})
+                                    "accuracy_full": full, "records_changed": int(np.count_nonzero(change)),
+                                    "change_ci95": paired_ci95(change)})
                     log(f"  --bpp {bpp:g}: {report.file_bytes} bytes, accuracy {acc:.4f}")
 
     return {"config": {**asdict(cfg), "omega": {str(k): v for k, v in cfg.omega.items()}},
