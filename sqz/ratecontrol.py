@@ -6,7 +6,7 @@ index entropy the error is up to 6 dB below k-means' on heavy-tailed factors), i
 its exact bytes. Each candidate's rate is estimated from its index entropy (what the entropy stage approaches)
 plus its codebook; its distortion is its contribution to the error of its pair's ΔW: an error δA reaches ΔW as
 s·B·δA, so the factor's squared error is weighted by s²·||B||²/r (s·ω/γ and the mean of cos²(ω·B@A), the sine's
-slope, for sine pairs), and likewise for B, each pair's error then divided by its ||ΔW|| (not for --sqnr, which
+slope, for sine pairs), and likewise for B, each pair's error then divided by ||ΔW||^1.5 (not for --sqnr, which
 asks for the SQNR of all of ΔW). One slope over all tensors (allocate.py) picks the candidates; the caller
 encodes them, checks the real file against the target, and plans again with the budget corrected by what the
 estimate missed. The factors come here in the SVD gauge (gauge.py).
@@ -15,11 +15,10 @@ Why divided by a power of ||ΔW||, measured on the bench's LLaMA (bench/llm.py):
 error in one module falls off with that module's ||ΔW||, so the summed absolute error starved the small modules
 (k_proj, v_proj) of bits: on its LoRA r=16 at 2 bits/param the KL was 0.47 with summed absolute error, 0.12 with
 error relative to ||ΔW||², 0.014 with that in the SVD gauge (the paper's fixed 2-bit widths: 0.074). The power
-is a measured compromise between that and ΔW's own SQNR. BD-rate on KL against the paper's pipeline over the 7
-LLM adapters at 1-4 bits/param: -32.4% relative to ||ΔW||², -33.1% to ||ΔW||^1.5, -31.6% to ||ΔW||: KL cannot
-tell them apart. BD-rate on ΔW SQNR over the MiniLM adapters: -3%, -8%, -12%; and their accuracy at 1.5
-bits/param moved by at most 0.5 points on 2 of 6 at ||ΔW||^1.5, 5 of 6 at ||ΔW||. The price: a module whose ΔW
-is 10x weaker than the others' gets a relative error about 7x theirs (test_ratecontrol).
+is a measured compromise. BD-rate on KL against the paper's pipeline over the 7 LLM adapters at 1-4 bits/param
+(with entropy-constrained candidates started from k-means codebooks): -32.4% relative to ||ΔW||², -33.1% to
+||ΔW||^1.5, -31.6% to ||ΔW||, so KL cannot tell them apart; BD-rate on ΔW SQNR over the MiniLM adapters: -3%,
+-8%, -12%. Below 1.5 a module with 1,000x less ΔW energy than the others gets no bits at all (test_ratecontrol).
 """
 from __future__ import annotations
 

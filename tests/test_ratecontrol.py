@@ -119,7 +119,7 @@ def lora_reference():
 @pytest.mark.parametrize("bits", [1, 2, 3])
 def test_bpp_keeps_each_module_about_as_close_as_fixed_width(tmp_path, lora_reference, bits):
     """At the size -b N gives, the mean relative ΔW error of the modules stays within 0.5 dB of -b's (measured on
-    examples/minilm-lora: +0.7 to +0.9 dB better with entropy-constrained quantizers, -0.3 to +0.1 dB with k-means
+    examples/minilm-lora: +1.0 to +1.2 dB better with entropy-constrained quantizers, -0.3 to +0.1 dB with k-means
     codebooks; the summed absolute error, the old objective, lost up to 2.7x the next-token KL of -b on the
     bench's LLaMA adapters). Task-level gains are measured by the bench, not here."""
     fixed = sqz.encode(LORA, tmp_path / "fixed.sqz", sqz.EncodeOptions(bits=bits))
@@ -130,13 +130,13 @@ def test_bpp_keeps_each_module_about_as_close_as_fixed_width(tmp_path, lora_refe
 
 @pytest.mark.parametrize("folder", [LORA, SINE])
 def test_a_module_with_little_delta_is_not_starved(tmp_path, folder):
-    """Each module's squared error counts divided by its own ||ΔW||: one whose ΔW is 3.3x weaker than the others'
-    (11x less energy) keeps a relative error within about 3x theirs (measured 0.32 against a median of 0.11 on
-    LoRA, 0.30 against 0.11 on SineLoRA; with the summed error, the old objective, 0.75 and 0.83). Sine pairs
-    too: their ΔW is sin(ω·B@A) scaled, measured through the sine."""
+    """Each module's squared error counts divided by its own ||ΔW||^1.5: one whose ΔW has 1,000x less energy than
+    the others' still gets bits (with the summed error it got none: its ΔW decoded as nothing), at a relative error
+    about 1000^0.25 = 5.6x theirs (0.52 against a median of 0.10 measured on LoRA). Sine pairs too: their ΔW is
+    sin(ω·B@A) scaled, measured through the sine."""
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     weak = min(n for n in tensors if n.endswith(".lora_B.weight"))
-    tensors[weak] = tensors[weak] * 0.3
+    tensors[weak] = tensors[weak] * 0.03
     src = tmp_path / "src"
     src.mkdir()
     save_file(tensors, str(src / "adapter_model.safetensors"))
@@ -144,7 +144,7 @@ def test_a_module_with_little_delta_is_not_starved(tmp_path, folder):
     sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0))
     relative = {m: noise / signal for m, (noise, signal) in errors(tmp_path / "a.sqz", reference_deltas(src)).items()}
     module = weak.removesuffix(".lora_B.weight")
-    assert relative[module] < min(0.5, 4 * float(np.median(list(relative.values())))), relative[module]
+    assert relative[module] < min(0.7, 8 * float(np.median(list(relative.values())))), relative[module]
 
 
 @pytest.mark.parametrize("bpp", [0.6, 1.5, 2.5, 4.0])
