@@ -66,7 +66,7 @@ FRAME_BITS = 8 * 24
 """The entropy stage codes indices within about 1% of their entropy (zstd-aligned), plus a frame header."""
 SECTION_BITS = 8 * 8
 """A section's alignment padding, on average, and its share of the header (informative: the search corrects it)."""
-RELATIVE_POWER = 0.5
+RELATIVE_POWER = 0.75
 """A pair's squared ΔW error is divided by its ||ΔW||² to this power (see the module's docstring)."""
 ENERGY_FLOOR = 1e-4
 """A pair's error is measured relative to its own ||ΔW||² (to RELATIVE_POWER), or to this share of the adapter's
