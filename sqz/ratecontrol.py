@@ -92,7 +92,6 @@ class Prepared:
     """Everything the plan is searched over: one row per allocated tensor, one column per candidate."""
 
     names: list[str]
-    values: dict[str, np.ndarray]  # each factor's values, float64, in its own shape
     fits: dict[str, dict[int, Fit]]  # each tensor's fit in each column it has (not RAW)
     scaled: list[bool]  # per column: fitted on the values divided by their column scales (B factors)
     rate: np.ndarray  # bits, [tensors, candidates]
@@ -109,10 +108,6 @@ class Prepared:
         fit = self.fits[name][column]
         return Choice(width_of(fit.codebook.size), fit.codebook, self.scales[name] if self.scaled[column] else None,
                       fit.thresholds)
-
-    def estimate(self, picks: np.ndarray) -> tuple[float, float]:
-        rows = np.arange(len(self.names))
-        return float(self.rate[rows, picks].sum()), float(self.distortion[rows, picks].sum())
 
 
 def lowrank_inner(b1: np.ndarray, a1: np.ndarray, b2: np.ndarray, a2: np.ndarray) -> float:
@@ -224,7 +219,7 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
             rate[row, column] = rate_bits(fit, max(width_of(fit.codebook.size), 1), count, entry_bits) + extra
             distortion[row, column] = weight * fit.sse
         rate[row, RAW], distortion[row, RAW] = 8 * count * itemsize(tensors[name].dtype) + SECTION_BITS, 0.0
-    return Prepared(names, values, fits, is_scaled, rate, distortion, signal, scales)
+    return Prepared(names, fits, is_scaled, rate, distortion, signal, scales)
 
 
 def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, entry_bits: int) -> tuple[Fit, list[Fit | None]]:
