@@ -18,7 +18,7 @@ from sqz.quantize import PAPER_SAMPLE
 Tensors = dict[str, np.ndarray]
 TaskMetrics = Callable[[Tensors], dict[str, float]]
 """A reconstruction's metrics on a real task (perplexity, KL, accuracy), merged into its row."""
-ENTROPY_STAGES = ("none", "zstd", "zstd-aligned", "rans", "auto")
+ENTROPY_STAGES = ("none", "zstd", "zstd-aligned", "rans-compact", "auto")
 
 
 TARGET_BPP = (0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)

@@ -139,7 +139,7 @@ def plot_table5(task: dict, path: Path) -> str:
 
 
 # ---------------------------------------------------------------- codecs: rate-distortion
-STYLE = {"sqz --bpp": ("C5", "*-"), "sqz-auto": ("C0", "o-"), "sqz-auto --sample 10000": ("C9", "s:"), "sqz-rans": ("C0", "x:"),
+STYLE = {"sqz --bpp": ("C5", "*-"), "sqz-auto": ("C0", "o-"), "sqz-auto --sample 10000": ("C9", "s:"), "sqz-rans-compact": ("C0", "x:"),
          "sqz-zstd-aligned": ("C0", "1:"), "sqz-zstd": ("C0", "+:"), "sqz-none": ("C0", ".:"),
          "paper (k-means+zip)": ("C1", "s--"), "uniform min-max": ("C2", "^-"),
          "absmax int (block 64)": ("C3", "v-"), "NF4 (block 64)": ("C4", "D"), "ComPEFT-style": ("C6", "<-"),

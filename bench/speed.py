@@ -237,7 +237,7 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
     encode_repeat = 1 if quick else ENCODE_REPEAT
     log(f"speed: {params:,} params")
     rows = sizes_and_times(src, workdir, params, [3] if quick else [2, 3, 5],
-                           ["auto", "zstd-aligned", "zstd", "rans"], repeat, encode_repeat)
+                           ["auto", "zstd-aligned", "zstd", "rans-compact"], repeat, encode_repeat)
     lossless = lossless_rows(weights, workdir, repeat)
     log("speed: load conditions")
     conditions = load_conditions(weights, workdir / "b3-auto.sqz", repeat)

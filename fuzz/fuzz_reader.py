@@ -47,7 +47,7 @@ def wrap(data: bytes) -> bytes:
     if data.startswith(V2):
         text, _, area = data[1:].partition(b"\0")
         body = zstandard.ZstdCompressor(dict_data=V2_DICTIONARY).compress(text)
-        head = MAGIC + struct.pack("<HHII", 2, 0, len(body), zlib.crc32(body)) + body + chunk_table(area)
+        head = MAGIC + struct.pack("<HHII", 2, 1, len(body), zlib.crc32(body)) + body + chunk_table(area)
         return head + b"\0" * (align(len(head)) - len(head)) + area
     text, _, area = data.partition(b"\0")
     try:

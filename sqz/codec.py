@@ -23,11 +23,13 @@ from .constants import (
     ENCODING_RAW,
     ENTROPY_NONE,
     ENTROPY_RANS,
+    ENTROPY_RANS_COMPACT,
     ENTROPY_STAGES,
     ENTROPY_ZSTD,
     ENTROPY_ZSTD_ALIGNED,
     MAX_BITS,
     MIN_BITS,
+    MIN_VERSION,
     QUANTIZABLE_DTYPES,
     ROLE_A,
     ROLE_B,
@@ -55,13 +57,13 @@ class EncodeOptions:
     bits: int = 3
     sample: int = DEFAULT_SAMPLE  # values the centroids are fitted on; 0 = all
     seed: int = 0
-    entropy: str = ENTROPY_AUTO  # auto | none | zstd | zstd-aligned | rans
+    entropy: str = ENTROPY_AUTO  # auto | none | zstd | zstd-aligned | rans | rans-compact
     lossless: tuple[str, ...] = ()  # name globs kept exact even if they are LoRA factors
     quantize: tuple[str, ...] = ()  # name globs of non-factor float tensors to quantize as well
     bpp: float | None = None  # rate-distortion targets, at most one: all-in file bits per parameter,
     size: int | None = None  # file bytes,
     sqnr: float | None = None  # or the SQNR of ΔW in dB; `bits` is then ignored for paired factors
-    format: str = f"{VERSION_MAJOR}.{VERSION_MINOR}"  # the format version written: 2.0, or 1.1 for older readers
+    format: str = f"{VERSION_MAJOR}.{VERSION_MINOR}"  # the format version written: 2.1, or 2.0/1.1 for older readers
 
     @property
     def version(self) -> tuple[int, int]:
@@ -94,6 +96,20 @@ class EncodeOptions:
             raise InputError(f"--format must be one of {', '.join(writable)}, got {self.format!r}")
         if self.entropy not in (ENTROPY_AUTO, *ENTROPY_STAGES):
             raise InputError(f"entropy must be auto or one of {', '.join(ENTROPY_STAGES)}, got {self.entropy!r}")
+        if MIN_VERSION.get(self.entropy, (1, 0)) > self.version:
+            raise InputError(f"entropy {self.entropy} needs --format {'.'.join(map(str, MIN_VERSION[self.entropy]))} "
+                             f"or later, not {self.format}")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The entropy stages tried on each quantized tensor: the one asked for, or for auto every stage the
+        format has, but rANS only in its 2.1 form where that exists (its payload is never larger)."""
+        if self.entropy != ENTROPY_AUTO:
+            return (self.entropy,)
+        stages = [s for s in ENTROPY_STAGES if MIN_VERSION.get(s, (1, 0)) <= self.version]
+        if ENTROPY_RANS_COMPACT in stages:
+            stages.remove(ENTROPY_RANS)
+        return tuple(stages)
 
     def to_json(self) -> dict:
         return {**asdict(self), "lossless": list(self.lossless), "quantize": list(self.quantize)}
@@ -121,12 +137,14 @@ time at this rate: about 0.11 bits per index saved, where zstd-aligned usually c
 def _smallest(candidates: dict[str, bytes], count: int = 0) -> tuple[str, bytes]:
     """Smallest payload of `count` indices, rANS only where it pays for its decode time; ties go to the stage
     that decodes fastest."""
-    order = {ENTROPY_NONE: 0, ENTROPY_ZSTD_ALIGNED: 1, ENTROPY_ZSTD: 2, ENTROPY_RANS: 3}
-    fast = [s for s in candidates if s != ENTROPY_RANS]
+    order = {ENTROPY_NONE: 0, ENTROPY_ZSTD_ALIGNED: 1, ENTROPY_ZSTD: 2, ENTROPY_RANS_COMPACT: 3, ENTROPY_RANS: 4}
+    slow = [s for s in candidates if s in (ENTROPY_RANS, ENTROPY_RANS_COMPACT)]
+    fast = [s for s in candidates if s not in slow]
     stage = min(fast or candidates, key=lambda s: (len(candidates[s]), order[s]))
-    rans = candidates.get(ENTROPY_RANS)
-    if rans is not None and fast and (len(candidates[stage]) - len(rans)) * BYTE_WORTH_NS >= RANS_DECODE_NS * count:
-        stage = ENTROPY_RANS
+    if slow and fast:
+        rans = min(slow, key=lambda s: (len(candidates[s]), order[s]))
+        if (len(candidates[stage]) - len(candidates[rans])) * BYTE_WORTH_NS >= RANS_DECODE_NS * count:
+            stage = rans
     return stage, candidates[stage]
 
 
@@ -150,8 +168,7 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
         raise InputError(f"{t.name}: {exc}") from None
     codebook_dtype, codebook = stored_codebook(values, q, t.dtype, options.version[0], scaled=scales is not None)
     k = int(q.codebook.size)
-    stages = ENTROPY_STAGES if options.entropy == ENTROPY_AUTO else (options.entropy,)
-    stage, payload = _smallest(entropy.encode_stages(q.indices, bits, k, stages), q.indices.size)
+    stage, payload = _smallest(entropy.encode_stages(q.indices, bits, k, options.stages), q.indices.size)
     if k == 1:
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
     record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=bits, codebook_size=k, codebook_dtype=codebook_dtype,

@@ -5,12 +5,12 @@ MAGIC = b"\x89SQZ\r\n\x1a\n"
 """8 bytes; the PNG-style high byte and CR LF / ^Z / LF catch text-mode and 7-bit transfers."""
 
 VERSION_MAJOR = 2
-VERSION_MINOR = 0
+VERSION_MINOR = 1
 """What the writer writes by default."""
-READABLE_MAJORS = {1: 1, 2: 0}
+READABLE_MAJORS = {1: 1, 2: 1}
 """Major -> newest minor of it this reader implements. A reader of major 2 still reads every 1.x file (§2)."""
-WRITABLE_VERSIONS = ((1, 1), (2, 0))
-"""Versions the writer can produce: 1.1 for fleets whose readers predate 2.0."""
+WRITABLE_VERSIONS = ((1, 1), (2, 0), (2, 1))
+"""Versions the writer can produce: 1.1 and 2.0 for fleets whose readers predate 2.0 or 2.1."""
 
 PREAMBLE_SIZE = 20
 """magic (8) + major u16 + minor u16 + header length u32 + header CRC-32 u32, little-endian."""
@@ -61,7 +61,14 @@ ENTROPY_ZSTD = "zstd"
 ENTROPY_RANS = "rans"
 ENTROPY_ZSTD_ALIGNED = "zstd-aligned"
 """Since 1.1: indices packed at a byte-aligned width (1, 2, 4 or 8 bits), then zstd."""
-ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD, ENTROPY_RANS, ENTROPY_ZSTD_ALIGNED)
+ENTROPY_RANS_COMPACT = "rans-compact"
+"""Since 2.1: rANS as `rans`, with its count table bit-packed (the last count implied) and its last word's zero high
+bytes left out: 5-8 bytes of table for a small tensor's 20-32."""
+ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD, ENTROPY_RANS, ENTROPY_ZSTD_ALIGNED, ENTROPY_RANS_COMPACT)
+MIN_VERSION = {ENTROPY_ZSTD_ALIGNED: (1, 1), ENTROPY_RANS_COMPACT: (2, 1)}
+"""The first format version of each entropy stage that 1.0 did not have (a writer of an older version cannot use it)."""
+MAX_COUNT_WIDTH = 32
+"""rans-compact: the bits of each stored count, at most (a count is at most MAX_KMEANS_NUMEL)."""
 RAW_ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD)
 
 ROLE_A = "lora_A"

@@ -8,6 +8,10 @@
   bytes to values with one table lookup (bitpack.lookup_many).
 - rans: the tensor's own frequency table (k little-endian u32 counts) followed by a rANS stream
   (constriction's AnsCoder, little-endian u32 words) under the categorical model of those counts.
+- rans-compact (2.1): the same model and stream, the table as one byte w then the first k - 1 counts
+  bit-packed at w bits (the last is n minus their sum), and the stream's last word without its zero high
+  bytes. A small tensor's table was most of its side information: 4 bytes a level against 2 for its codebook
+  entry (a rank-2 MiniLM factor, 768 values at 5 levels: 20 bytes of table, now 6).
 
 The probability model (counts -> Categorical) is built by one function used by both directions,
 so encoder and decoder can never disagree on it.
@@ -21,7 +25,14 @@ import numpy as np
 import zstandard
 
 from . import bitpack
-from .constants import ENTROPY_NONE, ENTROPY_RANS, ENTROPY_ZSTD, ENTROPY_ZSTD_ALIGNED
+from .constants import (
+    ENTROPY_NONE,
+    ENTROPY_RANS,
+    ENTROPY_RANS_COMPACT,
+    ENTROPY_ZSTD,
+    ENTROPY_ZSTD_ALIGNED,
+    MAX_COUNT_WIDTH,
+)
 from .errors import FormatError, LimitError
 
 ZSTD_LEVEL = 3
@@ -107,11 +118,14 @@ def encode_stages(indices: np.ndarray, bits: int, codebook_size: int, stages: tu
         if stage == ENTROPY_ZSTD_ALIGNED:
             return zstandard.ZstdCompressor(compression_params=ZSTD_ALIGNED_PARAMS).compress(
                 packed_at(bitpack.aligned_width(bits)))
-        if stage == ENTROPY_RANS:
+        if stage in (ENTROPY_RANS, ENTROPY_RANS_COMPACT):
             counts = np.bincount(indices, minlength=codebook_size).astype("<u4")
             coder = constriction.stream.stack.AnsCoder()
             coder.encode_reverse(indices.astype(np.int32), _rans_model(counts))
-            return counts.tobytes() + coder.get_compressed().astype("<u4").tobytes()
+            words = coder.get_compressed().astype("<u4").tobytes()
+            if stage == ENTROPY_RANS:
+                return counts.tobytes() + words
+            return _count_table(counts[:-1]) + words[:len(words) - _zero_top_bytes(words)]
         raise ValueError(f"unknown entropy stage {stage!r}")
 
     return {stage: encode(stage) for stage in stages}
@@ -134,6 +148,8 @@ def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int
         return zstd_decompress(payload, bitpack.packed_size(count, width)), width
     if stage == ENTROPY_RANS:
         return _decode_rans(payload, count, codebook_size), 8
+    if stage == ENTROPY_RANS_COMPACT:
+        return _decode_rans_compact(payload, count, codebook_size), 8
     raise FormatError(f"unknown entropy stage {stage!r}")
 
 
@@ -159,6 +175,42 @@ def decode_indices(payload: memoryview, count: int, bits: int, codebook_size: in
         raise FormatError(f"packed indices: {exc}") from None
 
 
+def _count_table(counts: np.ndarray) -> bytes:
+    """rans-compact's table: the width w of the largest count, then the counts bit-packed at w bits (spec §4.3's
+    order: least significant bit first)."""
+    width = int(counts.max(initial=0)).bit_length()
+    bits = (counts.astype(np.uint64)[:, None] >> np.arange(width, dtype=np.uint64)) & 1
+    return bytes([width]) + np.packbits(bits.astype(np.uint8).ravel(), bitorder="little").tobytes()
+
+
+def _zero_top_bytes(words: bytes) -> int:
+    """How many of the last word's high bytes are zero (at most 3: a word keeps one byte)."""
+    drop = 0
+    while drop < 3 and len(words) > drop and words[-1 - drop] == 0:
+        drop += 1
+    return drop
+
+
+def _decode_rans_compact(payload: memoryview, count: int, codebook_size: int) -> np.ndarray:
+    if not len(payload) or payload[0] > MAX_COUNT_WIDTH:
+        raise FormatError(f"rans-compact payload must start with a count width of 0..{MAX_COUNT_WIDTH}")
+    width, stored = payload[0], codebook_size - 1
+    table_bytes = -(-stored * width // 8)
+    if len(payload) < 1 + table_bytes:
+        raise FormatError("rans-compact payload is shorter than its count table")
+    bits = np.unpackbits(np.frombuffer(payload[1:1 + table_bytes], dtype=np.uint8), bitorder="little")
+    if bits[stored * width:].any():
+        raise FormatError("rans-compact count table: unused bits of its last byte are not zero")
+    head = (bits[:stored * width].reshape(stored, width).astype(np.uint64) << np.arange(width, dtype=np.uint64)).sum(
+        axis=1, dtype=np.uint64)
+    total = int(head.sum(dtype=np.uint64))
+    if total > count:
+        raise FormatError(f"rANS frequency table sums to more than {count}")
+    counts = np.append(head, np.uint64(count - total))
+    stream = bytes(payload[1 + table_bytes:])
+    return _decode_rans_stream(np.frombuffer(stream + b"\0" * (-len(stream) % 4), dtype="<u4"), counts, count)
+
+
 def _decode_rans(payload: memoryview, count: int, codebook_size: int) -> np.ndarray:
     table_bytes = 4 * codebook_size
     if len(payload) < table_bytes or (len(payload) - table_bytes) % 4:
@@ -166,7 +218,12 @@ def _decode_rans(payload: memoryview, count: int, codebook_size: int) -> np.ndar
     counts = np.frombuffer(payload[:table_bytes], dtype="<u4")
     if int(counts.sum(dtype=np.uint64)) != count:
         raise FormatError(f"rANS frequency table sums to {int(counts.sum(dtype=np.uint64))}, expected {count}")
-    words = np.frombuffer(payload[table_bytes:], dtype="<u4").astype(np.uint32)
+    return _decode_rans_stream(np.frombuffer(payload[table_bytes:], dtype="<u4"), counts, count)
+
+
+def _decode_rans_stream(words: np.ndarray, counts: np.ndarray, count: int) -> np.ndarray:
+    """The `count` indices of a rANS stream under the model of `counts`; the coder must end empty."""
+    words = words.astype(np.uint32)
     model = _rans_model(counts)
     indices = np.empty(count, dtype=np.uint8)
     try:  # in chunks: constriction returns int32, and a whole tensor's worth would be 4 bytes per element

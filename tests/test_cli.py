@@ -44,7 +44,7 @@ def test_encode_info_decode(tmp_path, peft_dir):
     data = json.loads(info.stdout)
     assert data["totals"]["file_bytes"] == out.stat().st_size
     assert sum(t["section_bytes"] for t in data["tensors"]) == data["totals"]["section_bytes"]
-    assert data["version"] == "2.0"
+    assert data["version"] == "2.1"
     assert all(t["bits"] == 3 and t["codebook_bytes"] == 8 * {"F32": 4, "F16": 2}[t["codebook_dtype"]]
                for t in data["tensors"])
     assert {t["codebook_dtype"] for t in data["tensors"]} == {"F16"}  # float32 factors, 3 bits: F16 costs nothing

@@ -17,7 +17,7 @@ def index_streams(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(index_streams(), st.sampled_from(["none", "zstd", "rans", "zstd-aligned"]))
+@given(index_streams(), st.sampled_from(["none", "zstd", "rans", "zstd-aligned", "rans-compact"]))
 def test_every_stage_round_trips(case, stage):
     bits, k, indices = case
     payload = entropy.encode_indices(indices, bits, k, stage)
@@ -93,3 +93,55 @@ def test_rans_stream_ending_in_a_zero_word_is_a_format_error():
     payload = entropy.encode_indices(indices, 2, 3, "rans") + b"\0\0\0\0"
     with pytest.raises(FormatError, match="bad rANS stream"):
         entropy.decode_indices(memoryview(payload), 5, 2, 3, "rans")
+
+
+@settings(max_examples=100, deadline=None)
+@given(index_streams())
+def test_rans_compact_is_the_rans_stream_with_a_smaller_table(case):
+    """The same words under the same model: only the table shrinks and the last word loses its zero high bytes."""
+    bits, k, indices = case
+    rans = entropy.encode_indices(indices, bits, k, "rans")
+    compact = entropy.encode_indices(indices, bits, k, "rans-compact")
+    counts = np.bincount(indices, minlength=k)
+    width = int(counts[:-1].max(initial=0)).bit_length()
+    table = 1 + -(-(k - 1) * width // 8)
+    assert compact[0] == width and len(compact) - table <= len(rans) - 4 * k
+    assert rans[4 * k:].startswith(compact[table:])
+    assert not any(rans[4 * k + len(compact) - table:])  # what was left out is zero
+    assert len(compact) <= len(rans)
+
+
+def test_rans_compact_table_costs_a_few_bytes_on_a_small_tensor():
+    """A rank-2 MiniLM factor's 768 indices at 5 levels: the table is 6 bytes (rans: 20), the stream within
+    4 bytes of the entropy."""
+    rng = np.random.default_rng(0)
+    indices = rng.choice(5, size=768, p=[0.05, 0.2, 0.5, 0.2, 0.05]).astype(np.uint8)
+    p = np.bincount(indices) / indices.size
+    entropy_bytes = -(p * np.log2(p)).sum() * indices.size / 8
+    compact = entropy.encode_indices(indices, 3, 5, "rans-compact")
+    assert len(compact) < entropy_bytes + 6 + 4 < len(entropy.encode_indices(indices, 3, 5, "rans")) - 12
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: b"", "count width"),
+    (lambda p: bytes([33]) + p[1:], "count width"),
+    (lambda p: p[:1], "shorter than its count table"),
+    (lambda p: bytes([32]) + p[1:4], "shorter than its count table"),
+    (lambda p: bytes([12, 0xFF, 0xFF, 0xFF]) + p[4:], "sums to more than 7"),
+    (lambda p: p + b"\0\0\0\0", "bad rANS|data left"),
+    (lambda p: p[:-1], "bad rANS|data left|not empty"),
+])
+def test_rans_compact_payload_damage_is_a_format_error(damage, message):
+    indices = np.array([0, 1, 2, 1, 0, 2, 2], np.uint8)
+    payload = entropy.encode_indices(indices, 2, 3, "rans-compact")
+    assert payload[0] == 2  # counts 2 and 2 at 2 bits: one byte of table
+    with pytest.raises(FormatError, match=message):
+        entropy.decode_indices(memoryview(damage(payload)), 7, 2, 3, "rans-compact")
+
+
+def test_rans_compact_with_nonzero_unused_table_bits_is_refused():
+    indices = np.array([0, 1, 2, 1, 0, 2, 2], np.uint8)
+    payload = bytearray(entropy.encode_indices(indices, 2, 3, "rans-compact"))
+    payload[1] |= 0x80  # the table's 4 bits of counts leave the byte's top 4 unused
+    with pytest.raises(FormatError, match="unused bits"):
+        entropy.decode_indices(memoryview(bytes(payload)), 7, 2, 3, "rans-compact")

@@ -43,3 +43,29 @@ def test_the_sampled_fit_still_writes_what_1_1_wrote(tmp_path):
     old, new = Container(golden.read_bytes()), Container((tmp_path / "a.sqz").read_bytes())
     assert old.records == new.records and old.header["pairs"] == new.header["pairs"]
     assert bytes(old._buf[old.data_start:]) == bytes(new._buf[new.data_start:])
+
+
+@pytest.mark.parametrize("case, options", [("b3-auto", {"bits": 3}), ("b4-rans", {"bits": 4, "entropy": "rans"})])
+def test_format_2_0_still_writes_what_2_0_wrote(tmp_path, case, options):
+    """`--format 2.0` is for readers older than 2.1: at -b, the same records and data bytes as sqz 2.0 wrote (auto
+    keeps `rans`); only the generator string differs. (The rate-controlled encoder has improved since, so its
+    2.0 files are not the golden ones; they decode by the same rules.)"""
+    from safetensors.torch import save_file
+
+    golden = GOLDEN[0].parent.parent / "v2.0" / f"{case}.sqz"
+    src = tmp_path / "source.safetensors"
+    save_file(mixed_tensors(), str(src), metadata={"format": "pt", "golden": "yes"})
+    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(**options, format="2.0"))
+    old, new = Container(golden.read_bytes()), Container((tmp_path / "a.sqz").read_bytes())
+    assert new.version == (2, 0)
+    assert old.records == new.records and old.header["pairs"] == new.header["pairs"]
+    assert bytes(old._buf[old.data_start:]) == bytes(new._buf[new.data_start:])
+
+
+def test_rans_compact_needs_format_2_1_and_auto_uses_it_there(tmp_path):
+    with pytest.raises(sqz.InputError, match="rans-compact needs --format 2.1"):
+        sqz.EncodeOptions(entropy="rans-compact", format="2.0")
+    assert "rans" in sqz.EncodeOptions(format="2.0").stages and "rans-compact" not in sqz.EncodeOptions(
+        format="2.0").stages
+    assert "rans-compact" in sqz.EncodeOptions().stages and "rans" not in sqz.EncodeOptions().stages
+    assert sqz.EncodeOptions(entropy="rans").stages == ("rans",)

@@ -47,13 +47,13 @@ def sweep_files(tmp_path_factory) -> dict[str, bytes]:
     torch.manual_seed(0)
     save_file(sweep_tensors(), str(src), metadata={"k": "v"})
     files = {}
-    for stage in ("none", "zstd", "rans", "zstd-aligned"):
+    for stage in ("none", "zstd", "rans", "zstd-aligned", "rans-compact"):
         out = folder / f"{stage}.sqz"
         sqz.encode(src, out, sqz.EncodeOptions(bits=3, entropy=stage))
         files[stage] = out.read_bytes()
     stages = {(r["encoding"], r["entropy"]) for data in files.values() for r in sqz.load(data).header["tensors"]}
-    assert {("kmeans", "none"), ("kmeans", "zstd"), ("kmeans", "rans"), ("kmeans", "zstd-aligned"), ("raw", "none"),
-            ("raw", "zstd")} <= stages
+    assert {("kmeans", "none"), ("kmeans", "zstd"), ("kmeans", "rans"), ("kmeans", "zstd-aligned"),
+            ("kmeans", "rans-compact"), ("raw", "none"), ("raw", "zstd")} <= stages
     return files
 
 
@@ -121,7 +121,8 @@ def test_random_mutations_decode_exactly_or_raise_sqz_error(sweep_files, data):
     outcome(bytes(mutated), decode_all(original))
 
 
-def test_crafted_rans_counts_are_capped_and_decoded_in_bounded_memory(tmp_path):
+@pytest.mark.parametrize("stage", ["rans", "rans-compact"])
+def test_crafted_rans_counts_are_capped_and_decoded_in_bounded_memory(tmp_path, stage):
     """A rANS record can claim many symbols in a few bytes: a fixed cap refuses absurd claims at open,
     and claims under it decode in chunks (no 4-bytes-per-element temporary) and fail the stream check."""
     import json
@@ -132,10 +133,10 @@ def test_crafted_rans_counts_are_capped_and_decoded_in_bounded_memory(tmp_path):
 
     from sqz.constants import MAGIC
 
-    counts = struct.pack("<II", (1 << 24) - 1, 1)
+    counts = struct.pack("<II", (1 << 24) - 1, 1) if stage == "rans" else bytes([24]) + ((1 << 24) - 1).to_bytes(3, "little")
     section = struct.pack("<ff", -1.0, 1.0) + counts + struct.pack("<I", 1 << 31)
     record = {"name": "x", "shape": [1 << 12, 1 << 12], "dtype": "F32", "role": "lora_A", "encoding": "kmeans",
-              "entropy": "rans", "bits": 1, "codebook_size": 2, "sample_size": 1, "seed": 0, "offset": 0,
+              "entropy": stage, "bits": 1, "codebook_size": 2, "sample_size": 1, "seed": 0, "offset": 0,
               "length": len(section), "crc32": zlib.crc32(section)}
     body = zstandard.ZstdCompressor().compress(json.dumps(
         {"tensors": [record], "pairs": [], "data_size": len(section)}).encode())
@@ -149,7 +150,7 @@ def test_crafted_rans_counts_are_capped_and_decoded_in_bounded_memory(tmp_path):
     tracemalloc.stop()
     assert peak < 3 * (1 << 24), peak  # the uint8 indices plus a chunk, not 4 bytes per claimed element
     record["shape"] = [1 << 16, 1 << 13]
-    with pytest.raises(sqz.LimitError, match="expand 20 bytes"):
+    with pytest.raises(sqz.LimitError, match=f"expand {len(section)} bytes"):
         validate_header({"tensors": [record], "pairs": [], "data_size": len(section)}, "forged")
 
 
@@ -282,7 +283,7 @@ def test_unknown_dtype_and_non_dict_pickles_are_refused(tmp_path):
         sqz.encode(tmp_path / "l.bin", tmp_path / "o.sqz")
 
 
-@pytest.mark.parametrize("entropy", ["rans", "zstd", "none"])
+@pytest.mark.parametrize("entropy", ["rans", "rans-compact", "zstd", "none"])
 def test_peak_memory_of_loading_is_a_small_multiple_of_what_it_yields(tmp_path, entropy):
     src = big_adapter(tmp_path / "src")
     out = tmp_path / "a.sqz"

@@ -14,7 +14,7 @@ from sqz.adapter import read_adapter
 LOSSY_ROLES = {"lora_A", "lora_B"}
 
 
-@pytest.mark.parametrize("entropy", ["auto", "none", "zstd", "rans", "zstd-aligned"])
+@pytest.mark.parametrize("entropy", ["auto", "none", "zstd", "rans", "zstd-aligned", "rans-compact"])
 def test_every_dtype_and_role_round_trips(tmp_path, mixed_file, entropy):
     out = tmp_path / "m.sqz"
     sqz.encode(mixed_file, out, sqz.EncodeOptions(bits=4, entropy=entropy))
@@ -78,13 +78,13 @@ def test_auto_keeps_rans_only_where_it_clearly_saves(tmp_path):
     for name, tensor in tensors.items():
         q = quantize(tensor.double().numpy().ravel(), 3, 10_000, tensor_seed(0, name))
         size = {s: len(entropy.encode_indices(q.indices, 3, q.codebook.size, s))
-                for s in ("none", "zstd", "zstd-aligned", "rans")}
+                for s in ("none", "zstd", "zstd-aligned", "rans-compact")}
         fast = min(("none", "zstd-aligned", "zstd"), key=lambda s: size[s])
-        worth = (size[fast] - size["rans"]) * BYTE_WORTH_NS >= RANS_DECODE_NS * q.indices.size
-        expected = "rans" if worth else fast
+        worth = (size[fast] - size["rans-compact"]) * BYTE_WORTH_NS >= RANS_DECODE_NS * q.indices.size
+        expected = "rans-compact" if worth else fast
         assert records[name]["entropy"] == expected, (name, size)
     # Huffman is within 1% of rANS on t(3)-like factors, and loses more as one bin takes most of the mass
-    assert [records[f"m.{m}.lora_B.weight"]["entropy"] for m in "tu"] == ["zstd-aligned", "rans"]
+    assert [records[f"m.{m}.lora_B.weight"]["entropy"] for m in "tu"] == ["zstd-aligned", "rans-compact"]
 
 
 def test_decoded_values_are_exactly_the_codebook_entries(tmp_path, mixed_file):

@@ -33,6 +33,10 @@ CASES = {  # per version: the stages and widths that version added, and auto as 
              "large-b8-none": {"bits": 8, "sample": 0, "entropy": "none", "source": "large"},
              "large-size80000-auto": {"size": 80_000, "sample": 0, "source": "large"},
              "large-sqnr20-auto": {"sqnr": 20.0, "sample": 0, "source": "large"}},
+    # 2.1: rans-compact (count tables bit-packed, the stream's last word trimmed), forced and as auto picks it
+    (2, 1): {"b3-auto": {"bits": 3, "sample": 0}, "b4-rans-compact": {"bits": 4, "sample": 0, "entropy": "rans-compact"},
+             "b1-rans-compact": {"bits": 1, "sample": 0, "entropy": "rans-compact"},
+             "size3000-auto": {"size": 3000, "sample": 0}, "large-size80000-auto": {"size": 80_000, "sample": 0, "source": "large"}},
 }
 SAMPLE = 64
 """The sample 1.x's golden files were fitted on (2.0 cases say their own)."""
