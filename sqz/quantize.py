@@ -163,7 +163,12 @@ def fit_sizes(values: np.ndarray, dtype: str, sizes: tuple[int, ...]) -> dict[in
     """The optimal k-means fit for each codebook size k in `sizes` (k = 1 is the mean; a k beyond the number of
     distinct values gets one entry each), from one run of the C kernel: its table's row k - 1 is the best
     partition into k clusters, for every k."""
-    weight, sums, squares = histogram(values, dtype)
+    return fit_histogram_sizes(histogram(values, dtype), sizes)
+
+
+def fit_histogram_sizes(hist: Histogram, sizes: tuple[int, ...]) -> dict[int, Fit]:
+    """fit_sizes on a value histogram already made."""
+    weight, sums, squares = hist
     ks = sorted({min(k, weight.size) for k in sizes})
     if native_fit is None:
         raise InputError("k-means by codebook size needs sqz's C extension sqz._kmeans, which was not built")

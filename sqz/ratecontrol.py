@@ -1,15 +1,16 @@
 """The rate-distortion encoder's plan: the encoding of each LoRA factor that meets a --bpp, --size or --sqnr target.
 
-For every pair whose factors are both quantized, each factor is offered entropy-constrained quantizers at a
-ladder of slopes (entropy_constrained.py: the index rate falls in steps of about a quarter bit, and for the same
-index entropy the error is up to 6 dB below k-means' on heavy-tailed factors), its mean (a zero-bit group), and
-its exact bytes. Each candidate's rate is estimated from its index entropy (what the entropy stage approaches)
-plus its codebook; its distortion is its contribution to the error of its pair's ΔW: an error δA reaches ΔW as
-s·B·δA, so the factor's squared error is weighted by s²·||B||²/r (s·ω/γ and the mean of cos²(ω·B@A), the sine's
-slope, for sine pairs), and likewise for B, each pair's error then divided by ||ΔW||^1.5 (not for --sqnr, which
-asks for the SQNR of all of ΔW). One slope over all tensors (allocate.py) picks the candidates; the caller
-encodes them, checks the real file against the target, and plans again with the budget corrected by what the
-estimate missed. The factors come here in the SVD gauge (gauge.py).
+For every pair whose factors are both quantized, each factor is offered entropy-constrained quantizers at a ladder
+of slopes (entropy_constrained.py: the index rate falls in steps of about a quarter bit, and for the same index
+entropy the error is up to 6 dB below k-means' on heavy-tailed factors), its mean (a zero-bit group), its exact
+bytes, and where it is small (KMEANS_MAX_BINS) its k-means codebooks of every width. Each candidate's rate is
+estimated from its index entropy (what the entropy stage approaches) plus its codebook; its distortion is its
+contribution to the error of its pair's ΔW: an error δA reaches ΔW as s·B·δA, so the factor's squared error is
+weighted by s²·||B||²/r (s·ω/γ and the mean of cos²(ω·B@A), the sine's slope, for sine pairs), and likewise for B,
+each pair's error then divided by ||ΔW||^1.5 (not for --sqnr, which asks for the SQNR of all of ΔW). One slope
+over all tensors (allocate.py) picks the candidates; the caller encodes them, checks the real file against the
+target, and plans again with the budget corrected by what the estimate missed. The factors come here in the SVD
+gauge (gauge.py).
 
 Why divided by a power of ||ΔW||, measured on the bench's LLaMA (bench/llm.py): the next-token KL caused by an
 error in one module falls off with that module's ||ΔW||, so the summed absolute error starved the small modules
@@ -33,17 +34,22 @@ from . import allocate, entropy_constrained
 from .adapter import Pair, SourceTensor
 from .constants import PAIR_SINE
 from .dtypes import itemsize, to_float64
-from .quantize import Fit, histogram
+from .quantize import Fit, fit_histogram_sizes, histogram
 
 RAW = 0
 """The column of the lossless candidate; then MEAN, the one-level quantizer (a zero-bit group: the factor's mean),
 then the entropy-constrained quantizers, one per rate of the ladder, then for B factors with column scales
-(format 2.0) the same ladder fitted on the scaled values."""
+(format 2.0) the same ladder fitted on the scaled values, then k-means codebooks of 2^1 to 2^widest entries
+(factors of at most KMEANS_MAX_BINS distinct values)."""
 MEAN = 1
 EC_STEP = 0.25
 """Entropy-constrained quantizers are fitted at slopes aimed at index rates from EC_STEP bits a value to the
 widest width, EC_STEP apart (entropy_constrained.slopes)."""
 MAX_WIDTH = 8
+KMEANS_MAX_BINS = 4096
+"""A tensor of at most this many distinct values (bins) is also offered its optimal k-means codebooks of 2 to
+2^widest entries (one run of the kernel, at most ~25 ms): on small factors, whose codebooks are a large share
+of their bits, they beat the entropy-constrained fits at high rates."""
 HEADROOM_BITS = 3
 """The ladder reaches this many bits a value above the target's average (a global slope that gives one factor 3
 bits more than the average gives it rarely more, and every rung is one more fit of every factor)."""
@@ -211,19 +217,21 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     signal = sum(energy / norm for energy, norm in zip(energies, norms))
     names = [n for p in pairs for n in (p.a, p.b)]
     rates = np.arange(EC_STEP, widest + EC_STEP / 2, EC_STEP)
-    first_scaled = MEAN + 1 + rates.size  # columns: RAW, MEAN, the ladder, the ladder on scaled values
+    first_scaled = MEAN + 1 + rates.size  # columns: RAW, MEAN, the ladder, the ladder on scaled values, k-means
+    first_kmeans = first_scaled + (rates.size if scales else 0)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the kernel releases the GIL
         jobs = [(n, values[n].ravel(), tensors[n].dtype, False) for n in names]
         jobs += [(n, v, "F64", True) for n, v in scaled_values.items()]  # scaled: not values of the tensor's dtype
-        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits), jobs)
+        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, 0 if job[3] else widest), jobs)
         fits: dict[str, dict[int, Fit]] = {n: {} for n in names}
-        for (name, _, _, is_scaled), (mean, ladder) in zip(jobs, progress(done, len(jobs), "fit")):
+        for (name, _, _, is_scaled), (mean, ladder, kmeans) in zip(jobs, progress(done, len(jobs), "fit")):
             if not is_scaled:
                 fits[name][MEAN] = mean
             first = first_scaled if is_scaled else MEAN + 1
-            fits[name].update((first + i, fit) for i, fit in enumerate(ladder) if fit is not None)
-    columns = first_scaled + (rates.size if scales else 0)
-    is_scaled = [column >= first_scaled for column in range(columns)]
+            fits[name].update((first + i, fit) for i, fit in enumerate(ladder))
+            fits[name].update((first_kmeans + i, fit) for i, fit in enumerate(kmeans))
+    columns = first_kmeans + widest  # (k-means on scaled values measured no better than on the values)
+    is_scaled = [first_scaled <= column < first_kmeans for column in range(columns)]
     rate = np.full((len(names), columns), np.inf)
     distortion = np.full_like(rate, np.inf)
     for row, name in enumerate(names):
@@ -238,12 +246,17 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     return Prepared(names, fits, is_scaled, rate, distortion, signal, scales)
 
 
-def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: int) -> tuple[Fit, list[Fit | None]]:
-    """One tensor's mean, and its entropy-constrained quantizer at each of `rates`' slopes with each level priced
-    at `level_bits` (None where it would need more than 256 levels)."""
+def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: int,
+                widest: int) -> tuple[Fit, list[Fit], list[Fit]]:
+    """One tensor's mean; its entropy-constrained quantizer at each of `rates`' slopes with each level priced
+    at `level_bits`; and if it has at most KMEANS_MAX_BINS distinct values, its k-means codebooks of 2^1 to
+    2^widest entries."""
     hist = histogram(values, dtype)
     slopes = entropy_constrained.slopes(hist, rates)
-    return entropy_constrained.mean(hist), [entropy_constrained.fit(hist, float(s), level_bits) for s in slopes]
+    ladder = entropy_constrained.ladder(hist, slopes, level_bits)
+    sizes = tuple(1 << w for w in range(1, widest + 1)) if hist[0].size <= KMEANS_MAX_BINS else ()
+    kmeans = fit_histogram_sizes(hist, sizes) if sizes else {}
+    return entropy_constrained.mean(hist), ladder, [kmeans[k] for k in sizes]
 
 
 def plan_for_rate(prepared: Prepared, budget_bits: float) -> np.ndarray:
