@@ -51,8 +51,9 @@ def fit(histogram: Histogram, slope: float, level_bits: float = 0.0, start: np.n
 
 def ladder(histogram: Histogram, slopes: np.ndarray, level_bits: float = 0.0) -> list[Fit]:
     """`fit` at each of `slopes`, steepest first. Once one slope's grid keeps more levels than a codebook holds,
-    every finer slope's would too: those start from the companded grid straight away (on the 28.3M-param
-    LLaMA-shaped adapter, --bpp 8 then fits in about the time it took when those rungs were given up)."""
+    every finer slope's would too: those start from the companded grid straight away (--bpp 8 of the 28.3M-param
+    LLaMA-shaped adapter: 12.5 s, against 14.3 s with each rung trying its grid first and 11.1 s when those rungs
+    were given up)."""
     fits, start = [], None
     for slope in slopes:
         fitted, companded_start = _fit(histogram, float(slope), level_bits, start)
