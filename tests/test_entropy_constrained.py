@@ -73,7 +73,7 @@ def test_from_its_own_start_every_fit_is_a_codebook_its_thresholds_reproduce(see
     values = values.astype(np.float64)
     hist = q.histogram(values, dtype)
     fit = ec.fit(hist, float(ec.slopes(hist, np.array([rate]))[0]), level_bits)
-    assert fit is not None and 1 <= fit.codebook.size <= 256 and (np.diff(fit.codebook) > 0).all()
+    assert 1 <= fit.codebook.size <= 256 and (np.diff(fit.codebook) > 0).all()
     indices = q.assign(values, fit.codebook, fit.thresholds)
     assert np.array_equal(np.bincount(indices, minlength=fit.codebook.size), fit.counts)
     decoded = fit.codebook.astype(np.float64)[indices]
@@ -126,7 +126,7 @@ def test_where_the_grid_would_keep_too_many_levels_the_fit_is_as_good_as_256_lev
         p = f.counts[f.counts > 0] / values.size
         return float(-(p * np.log2(p)).sum())
 
-    assert fit is not None and fit.codebook.size <= 256 and entropy(fit) > 6.5
+    assert fit.codebook.size <= 256 and entropy(fit) > 6.5
     error_db, kmeans_db = 10 * math.log10(fit.sse), 10 * math.log10(kmeans.sse)
     assert error_db <= kmeans_db + 6.02 * (entropy(kmeans) - entropy(fit)) + 0.5
     with pytest.raises(ValueError, match="at most 256"):

@@ -286,7 +286,9 @@ def test_at_the_size_of_8_bit_codebooks_bpp_spends_the_budget_and_keeps_up(tmp_p
 def test_small_factors_are_also_offered_their_optimal_k_means_codebooks():
     """Every factor of at most KMEANS_MAX_BINS distinct values has the optimal k-means codebook of each width
     among its candidates (on rank-1 LLM adapters that took the KL BD-rate of --bpp 4% lower); larger ones do not
-    (their k-means fit would cost more than the whole ladder)."""
+    (on a LLaMA-sized factor the k-means fit up to 32 entries takes as long as the whole ladder; on the quarter
+    LLaMA-shaped adapter k-means of every width on every factor encoded --bpp 5-8 in 8 s instead of 3.5 s, for
+    the same SQNR at 5-7 bits/param and 0.5 dB at 8)."""
     from sqz import ratecontrol
     from sqz.adapter import read_adapter
     from sqz.dtypes import to_float64
