@@ -42,7 +42,7 @@ class OrderConfig:
 
     @classmethod
     def quick(cls) -> OrderConfig:
-        return cls(kind_ranks=(("sinelora", 4),), train_count=600, test_count=200)
+        return cls(kind_ranks=(("sinelora", 4),), train_count=600, test_count=120)
 
 
 class Evaluator:

@@ -48,7 +48,7 @@ class TaskConfig:
 
     @classmethod
     def quick(cls) -> TaskConfig:
-        return cls(ranks=(1, 4), bits=(1, 2, 3, 8), train_count=600, test_count=300)
+        return cls(ranks=(1, 4), bits=(1, 2, 3, 8), train_count=600, test_count=150)
 
 
 def digest(obj: object) -> str:
