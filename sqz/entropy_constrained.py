@@ -56,15 +56,15 @@ def ladder(histogram: Histogram, slopes: np.ndarray, level_bits: float = 0.0) ->
     were given up)."""
     fits, start = [], None
     for slope in slopes:
-        fitted, companded_start = _fit(histogram, float(slope), level_bits, start)
+        fitted, restart = _fit(histogram, float(slope), level_bits, start)
         fits.append(fitted)
-        if companded_start:
-            start = companded(histogram, MAX_LEVELS)
+        start = restart if restart is not None else start
     return fits
 
 
-def _fit(histogram: Histogram, slope: float, level_bits: float, start: np.ndarray | None) -> tuple[Fit, bool]:
-    """`fit`, and whether it started from the companded grid."""
+def _fit(histogram: Histogram, slope: float, level_bits: float,
+         start: np.ndarray | None) -> tuple[Fit, np.ndarray | None]:
+    """`fit`, and the companded grid it started again from (None if it did not)."""
     if native_fit_entropy is None:
         raise InputError("the rate-distortion targets need sqz's C extension sqz._kmeans, which was not built: "
                          "reinstall sqz where a C compiler is at hand, or use -b")
@@ -77,10 +77,10 @@ def _fit(histogram: Histogram, slope: float, level_bits: float, start: np.ndarra
         step = math.sqrt(6 * slope / math.log(2))
         count = min(int((centers[-1] - centers[0]) / step) + 1 if step > 0 else MAX_START, MAX_START, centers.size)
         start = np.linspace(centers[0], centers[-1], count) if count > 1 else centers[:1].copy()
-    first = _cells(histogram, start, slope, level_bits)
-    companded_start = first.size > MAX_LEVELS and grid
-    if companded_start:
-        first = _cells(histogram, companded(histogram, MAX_LEVELS), slope, level_bits)
+    first, restart = _cells(histogram, start, slope, level_bits), None
+    if first.size > MAX_LEVELS and grid:
+        restart = companded(histogram, MAX_LEVELS)
+        first = _cells(histogram, restart, slope, level_bits)
     w, s, q = (np.add.reduceat(a, first) for a in (weight, sums, squares))
     levels, codebook = s / w, as_codebook(s / w)
     thresholds = None
@@ -89,7 +89,7 @@ def _fit(histogram: Histogram, slope: float, level_bits: float, start: np.ndarra
         crossings = (levels[:-1] + levels[1:]) / 2 + slope * (lengths[1:] - lengths[:-1]) / (
             2 * (levels[1:] - levels[:-1]))
         thresholds = np.clip(crossings, centers[first[1:] - 1], np.nextafter(centers[first[1:]], -np.inf))
-    return Fit(codebook, _sse(codebook, w, s, q), w, thresholds), companded_start
+    return Fit(codebook, _sse(codebook, w, s, q), w, thresholds), restart
 
 
 def _cells(histogram: Histogram, start: np.ndarray, slope: float, level_bits: float) -> np.ndarray:
