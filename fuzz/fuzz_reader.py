@@ -6,8 +6,8 @@
 
 raw: the input is a whole file, so most mutations stop at a CRC check (which is the point of them).
 structured: the input is header JSON, a NUL byte, then the data area; the target wraps it in a container
-with correct CRCs, so mutations reach header validation and every decoder. A leading 0x02 byte makes it a 2.0
-file (the 2.0 header as stored: no offsets, pairs by index; CRC table and dictionary made by the target),
+with correct CRCs, so mutations reach header validation and every decoder. A leading 0x02 byte makes it a 2.2
+file (the 2.x header as stored: no offsets, pairs by index; CRC table and dictionary made by the target),
 otherwise 1.0.
 Seeds are the golden files (tests/golden), copied into a fresh corpus when none is given; structured mode adds
 variants at the edges of the ranges validation allows (edge_seeds). Every value a lossy tensor or a ΔW
@@ -16,6 +16,7 @@ exception, a hang or a crash is a finding: libFuzzer saves the input as crash-*,
 regression test in tests/test_robustness.py.
 """
 import json
+import math
 import os
 import shutil
 import struct
@@ -31,6 +32,7 @@ with atheris.instrument_imports():
     import zstandard
 
     import sqz
+    from sqz import grid
     from sqz.constants import MAGIC, MAX_PAIR_MAGNITUDE, MIN_GAMMA_MAGNITUDE, PREAMBLE_SIZE
     from sqz.container import V2_DICTIONARY, Container, align, chunk_table
 
@@ -47,7 +49,7 @@ def wrap(data: bytes) -> bytes:
     if data.startswith(V2):
         text, _, area = data[1:].partition(b"\0")
         body = zstandard.ZstdCompressor(dict_data=V2_DICTIONARY).compress(text)
-        head = MAGIC + struct.pack("<HHII", 2, 1, len(body), zlib.crc32(body)) + body + chunk_table(area)
+        head = MAGIC + struct.pack("<HHII", 2, 2, len(body), zlib.crc32(body)) + body + chunk_table(area)
         return head + b"\0" * (align(len(head)) - len(head)) + area
     text, _, area = data.partition(b"\0")
     try:
@@ -75,8 +77,8 @@ def unwrap(data: bytes) -> bytes:
 
 def edge_seeds(seed: bytes) -> list[bytes]:
     """Structured seeds at the edges of what validation allows (spec §3.2, §4.2): pair numbers at their limits,
-    and each float16 codebook's last entry at 65504, the largest finite float16, so that one mutation away
-    lies a file that must be refused."""
+    and each float16 codebook's last entry at 65504, the largest finite float16 (a GRID codebook's largest entry
+    as near it as its exponent puts it), so that one mutation away lies a file that must be refused."""
     version = V2 if seed.startswith(V2) else b""
     text, _, area = seed[len(version):].partition(b"\0")
     seeds = []
@@ -87,11 +89,18 @@ def edge_seeds(seed: bytes) -> list[bytes]:
         seeds.append(version + json.dumps(edited).encode() + b"\0" + area)
     f = Container(wrap(seed))
     edited_area = bytearray(area)
-    for record in f.records:  # the largest finite float16 as the last entry: F32 in 1.x, F16 in 2.0
-        if record["encoding"] == "kmeans" and record["dtype"] == "F16" and record["codebook_size"] > 1:
+    for record in f.records:  # the largest finite float16 as the last entry: F32 in 1.x, F16 in 2.0 (not GRID)
+        if (record["encoding"] == "kmeans" and record["dtype"] == "F16" and record["codebook_size"] > 1
+                and record["codebook_dtype"] in ("F32", "F16")):
             entry = 4 if record["codebook_dtype"] == "F32" else 2
             last = record["offset"] + entry * (record["codebook_size"] - 1)
             edited_area[last:last + entry] = struct.pack("<f" if entry == 4 else "<e", 65504.0)
+        elif record["encoding"] == "kmeans" and record["dtype"] == "F16" and record["codebook_dtype"] == "GRID":
+            start = record["offset"]  # GRID: the exponent that puts the largest entry just under 65504
+            entries, _ = grid.decode(area[start:], record["codebook_size"])
+            top = float(abs(entries).max()) / 2.0 ** struct.unpack_from("<b", area, start)[0]
+            if top:
+                edited_area[start:start + 1] = struct.pack("<b", max(-128, min(127, math.floor(math.log2(65504 / top)))))
     seeds.append(version + text + b"\0" + bytes(edited_area))
     return seeds
 

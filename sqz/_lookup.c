@@ -25,6 +25,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <dlfcn.h>
+#include <float.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -409,7 +411,136 @@ done:
     return result;
 }
 
+/* grid_codebook(section, k) -> (entries, used): a GRID codebook (spec §4.2, format 2.2) read from the start of
+ * `section`: k float32 entries as bytes and the bytes the codebook took. grid.py's numpy reader is the reference;
+ * this one exists because reading a small codebook in numpy costs ~100 µs of call overheads, as much as the
+ * lookup of a whole small tensor. Raises ValueError with the reference's message for bytes that break §4.2. */
+#define GRID_MAX_MANTISSA (1LL << 24)
+#define GRID_MAX_REMAINDER_BITS 24
+
+static PyObject *grid_error(const char *what)
+{
+    PyErr_Format(PyExc_ValueError, "GRID codebook%s", what);
+    return NULL;
+}
+
+static PyObject *grid_codebook(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &k))
+        return NULL;
+    const uint8_t *b = view.buf;
+    const Py_ssize_t size = view.len;
+    PyObject *result = NULL;
+    float *entries = NULL;
+    if (k < 1 || k > 256) {
+        PyErr_SetString(PyExc_ValueError, "k must be 1..256");
+        goto done;
+    }
+    if (size < 3) {
+        grid_error(" truncated");
+        goto done;
+    }
+    const int exponent = (int8_t)b[0], p = b[1];
+    if (p > GRID_MAX_REMAINDER_BITS) {
+        PyErr_Format(PyExc_ValueError, "GRID Rice width %d exceeds %d", p, GRID_MAX_REMAINDER_BITS);
+        goto done;
+    }
+    uint64_t zigzag = 0;
+    Py_ssize_t at = 2;
+    for (int i = 0;; i++) {
+        if (i == 4) {
+            grid_error(": m_0 takes more than 4 bytes");
+            goto done;
+        }
+        if (at >= size) {
+            grid_error(" truncated");
+            goto done;
+        }
+        const uint8_t byte = b[at++];
+        zigzag |= (uint64_t)(byte & 0x7F) << (7 * i);
+        if (!(byte & 0x80)) {
+            if (byte == 0 && i) {
+                grid_error(": m_0 is not in its shortest form");
+                goto done;
+            }
+            break;
+        }
+    }
+    int64_t m = (int64_t)(zigzag >> 1) ^ -(int64_t)(zigzag & 1);
+    const int64_t first = m;
+    entries = PyMem_Malloc((size_t)k * sizeof *entries);
+    if (!entries) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t mantissas[256];
+    mantissas[0] = m;
+    if (k > 1) {
+        const Py_ssize_t gaps = k - 1, low_end = at + (gaps * p + 7) / 8;
+        if (low_end > size) {
+            grid_error(" truncated");
+            goto done;
+        }
+        for (Py_ssize_t bit = gaps * p; bit < 8 * (low_end - at); bit++)
+            if (b[at + bit / 8] >> (bit % 8) & 1) {
+                grid_error(": unused bits are not zero");
+                goto done;
+            }
+        Py_ssize_t cursor = 8 * low_end; /* bit position of the unary part */
+        for (Py_ssize_t i = 0; i < gaps; i++) {
+            int64_t low = 0;
+            for (int t = 0; t < p; t++) {
+                const Py_ssize_t bit = i * p + t;
+                low |= (int64_t)(b[at + bit / 8] >> (bit % 8) & 1) << t;
+            }
+            int64_t q = 0;
+            for (;; cursor++, q++) {
+                if (cursor >= 8 * size) {
+                    grid_error(" truncated");
+                    goto done;
+                }
+                if (b[cursor / 8] >> (cursor % 8) & 1)
+                    break;
+            }
+            cursor++;
+            if (q >= GRID_MAX_MANTISSA) {
+                grid_error(": a mantissa is out of range");
+                goto done;
+            }
+            m += (q << p) + low + 1;
+            mantissas[i + 1] = m;
+        }
+        at = (cursor + 7) / 8;
+        for (; cursor < 8 * at; cursor++)
+            if (b[cursor / 8] >> (cursor % 8) & 1) {
+                grid_error(": unused bits are not zero");
+                goto done;
+            }
+    }
+    if (llabs(first) >= GRID_MAX_MANTISSA || llabs(m) >= GRID_MAX_MANTISSA) {
+        grid_error(": a mantissa is out of range");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        const double value = ldexp((double)mantissas[i], exponent);
+        if (!(fabs(value) <= FLT_MAX)) {
+            grid_error(": an entry is not finite as float32");
+            goto done;
+        }
+        entries[i] = (float)value;
+    }
+    result = Py_BuildValue("(y#n)", (const char *)entries, (Py_ssize_t)(k * sizeof *entries), at);
+done:
+    PyMem_Free(entries);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"grid_codebook", grid_codebook, METH_VARARGS,
+     "grid_codebook(section, k) -> (float32 entries as bytes, bytes used): a GRID codebook (spec 4.2)."},
     {"lookup_many", lookup_many, METH_VARARGS,
      "lookup_many(jobs, threads) -> [(job, problem)] for the jobs that failed: 'index' (outside the table),\n"
      "and for framed jobs 'frame' (not one good zstd frame), 'size' (wrong content size), 'padding'\n"

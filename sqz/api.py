@@ -24,7 +24,7 @@ from . import __version__, container, targets
 from .adapter import CONFIG_NAME, PEFT_PREFIX, TORCH_DTYPES, Adapter, Pair, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable
 from .bitpack import packed_size
-from .codec import EncodeOptions, codebook_bytes, decode_tensors, encode_tensor, side_bytes
+from .codec import EncodeOptions, decode_tensors, encode_tensor, read_side
 from .constants import ENCODING_KMEANS, PAIR_SINE
 from .delta import delta_weight
 from .dtypes import itemsize
@@ -339,11 +339,12 @@ def info(path: str | Path) -> dict[str, Any]:
     f = container.Container(path)
     try:
         rows = []
-        for record in f.records:
+        for index, record in enumerate(f.records):
             numel = math.prod(record["shape"])
             row = {key: record[key] for key in ("name", "shape", "dtype", "role", "encoding", "entropy")}
-            if record["encoding"] == ENCODING_KMEANS:
-                codebook, side = codebook_bytes(record), side_bytes(record)
+            if record["encoding"] == ENCODING_KMEANS:  # (a GRID codebook's size is in its bytes, not its record)
+                side_info = read_side(record, f.section(index))
+                codebook, side = side_info.codebook_bytes, side_info.size
                 before = packed_size(numel, record["bits"])
                 width = record["bits"] if record["codebook_size"] > 1 else 0  # one entry: a zero-bit group
             else:

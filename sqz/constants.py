@@ -5,12 +5,12 @@ MAGIC = b"\x89SQZ\r\n\x1a\n"
 """8 bytes; the PNG-style high byte and CR LF / ^Z / LF catch text-mode and 7-bit transfers."""
 
 VERSION_MAJOR = 2
-VERSION_MINOR = 1
+VERSION_MINOR = 2
 """What the writer writes by default."""
-READABLE_MAJORS = {1: 1, 2: 1}
+READABLE_MAJORS = {1: 1, 2: 2}
 """Major -> newest minor of it this reader implements. A reader of major 2 still reads every 1.x file (§2)."""
-WRITABLE_VERSIONS = ((1, 1), (2, 0), (2, 1))
-"""Versions the writer can produce: 1.1 and 2.0 for fleets whose readers predate 2.0 or 2.1."""
+WRITABLE_VERSIONS = ((1, 1), (2, 0), (2, 1), (2, 2))
+"""Versions the writer can produce: 1.1, 2.0 and 2.1 for fleets whose readers predate 2.0, 2.1 or 2.2."""
 
 PREAMBLE_SIZE = 20
 """magic (8) + major u16 + minor u16 + header length u32 + header CRC-32 u32, little-endian."""
@@ -97,8 +97,19 @@ DTYPE_ITEMSIZE = {
 
 QUANTIZABLE_DTYPES = ("F64", "F32", "F16", "BF16")
 
-CODEBOOK_DTYPES = ("F32", "F16", "BF16")
+CODEBOOK_GRID = "GRID"
+"""2.2: a codebook of integer multiples of one power of two, its gaps Rice-coded (sqz/grid.py); its scales are
+powers of two, stored as exponents."""
+CODEBOOK_DTYPES = ("F32", "F16", "BF16", CODEBOOK_GRID)
 """2.0: a kmeans record's `codebook_dtype` (1.x codebooks are all F32)."""
+CODEBOOK_MIN_VERSION = {CODEBOOK_GRID: (2, 2)}
+"""The first format version of each codebook dtype that 2.0 did not have."""
+GRID_MAX_MANTISSA = 1 << 24
+"""GRID: every entry is m·2^e with |m| < 2^24 (so float32 holds it exactly) and -128 <= e <= 127 (one signed byte)."""
+GRID_MIN_EXPONENT = -128
+GRID_MAX_EXPONENT = 127
+GRID_MAX_REMAINDER_BITS = 24
+"""GRID: the Rice parameter p (low bits of each gap stored as they are) is at most 24: a gap is below 2^25."""
 SCALE_AXES = (0, 1)
 """2.0: a kmeans record's optional `scale_axis`: one scale per row (0) or per column (1) of the tensor viewed as
 [shape[0], n / shape[0]], stored after the codebook; element = codebook[index] x its row's or column's scale."""

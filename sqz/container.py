@@ -34,6 +34,7 @@ from .constants import (
     ALIGNMENT,
     CHUNK_SIZE,
     CODEBOOK_DTYPES,
+    CODEBOOK_GRID,
     CRC_SIZE,
     DTYPE_ITEMSIZE,
     ENCODING_KMEANS,
@@ -506,7 +507,11 @@ def _validate_record(r: dict[str, Any], where: str, major: int) -> None:
                 _bad(where, f"{label}: scale_axis must be 0 or 1")
             rows = shape[0] if shape else 1
             scales = rows if r["scale_axis"] == 0 else numel // rows
-        if r["length"] < DTYPE_ITEMSIZE[r["codebook_dtype"]] * (k + scales):
+        if r["codebook_dtype"] == CODEBOOK_GRID:  # e, p, m_0 and a unary byte a gap at least; a byte a scale
+            least = 3 + -(-(k - 1) // 8) + scales
+        else:
+            least = DTYPE_ITEMSIZE[r["codebook_dtype"]] * (k + scales)
+        if r["length"] < least:
             _bad(where, f"{label}: section shorter than its codebook and scales")
         for key in ("sample_size", "seed") if major == 1 else ():  # informative, and 2.0 leaves them out
             if not (_is_int(r.get(key)) and r[key] >= 0):

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import allocate, entropy_constrained
+from . import grid as grid_codebook
 from .adapter import Pair, SourceTensor
+from .codec import BYTE_WORTH_NS, CODEBOOK_FLOOR, CODEBOOK_TOLERANCE, GRID_DECODE_NS, GRID_MIN_SHARE
 from .constants import PAIR_SINE
 from .dtypes import itemsize, to_float64
 from .quantize import Fit, fit_histogram_sizes, histogram
@@ -157,11 +159,13 @@ def component_scales(a: np.ndarray) -> np.ndarray:
     return np.exp2(np.clip(exponents, 0, MAX_SCALE_EXPONENT)).astype(np.float32)
 
 
-def rate_bits(fit: Fit, width: int, count: int, entry_bits: int = 32, compact: bool = False) -> float:
+def rate_bits(fit: Fit, width: int, count: int, entry_bits: int = 32, compact: bool = False,
+              energy: float | None = None) -> float:
     """Estimated bits of a kmeans section: codebook (`entry_bits` an entry: 32 in 1.x, 16 in 2.0, which stores
-    codebooks as F16 where that is exact or costs next to nothing), then the indices at about their entropy
-    (never more than bit-packed) with the stage's table (rans-compact's where `compact`, else a frame's worth),
-    plus the section's share of alignment and header."""
+    codebooks as F16 where that is exact or costs next to nothing; with the tensor's `energy` (2.2) GRID where the
+    writer would store that, grid_bits), then the indices at about their entropy (never more than bit-packed)
+    with the stage's table (rans-compact's where `compact`, else a frame's worth), plus the section's share of
+    alignment and header."""
     k = fit.codebook.size
     if k == 1:
         index_bits = 0.0
@@ -170,7 +174,24 @@ def rate_bits(fit: Fit, width: int, count: int, entry_bits: int = 32, compact: b
         entropy = float(-(p * np.log2(np.where(p > 0, p, 1))).sum())
         table = COMPACT_FRAME_BITS + (k - 1) * count_bits(int(fit.counts.max())) if compact else FRAME_BITS
         index_bits = min(count * width, ENTROPY_SLACK * count * entropy + table)
-    return index_bits + entry_bits * k + SECTION_BITS
+    codebook = entry_bits * k
+    if energy is not None and codebook >= GRID_MIN_SHARE * count * max(width, 1):  # as the writer tries it
+        codebook = min(codebook, grid_bits(fit, energy, codebook))
+    return index_bits + codebook + SECTION_BITS
+
+
+def grid_bits(fit: Fit, energy: float, plain_bits: float) -> float:
+    """Bits of the fit's codebook as GRID, as codec.stored_side would choose it: the coarsest grid within the
+    codebook tolerances (the error it adds estimated as Σ count·(c - c')², exact where entries are their cells'
+    means), and only where it saves bytes worth its decode time; else `plain_bits`."""
+    c = fit.codebook.astype(np.float64)
+    counts = fit.counts.astype(np.float64)
+    allowed = max(CODEBOOK_TOLERANCE * fit.sse, CODEBOOK_FLOOR * energy)
+    exponent = grid_codebook.choose_exponent(c, counts, lambda x: float(np.dot(counts, np.square(x - c))), allowed)
+    if exponent is None:
+        return plain_bits
+    bits = 8 * grid_codebook.size(grid_codebook.snap(c, exponent))
+    return bits if (plain_bits - bits) / 8 * BYTE_WORTH_NS >= GRID_DECODE_NS else plain_bits
 
 
 def count_bits(count: int) -> int:
@@ -180,13 +201,14 @@ def count_bits(count: int) -> int:
 
 def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: Callable[[str], bool],
             workers: int, progress: Callable, widest: int = MAX_WIDTH, relative: bool = True,
-            entry_bits: int = 32, scaled: bool = False, compact: bool = False) -> Prepared:
+            entry_bits: int = 32, scaled: bool = False, compact: bool = False, grid: bool = False) -> Prepared:
     """The candidate table of every factor of every pair whose two factors are both quantized: its mean, and
     entropy-constrained quantizers at index rates up to `widest` bits. Distortion is each pair's squared ΔW error
     divided by ||ΔW||^(2·RELATIVE_POWER), or with `relative` False the plain squared error of ΔW summed over the
     pairs (what --sqnr asks for). With `scaled`, B factors are also offered the ladder on their values divided
     by component_scales (format 2.0), which the plan takes where it serves better. With `compact` the indices
-    are priced with rans-compact's count table (2.1). (The fits themselves price a level at its codebook entry
+    are priced with rans-compact's count table (2.1), and with `grid` codebooks as GRID where the writer would store
+    that (2.2). (The fits themselves price a level at its codebook entry
     alone: adding a table count to it made the --sqnr 40 file of a tiny rank-4 LLaMA 1.7% larger, where small
     factors at many levels are bit-packed and have no table, and changed nothing measurable on a rank-2
     MiniLM-shaped adapter at --bpp 1-3.)"""
@@ -236,11 +258,12 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     distortion = np.full_like(rate, np.inf)
     for row, name in enumerate(names):
         count = values[name].size
+        energy = float(np.square(values[name]).sum()) if grid else None
         for column, fit in fits[name].items():
             weight, extra = (scaled_weights[name], entry_bits * scales[name].size) if is_scaled[column] else (
                 weights[name], 0)  # the scales are stored after the codebook
             rate[row, column] = rate_bits(fit, max(width_of(fit.codebook.size), 1), count, entry_bits,
-                                          compact) + extra
+                                          compact, energy) + extra
             distortion[row, column] = weight * fit.sse
         rate[row, RAW], distortion[row, RAW] = 8 * count * itemsize(tensors[name].dtype) + SECTION_BITS, 0.0
     return Prepared(names, fits, is_scaled, rate, distortion, signal, scales)

@@ -16,7 +16,7 @@ import numpy as np
 from . import container, gauge, ratecontrol
 from .adapter import Adapter
 from .codec import EncodeOptions, decode_tensors, should_quantize
-from .constants import ENTROPY_RANS_COMPACT, QUANTIZABLE_DTYPES
+from .constants import CODEBOOK_GRID, CODEBOOK_MIN_VERSION, ENTROPY_RANS_COMPACT, QUANTIZABLE_DTYPES
 from .dtypes import to_float64
 from .errors import InputError
 
@@ -41,7 +41,8 @@ def encode(adapter: Adapter, options: EncodeOptions, builder: Callable[[Adapter]
         bpp=8 * target_bytes / max(params, 1))
     prepared = ratecontrol.prepare(gauged.tensors, allocated, quantized, workers, progress, widest,
                                    relative=options.sqnr is None, entry_bits=32 if options.version[0] == 1 else 16,
-                                   scaled=options.version[0] >= 2, compact=ENTROPY_RANS_COMPACT in options.stages)
+                                   scaled=options.version[0] >= 2, compact=ENTROPY_RANS_COMPACT in options.stages,
+                                   grid=CODEBOOK_MIN_VERSION[CODEBOOK_GRID] <= options.version)
     reference = _values(adapter, prepared.names)  # ΔW is measured against the trained factors, not the gauged
 
     def make(picks: np.ndarray) -> tuple[dict[str, Any], list[bytes], int]:

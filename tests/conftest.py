@@ -112,7 +112,7 @@ DECODERS = ["native+zstd", "native", "numpy"]
 def decoder(request, monkeypatch):
     """Decode with each path a machine may have: the C extension decompressing zstd frames itself, the C
     extension after python-zstandard (no libzstd found), or numpy (no C compiler at install)."""
-    from sqz import bitpack
+    from sqz import bitpack, grid
 
     if request.param != "numpy" and bitpack.native_lookup is None:
         pytest.skip("sqz._lookup was not built (no C compiler at install)")
@@ -122,4 +122,5 @@ def decoder(request, monkeypatch):
         monkeypatch.setattr(bitpack, "NATIVE_ZSTD", False)
     if request.param == "numpy":
         monkeypatch.setattr(bitpack, "native_lookup", None)
+        monkeypatch.setattr(grid, "native_grid_codebook", None)
     return request.param

@@ -16,10 +16,11 @@ def run(*args, cwd=None):
 
 def test_format_1_1_is_written_for_older_readers(tmp_path, peft_dir):
     """--format 1.1 writes what sqz 1.1 reads: F32 codebooks, a header with every 1.1 field; it decodes to what
-    sqz 1.1 would have decoded, exact codebooks, which the 2.0 file rounds to float16 within its tolerance."""
+    sqz 1.1 would have decoded, exact codebooks, which a 2.1 file rounds to float16 within its tolerance (2.2's
+    GRID codebooks: test_grid)."""
     old, new = tmp_path / "old.sqz", tmp_path / "new.sqz"
     assert run("encode", peft_dir, "-b", "3", "-o", old, "--format", "1.1").returncode == 0
-    assert run("encode", peft_dir, "-b", "3", "-o", new).returncode == 0
+    assert run("encode", peft_dir, "-b", "3", "-o", new, "--format", "2.1").returncode == 0
     data = json.loads(run("info", old, "--json").stdout)
     assert data["version"] == "1.1" and all(t["codebook_dtype"] == "F32" for t in data["tensors"])
     f = sqz.container.Container(old)
@@ -44,10 +45,11 @@ def test_encode_info_decode(tmp_path, peft_dir):
     data = json.loads(info.stdout)
     assert data["totals"]["file_bytes"] == out.stat().st_size
     assert sum(t["section_bytes"] for t in data["tensors"]) == data["totals"]["section_bytes"]
-    assert data["version"] == "2.1"
-    assert all(t["bits"] == 3 and t["codebook_bytes"] == 8 * {"F32": 4, "F16": 2}[t["codebook_dtype"]]
-               for t in data["tensors"])
-    assert {t["codebook_dtype"] for t in data["tensors"]} == {"F16"}  # float32 factors, 3 bits: F16 costs nothing
+    assert data["version"] == "2.2"
+    assert all(t["bits"] == 3 and t["codebook_size"] == 8 for t in data["tensors"])
+    # float32 factors, 3 bits: a GRID codebook takes fewer than the 16 bytes of F16 entries
+    assert {t["codebook_dtype"] for t in data["tensors"]} == {"GRID"}
+    assert all(5 <= t["codebook_bytes"] < 16 for t in data["tensors"])
     table = run("info", out).stdout
     assert "bits/param" in table and "smaller than fp16" in table
 

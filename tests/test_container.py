@@ -37,7 +37,7 @@ def write(tmp_path: Path, header: dict, sections: list[bytes], version: tuple[in
 
 
 @settings(max_examples=100, deadline=None)
-@given(files(), st.sampled_from([(1, 1), (2, 0), (2, 1)]))
+@given(files(), st.sampled_from([(1, 1), (2, 0), (2, 1), (2, 2)]))
 def test_round_trip(tmp_path_factory, case, version):
     header, sections = case
     path = write(tmp_path_factory.mktemp("c"), header, sections, version)
@@ -156,7 +156,7 @@ def base_record(**changes) -> dict:
     ({"shape": [1 << 26], "encoding": "kmeans", "entropy": "none", "bits": 1, "codebook_size": 1, "sample_size": 1,
       "seed": 0, "length": 4}, LimitError, "expand 4 bytes into 268435456"),
     ({"encoding": "kmeans", "entropy": "zstd-2030", "bits": 2, "codebook_size": 4, "sample_size": 0, "seed": 0},
-     FormatError, r"unknown entropy stage 'zstd-2030' \(a newer minor version\? this sqz reads 1\.0-1\.1 and 2\.0-2\.1; upgrade"),
+     FormatError, r"unknown entropy stage 'zstd-2030' \(a newer minor version\? this sqz reads 1\.0-1\.1 and 2\.0-2\.2; upgrade"),
     ({"encoding": "vq"}, FormatError, "unknown encoding 'vq' .*upgrade sqz"),
 ])
 def test_hostile_records_are_refused_at_open(tmp_path, changes, error, match):

@@ -139,11 +139,12 @@ def test_a_delta_that_overflows_is_an_error_naming_the_module(files):
 
 @pytest.mark.parametrize("dtype,pattern", [("F16", 0x7C00), ("F16", 0xFE00), ("BF16", 0x7F80), ("BF16", 0xFFC1)])
 def test_a_narrow_codebook_holding_inf_or_nan_is_refused(tmp_path, dtype, pattern):
-    """2.0 stores a float16 tensor's codebook as F16 (a bfloat16 one's as BF16): an entry whose bits are inf or NaN
-    is refused like any other non-finite entry, and only that tensor fails."""
+    """2.0 and 2.1 store a float16 tensor's codebook as F16 (a bfloat16 one's as BF16): an entry whose bits are inf
+    or NaN is refused like any other non-finite entry, and only that tensor fails. (2.2's GRID: test_grid.)"""
     src = tmp_path / "src.safetensors"
     save_file(factors(), str(src))
-    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bits=2, entropy="none"), sqz.SineOptions(alpha=4.0))
+    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bits=2, entropy="none", format="2.1"),
+               sqz.SineOptions(alpha=4.0))
     f = container.Container((tmp_path / "a.sqz").read_bytes())
     header, sections = copy.deepcopy(f.header), sections_of(f)
     name = f"m.{dtype}.lora_A.weight"

@@ -69,3 +69,20 @@ def test_rans_compact_needs_format_2_1_and_auto_uses_it_there(tmp_path):
         format="2.0").stages
     assert "rans-compact" in sqz.EncodeOptions().stages and "rans" not in sqz.EncodeOptions().stages
     assert sqz.EncodeOptions(entropy="rans").stages == ("rans",)
+
+
+@pytest.mark.parametrize("case, options", [("b3-auto", {"bits": 3, "sample": 0}),
+                                           ("b4-rans-compact", {"bits": 4, "sample": 0, "entropy": "rans-compact"})])
+def test_format_2_1_still_writes_what_2_1_wrote(tmp_path, case, options):
+    """`--format 2.1` is for readers older than 2.2 (no GRID codebooks): at -b, the same records and data bytes as
+    sqz 2.1 wrote."""
+    from safetensors.torch import save_file
+
+    golden = GOLDEN[0].parent.parent / "v2.1" / f"{case}.sqz"
+    src = tmp_path / "source.safetensors"
+    save_file(mixed_tensors(), str(src), metadata={"format": "pt", "golden": "yes"})
+    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(**options, format="2.1"))
+    old, new = Container(golden.read_bytes()), Container((tmp_path / "a.sqz").read_bytes())
+    assert new.version == (2, 1)
+    assert old.records == new.records and old.header["pairs"] == new.header["pairs"]
+    assert bytes(old._buf[old.data_start:]) == bytes(new._buf[new.data_start:])

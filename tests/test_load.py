@@ -83,11 +83,12 @@ def test_a_bad_tensor_in_a_batch_reports_alone(tmp_path, mixed_file, mixed_sqz, 
     """One damaged tensor, read ahead with the others: only it raises, and only when it is asked for. A flipped
     byte fails its section's CRC-32 in 1.x ("checksum"), its 64 KiB chunk's in 2.0 ("chunk"): there every tensor
     that shares the chunk raises (this file is one chunk; test_container shows the others unharmed)."""
-    source, version = mixed_sqz, (2, 0)
-    if damage == "checksum":  # the same file as 1.1 writes it (F32 codebooks)
-        source, version = tmp_path / "v1.sqz", (1, 1)
-        entropy = sqz.load(mixed_sqz).header["options"]["entropy"]
-        sqz.encode(mixed_file, source, sqz.EncodeOptions(bits=3, sample=0, entropy=entropy, format="1.1"))
+    # the same file as 1.1 writes it (F32 codebooks), else as 2.1 does (F16: entries of one size to swap or drop;
+    # a damaged GRID codebook: test_grid)
+    fmt, version = ("1.1", (1, 1)) if damage == "checksum" else ("2.1", (2, 1))
+    source = tmp_path / "src.sqz"
+    entropy = sqz.load(mixed_sqz).header["options"]["entropy"]
+    sqz.encode(mixed_file, source, sqz.EncodeOptions(bits=3, sample=0, entropy=entropy, format=fmt))
     clean = read_all(sqz.load(source))
     records = sqz.load(source).header["tensors"]
     victim = first_kmeans(records, after=1)

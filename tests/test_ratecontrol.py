@@ -234,7 +234,7 @@ def test_the_encoder_cache_tells_codebooks_of_one_width_apart():
     """A target search may ask for k = 3 and then k = 4 (both 2-bit records): each gets its own section."""
     from sqz.adapter import read_adapter
     from sqz.api import TensorEncoder
-    from sqz.codec import codebook_of
+    from sqz.codec import read_side
     from sqz.dtypes import to_float64
     from sqz.quantize import fit_sizes
     from sqz.ratecontrol import Choice
@@ -249,7 +249,8 @@ def test_the_encoder_cache_tells_codebooks_of_one_width_apart():
         at = next(i for i, r in enumerate(header["tensors"]) if r["name"] == name)
         record = header["tensors"][at]
         assert (record["bits"], record["codebook_size"]) == (2, k)
-        np.testing.assert_allclose(codebook_of(record, memoryview(sections[at])), fits[k].codebook, rtol=1e-3)
+        stored = read_side(record, memoryview(sections[at])).codebook  # GRID: within a small share of a level gap
+        np.testing.assert_allclose(stored, fits[k].codebook, rtol=0, atol=0.05 * float(np.diff(fits[k].codebook).min()))
     nearest = encoder({name: Choice(2, fits[4].codebook)})[1][at]
     cb = fits[4].codebook.astype(np.float64)
     shifted = np.array([cb[0] + cb[1], cb[1] + cb[2], cb[2] + cb[3]]) / 2 + (cb[1] - cb[0]) / 4
@@ -332,7 +333,7 @@ def scaled_records(path: Path) -> list[tuple[dict, memoryview]]:
 def test_column_scales_are_chosen_where_components_fall_off_and_decode_as_specified(tmp_path):
     """The --bpp plan gives B factors of steep pairs column scales; each element decodes as codebook[index] times
     its column's scale, in float32, rounded to the dtype (spec §4.2), and ΔW beats the unscaled plan's."""
-    from sqz.codec import codebook_of, scales_of, side_bytes
+    from sqz.codec import read_side
     from sqz.entropy import decode_indices
 
     src = steep_pairs(tmp_path)
@@ -342,37 +343,41 @@ def test_column_scales_are_chosen_where_components_fall_off_and_decode_as_specif
     assert scaled and all(r["role"] == "lora_B" and r["scale_axis"] == 1 for r, _ in scaled)
     adapter = sqz.load(out)
     for record, section in scaled:
-        scales = scales_of(record, section)
-        assert scales.size == 4 and set(np.log2(scales)) <= set(range(11))  # powers of two, 2^0 .. 2^10
-        idx = decode_indices(section[side_bytes(record):], 96 * 4, record["bits"], record["codebook_size"],
-                             record["entropy"])
-        values = codebook_of(record, section)[idx].reshape(96, 4) * scales[None, :]
+        side = read_side(record, section)
+        assert side.scales.size == 4 and set(np.log2(side.scales)) <= set(range(11))  # powers of two, 2^0 .. 2^10
+        idx = decode_indices(section[side.size:], 96 * 4, record["bits"], record["codebook_size"], record["entropy"])
+        values = side.codebook[idx].reshape(96, 4) * side.scales[None, :]
         assert torch.equal(adapter[record["name"]], torch.from_numpy(values.astype(np.float16)))
     rows = {row["name"]: row for row in sqz.api.info(out)["tensors"]}
-    for record, _ in scaled:  # sqz info says where the scales' bytes went
-        row = rows[record["name"]]
-        assert row["scale_bytes"] == 2 * 4 and row["codebook_bytes"] == 2 * record["codebook_size"]
+    for record, section in scaled:  # sqz info says where the scales' bytes went (GRID: a byte a scale)
+        row, side = rows[record["name"]], read_side(record, section)
+        assert row["scale_bytes"] == (1 if record["codebook_dtype"] == "GRID" else 2) * 4
+        assert row["codebook_bytes"] == side.codebook_bytes
         assert row["codebook_bytes"] + row["scale_bytes"] + row["index_bytes_after"] == row["section_bytes"]
     plain = sqz.encode(src, tmp_path / "v1.sqz", sqz.EncodeOptions(bpp=2.0, format="1.1"), sqz.SineOptions(alpha=4.0))
     assert not scaled_records(tmp_path / "v1.sqz")  # 1.1 has no scales
     assert report.sqnr_db > plain.sqnr_db + 3 and max(report.file_bytes, plain.file_bytes) <= 2.0 * report.params / 8
 
 
-@pytest.mark.parametrize("pattern,top,message", [
-    (0x7C00, None, "scales must be finite"),  # a scale of inf (F16 bits)
-    (0x4000, 0x7B53, "not finite as F16"),  # scale 2, last codebook entry 60000: their product overflows float16
+@pytest.mark.parametrize("fmt,pattern,top,message", [
+    ("2.1", 0x7C00, None, "scales must be finite"),  # a scale of inf (F16 bits)
+    ("2.1", 0x4000, 0x7B53, "not finite as F16"),  # scale 2, last codebook entry 60000: their product overflows float16
+    ("2.2", 127, None, "not finite as F16"),  # GRID: a scale of 2^127, finite as float32; times the codebook it is not
 ])
-def test_forged_scales_are_refused_and_spoil_only_their_tensor(tmp_path, pattern, top, message):
+def test_forged_scales_are_refused_and_spoil_only_their_tensor(tmp_path, fmt, pattern, top, message):
+    from sqz.codec import read_side
+
     src = steep_pairs(tmp_path)
-    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0), sqz.SineOptions(alpha=4.0))
+    sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0, format=fmt), sqz.SineOptions(alpha=4.0))
     f = sqz.container.Container(tmp_path / "a.sqz")
     header = json.loads(json.dumps(f.header))
     sections = [bytes(f.section(i)) for i in range(len(f.records))]
     victim = next(i for i, r in enumerate(f.records) if "scale_axis" in r)
     record = f.records[victim]
-    assert record["codebook_dtype"] == "F16"
-    at = 2 * record["codebook_size"] + 2 * 3  # the last scale
-    sections[victim] = sections[victim][:at] + int(pattern).to_bytes(2, "little") + sections[victim][at + 2:]
+    assert record["codebook_dtype"] == ("F16" if fmt == "2.1" else "GRID")
+    width = 2 if fmt == "2.1" else 1
+    at = read_side(record, memoryview(sections[victim])).codebook_bytes + width * 3  # the last scale
+    sections[victim] = sections[victim][:at] + int(pattern).to_bytes(width, "little") + sections[victim][at + width:]
     if top is not None:
         last = 2 * (record["codebook_size"] - 1)
         sections[victim] = sections[victim][:last] + int(top).to_bytes(2, "little") + sections[victim][last + 2:]

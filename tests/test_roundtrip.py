@@ -38,10 +38,10 @@ def test_every_dtype_and_role_round_trips(tmp_path, mixed_file, entropy):
 
 
 def test_auto_stores_a_factor_exactly_when_that_is_smaller(tmp_path):
-    """At 8 bits a 4x64 factor costs 1 KiB of codebook + 256 B of indices, more than its 512 exact bytes."""
+    """At 8 bits a 4x32 factor costs ~150 B of (GRID) codebook + 128 B of indices, more than its 256 exact bytes."""
     g = torch.Generator().manual_seed(1)
-    tensors = {"m.small.lora_A.weight": torch.randn(4, 64, generator=g).half(),
-               "m.small.lora_B.weight": torch.randn(64, 4, generator=g).half(),
+    tensors = {"m.small.lora_A.weight": torch.randn(4, 32, generator=g).half(),
+               "m.small.lora_B.weight": torch.randn(32, 4, generator=g).half(),
                "m.big.lora_A.weight": torch.randn(8, 2048, generator=g).half(),
                "m.big.lora_B.weight": torch.randn(2048, 8, generator=g).half()}
     save_file(tensors, str(tmp_path / "a.safetensors"))

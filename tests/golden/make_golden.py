@@ -37,6 +37,13 @@ CASES = {  # per version: the stages and widths that version added, and auto as 
     (2, 1): {"b3-auto": {"bits": 3, "sample": 0}, "b4-rans-compact": {"bits": 4, "sample": 0, "entropy": "rans-compact"},
              "b1-rans-compact": {"bits": 1, "sample": 0, "entropy": "rans-compact"},
              "size3000-auto": {"size": 3000, "sample": 0}, "large-size80000-auto": {"size": 80_000, "sample": 0, "source": "large"}},
+    # 2.2: GRID codebooks (entries on a power-of-two grid, gaps Rice-coded; scales as exponents): codebooks of 8 to
+    # 256 entries, each entropy stage, tiny float32 values (negative exponents), and planned files with scaled factors
+    (2, 2): {"b3-auto": {"bits": 3, "sample": 0}, "b8-none": {"bits": 8, "sample": 0, "entropy": "none"},
+             "b5-rans-compact": {"bits": 5, "sample": 0, "entropy": "rans-compact"},
+             "size3000-auto": {"size": 3000, "sample": 0},
+             "large-size80000-auto": {"size": 80_000, "sample": 0, "source": "large"},
+             "large-sqnr40-auto": {"sqnr": 40.0, "sample": 0, "source": "large"}},
 }
 SAMPLE = 64
 """The sample 1.x's golden files were fitted on (2.0 cases say their own)."""

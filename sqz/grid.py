@@ -1,0 +1,202 @@
+"""Fixed-point codebooks (spec §4.2, `codebook_dtype` GRID, format 2.2).
+
+A codebook stored as F16 costs 16 bits an entry, most of them spent saying where an entry lies to a precision
+nothing needs: decoding rounds it to the tensor's dtype, and the tensor's quantization error is far larger. GRID
+stores the entries as integer multiples m_i·2^e of one power of two: e, then m_0, then the k - 1 gaps
+m_i - m_(i-1) - 1 Rice-coded (their low p bits packed at p bits each, then their high parts in unary). The writer
+picks the coarsest 2^e whose snapping adds at most a tolerance to the tensor's squared error (the same tolerance
+as F32 -> F16, codec.CODEBOOK_TOLERANCE): a 32-entry codebook of a rank-2 MiniLM factor takes ~25 bytes instead
+of 64. Scales of a GRID record are powers of two, stored as their exponents, one signed byte each.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .constants import GRID_MAX_EXPONENT, GRID_MAX_MANTISSA, GRID_MAX_REMAINDER_BITS, GRID_MIN_EXPONENT
+
+try:
+    from ._lookup import grid_codebook as native_grid_codebook
+except ImportError:  # installed without a C compiler
+    native_grid_codebook = None
+
+_REMAINDER_WIDTHS = np.arange(GRID_MAX_REMAINDER_BITS + 1)
+_SEARCH_STEPS = 64
+
+
+def snap(codebook: np.ndarray, exponent: int) -> np.ndarray:
+    """The integer mantissas m (int64) of `codebook` on the grid of step 2^exponent (round to nearest even)."""
+    return np.rint(np.ldexp(codebook.astype(np.float64), -exponent)).astype(np.int64)
+
+
+def values(mantissas: np.ndarray, exponent: int) -> np.ndarray:
+    """The entries m·2^e as float32 (exact: |m| < 2^24, and the caller keeps them finite)."""
+    return np.ldexp(mantissas.astype(np.float64), exponent).astype(np.float32)
+
+
+def choose_exponent(codebook: np.ndarray, counts: np.ndarray, added_error: Callable[[np.ndarray], float],
+                    allowed: float) -> int | None:
+    """The largest e, from start_exponent down to GRID_MIN_EXPONENT, whose grid keeps the entries distinct and
+    within GRID_MAX_MANTISSA and adds at most `allowed` squared error (`added_error` of the snapped float32
+    entries); None if none does."""
+    c = codebook.astype(np.float64)
+    for e in range(start_exponent(c, counts, allowed), GRID_MIN_EXPONENT - 1, -1):
+        m = snap(c, e)
+        if np.abs(m).max() >= GRID_MAX_MANTISSA:
+            return None
+        if (np.diff(m) > 0).all() and added_error(values(m, e)) <= allowed:
+            return e
+    return None
+
+
+def start_exponent(codebook: np.ndarray, counts: np.ndarray, allowed: float) -> int:
+    """Where the search starts: one step coarser than the grid whose rounding error, uniform over a step u, adds
+    about `allowed` (counts·u²/12), and no coarser than the smallest gap between entries or the largest entry (a
+    coarser grid could only fit an allowance far above the writer's tolerances). Mostly the search ends here or
+    one step finer."""
+    top = float(np.abs(codebook).max())
+    if top == 0.0:
+        return 0
+    gaps = np.diff(codebook)
+    bound = int(np.floor(np.log2(min(float(gaps.min()), top) if gaps.size else top)))
+    total = float(counts.sum())
+    if allowed > 0 and total > 0:
+        bound = min(bound, int(np.floor(np.log2(np.sqrt(12 * allowed / total)))) + 1)
+    return min(bound, GRID_MAX_EXPONENT)
+
+
+def _zigzag(n: int) -> int:
+    return 2 * n if n >= 0 else -2 * n - 1
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _remainder_width(gaps: np.ndarray) -> int:
+    """The Rice parameter p that makes the packed remainders plus the unary quotients fewest bytes."""
+    if not gaps.size:
+        return 0
+    quotients = (gaps[:, None] >> _REMAINDER_WIDTHS[None, :]).sum(axis=0)
+    cost = -(-gaps.size * _REMAINDER_WIDTHS // 8) + -(-(quotients + gaps.size) // 8)
+    return int(np.argmin(cost))
+
+
+def size(mantissas: np.ndarray) -> int:
+    """Bytes of encode(mantissas, e) (the exponent does not change it)."""
+    gaps = np.diff(mantissas) - 1
+    p = _remainder_width(gaps)
+    return (2 + len(_varint(_zigzag(int(mantissas[0])))) + -(-gaps.size * p // 8)
+            + -(-(int((gaps >> p).sum()) + gaps.size) // 8))
+
+
+def encode(mantissas: np.ndarray, exponent: int) -> bytes:
+    """The GRID codebook bytes: e (i8), p (u8), zigzag varint m_0, the gaps' low p bits packed at p bits each
+    (§4.3's bit order), then their high parts as that many zero bits and a one (least significant first)."""
+    gaps = np.diff(mantissas) - 1
+    p = _remainder_width(gaps)
+    head = np.int8(exponent).tobytes() + bytes([p]) + _varint(_zigzag(int(mantissas[0])))
+    if not gaps.size:
+        return head
+    low = ((gaps[:, None] >> np.arange(p)[None, :]) & 1).astype(np.uint8)
+    quotients = gaps >> p
+    unary = np.zeros(int(quotients.sum()) + gaps.size, dtype=np.uint8)
+    unary[np.cumsum(quotients + 1) - 1] = 1
+    return (head + np.packbits(low.ravel(), bitorder="little").tobytes()
+            + np.packbits(unary, bitorder="little").tobytes())
+
+
+def decode(section: memoryview | bytes, k: int) -> tuple[np.ndarray, int]:
+    """(the k entries as float32, bytes the codebook took) from the start of a GRID section; ValueError, saying
+    what, where the bytes break §4.2 (truncated, a Rice width over the limit, nonzero unused bits, a mantissa
+    out of range, an entry not finite in float32). In C where the extension is built (~1 µs against ~100 µs of
+    numpy call overheads: a file has a codebook a factor), else decode_numpy."""
+    if native_grid_codebook is None:
+        return decode_numpy(section, k)
+    entries, used = native_grid_codebook(section, k)
+    return np.frombuffer(entries, dtype=np.float32), used
+
+
+def decode_numpy(section: memoryview | bytes, k: int) -> tuple[np.ndarray, int]:
+    """decode, in numpy: the reference the C reader is tested against."""
+    buf = np.frombuffer(section, dtype=np.uint8)
+    if buf.size < 3:
+        raise ValueError("GRID codebook truncated")
+    exponent, p = int(buf[:1].view(np.int8)[0]), int(buf[1])
+    if p > GRID_MAX_REMAINDER_BITS:
+        raise ValueError(f"GRID Rice width {p} exceeds {GRID_MAX_REMAINDER_BITS}")
+    first, at = _read_varint(buf, 2)
+    if k == 1:
+        mantissas = np.array([first], dtype=np.int64)
+    else:
+        low_end = at + -(-(k - 1) * p // 8)
+        if low_end > buf.size:
+            raise ValueError("GRID codebook truncated")
+        low_bits = np.unpackbits(buf[at:low_end], bitorder="little")
+        if low_bits[(k - 1) * p:].any():
+            raise ValueError("GRID codebook: unused bits are not zero")
+        low = low_bits[:(k - 1) * p].reshape(k - 1, p).astype(np.int64) @ (np.int64(1) << np.arange(p, dtype=np.int64))
+        ones, at = _unary_ends(buf, low_end, k - 1)
+        quotients = np.diff(ones, prepend=-1) - 1
+        if quotients.max() >= GRID_MAX_MANTISSA:
+            raise ValueError("GRID codebook: a mantissa is out of range")
+        mantissas = first + np.concatenate(([0], np.cumsum((quotients << p) + low + 1)))
+    if np.abs(mantissas).max() >= GRID_MAX_MANTISSA:
+        raise ValueError("GRID codebook: a mantissa is out of range")
+    with np.errstate(over="ignore"):
+        entries = values(mantissas, exponent)
+    if not np.isfinite(entries).all():
+        raise ValueError("GRID codebook: an entry is not finite as float32")
+    return entries, at
+
+
+def _read_varint(buf: np.ndarray, at: int) -> tuple[int, int]:
+    """m_0 and the offset after it: at most 4 bytes (|m_0| < 2^24 needs 25 bits), the last without its high bit."""
+    value = 0
+    for i in range(4):
+        if at + i >= buf.size:
+            raise ValueError("GRID codebook truncated")
+        byte = int(buf[at + i])
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if byte == 0 and i:
+                raise ValueError("GRID codebook: m_0 is not in its shortest form")
+            return (value >> 1) ^ -(value & 1), at + i + 1
+    raise ValueError("GRID codebook: m_0 takes more than 4 bytes")
+
+
+def _unary_ends(buf: np.ndarray, at: int, count: int) -> tuple[np.ndarray, int]:
+    """Bit positions (from `at`) of the first `count` one bits, and the offset after their byte; the rest of that
+    byte must be zero. Looks at a window sized for honest codebooks first, then at the whole rest."""
+    window = min(buf.size, at + 16 + count // 2)
+    for end in (window, buf.size):
+        ones = np.flatnonzero(np.unpackbits(buf[at:end], bitorder="little"))
+        if ones.size >= count:
+            last = int(ones[count - 1])
+            stop = at + last // 8 + 1
+            if ones.size > count and ones[count] < 8 * (stop - at):
+                raise ValueError("GRID codebook: unused bits are not zero")
+            return ones[:count], stop
+        if end == buf.size:
+            break
+    raise ValueError("GRID codebook truncated")
+
+
+def encode_scales(scales: np.ndarray) -> bytes | None:
+    """Scales as exponents (i8, scale = 2^s), or None if one is not a power of two in that range."""
+    mantissa, exponent = np.frexp(scales.astype(np.float64))
+    s = exponent - 1
+    if not ((mantissa == 0.5) & (s >= -128) & (s <= 127)).all():
+        return None
+    return s.astype(np.int8).tobytes()
+
+
+def decode_scales(section: memoryview | bytes) -> np.ndarray:
+    """Exponent bytes as the float32 scales 2^s (every one exact)."""
+    return np.ldexp(np.float32(1.0), np.frombuffer(section, dtype=np.int8).astype(np.int32)).astype(np.float32)
