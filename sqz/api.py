@@ -24,8 +24,8 @@ from . import __version__, container, targets
 from .adapter import CONFIG_NAME, PEFT_PREFIX, TORCH_DTYPES, Adapter, Pair, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable
 from .bitpack import packed_size
-from .codec import EncodeOptions, decode_tensors, encode_tensor, read_side
-from .constants import ENCODING_KMEANS, PAIR_SINE
+from .codec import EncodeOptions, decode_tensors, encode_tensor, float_side_extent, read_side
+from .constants import CODEBOOK_GRID, ENCODING_KMEANS, PAIR_SINE
 from .delta import delta_weight
 from .dtypes import itemsize
 from .errors import InputError, SqzError
@@ -342,9 +342,12 @@ def info(path: str | Path) -> dict[str, Any]:
         for index, record in enumerate(f.records):
             numel = math.prod(record["shape"])
             row = {key: record[key] for key in ("name", "shape", "dtype", "role", "encoding", "entropy")}
-            if record["encoding"] == ENCODING_KMEANS:  # (a GRID codebook's size is in its bytes, not its record)
-                side_info = read_side(record, f.section(index))
-                codebook, side = side_info.codebook_bytes, side_info.size
+            if record["encoding"] == ENCODING_KMEANS:  # a GRID codebook's size is in its bytes, not its record
+                if record["codebook_dtype"] == CODEBOOK_GRID:
+                    side_info = read_side(record, f.section(index))
+                    codebook, side = side_info.codebook_bytes, side_info.size
+                else:
+                    codebook, side = float_side_extent(record)
                 before = packed_size(numel, record["bits"])
                 width = record["bits"] if record["codebook_size"] > 1 else 0  # one entry: a zero-bit group
             else:

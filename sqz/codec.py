@@ -292,7 +292,6 @@ class _SquaredError:
         return self.energy - 2 * float(np.dot(c, self.sums)) + float(np.dot(self.counts, c * c))
 
 
-
 def _rounding_is_negligible(values: np.ndarray, indices: np.ndarray, codebook: np.ndarray,
                             rounded: np.ndarray) -> bool:
     """Whether replacing `codebook` by `rounded` adds at most the tolerances above to the squared error."""
@@ -339,12 +338,20 @@ def read_side(record: dict, section: memoryview) -> Side:
             raise FormatError(f"{record['name']!r}: section shorter than its codebook and scales")
         scales = grid.decode_scales(section[used:used + m]) if record.get("scale_axis") is not None else None
         return Side(codebook, scales, used, used + m)
-    size, view = DTYPE_ITEMSIZE[dtype], _BITS_VIEW[dtype]
-    codebook = bits_to_float32(np.frombuffer(section[:size * k], dtype=view), dtype)
+    codebook_bytes, size = float_side_extent(record)
+    view = _BITS_VIEW[dtype]
+    codebook = bits_to_float32(np.frombuffer(section[:codebook_bytes], dtype=view), dtype)
     scales = None
     if record.get("scale_axis") is not None:
-        scales = bits_to_float32(np.frombuffer(section[size * k:size * (k + m)], dtype=view), dtype)
-    return Side(codebook, scales, size * k, size * (k + m))
+        scales = bits_to_float32(np.frombuffer(section[codebook_bytes:size], dtype=view), dtype)
+    return Side(codebook, scales, codebook_bytes, size)
+
+
+def float_side_extent(record: dict) -> tuple[int, int]:
+    """(codebook bytes, codebook and scale bytes) of a kmeans record with an F32/F16/BF16 codebook: known from the
+    record alone (a GRID codebook's only from its bytes, read_side)."""
+    item = DTYPE_ITEMSIZE[record["codebook_dtype"]]
+    return item * record["codebook_size"], item * (record["codebook_size"] + scale_count(record))
 
 
 OUTPUT_ALIGNMENT = 64

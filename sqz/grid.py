@@ -22,7 +22,6 @@ except ImportError:  # installed without a C compiler
     native_grid_codebook = None
 
 _REMAINDER_WIDTHS = np.arange(GRID_MAX_REMAINDER_BITS + 1)
-_SEARCH_STEPS = 64
 
 
 def snap(codebook: np.ndarray, exponent: int) -> np.ndarray:

@@ -208,10 +208,9 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     pairs (what --sqnr asks for). With `scaled`, B factors are also offered the ladder on their values divided
     by component_scales (format 2.0), which the plan takes where it serves better. With `compact` the indices
     are priced with rans-compact's count table (2.1), and with `grid` codebooks as GRID where the writer would store
-    that (2.2). (The fits themselves price a level at its codebook entry
-    alone: adding a table count to it made the --sqnr 40 file of a tiny rank-4 LLaMA 1.7% larger, where small
-    factors at many levels are bit-packed and have no table, and changed nothing measurable on a rank-2
-    MiniLM-shaped adapter at --bpp 1-3.)"""
+    that (2.2). (The fits themselves price a level at its codebook entry alone: adding a table count to it made
+    the --sqnr 40 file of a tiny rank-4 LLaMA 1.7% larger, where small factors at many levels are bit-packed and
+    have no table, and changed nothing measurable on a rank-2 MiniLM-shaped adapter at --bpp 1-3.)"""
     pairs = [p for p in pairs if quantized(p.a) and quantized(p.b)]
     values, weights, energies, scales, scaled_values, scaled_weights = {}, {}, [], {}, {}, {}
     for pair in pairs:
