@@ -3,12 +3,14 @@ writer's grid is the coarsest within the tolerance, and files use GRID where it 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 import sqz
 from sqz import container, grid
@@ -137,8 +139,6 @@ def test_files_store_grid_where_smaller_and_decode_within_the_tolerance(tmp_path
     quantized in both files with the same indices, its squared error more by at most the codebook tolerance (or
     the floor). (At 8 bits a 512-value factor's F16 codebook made its section larger than its exact bytes, which
     2.1 then stored; 2.2's GRID section is smaller, so it is quantized there.)"""
-    from safetensors.torch import save_file
-
     source = tmp_path / "a.safetensors"
     tensors = _factors()
     save_file(tensors, str(source))
@@ -169,21 +169,24 @@ def test_files_store_grid_where_smaller_and_decode_within_the_tolerance(tmp_path
             assert row["codebook_bytes"] < 2 * row["codebook_size"]
 
 
-def test_a_damaged_grid_codebook_fails_its_tensor_alone(tmp_path):
-    """A GRID codebook whose Rice width is over the limit, in a file with valid CRCs: that tensor raises a
-    FormatError naming it, the others decode."""
-    from safetensors.torch import save_file
-
+def _grid_file(tmp_path: Path) -> tuple[dict, list[bytes], int]:
+    """The -b 5 file of _factors: its header, its sections and the index of its first GRID record."""
     source = tmp_path / "a.safetensors"
     save_file(_factors(), str(source))
     sqz.encode(source, tmp_path / "a.sqz", sqz.EncodeOptions(bits=5, sample=0))
     f = container.Container(tmp_path / "a.sqz")
     header = copy.deepcopy(f.header)
-    sections = [bytearray(f.section(i)) for i in range(len(f.records))]
+    sections = [bytes(f.section(i)) for i in range(len(f.records))]
     f.close()
-    victim = next(i for i, r in enumerate(header["tensors"]) if r.get("codebook_dtype") == CODEBOOK_GRID)
-    sections[victim][1] = 25
-    adapter = sqz.load(b"".join(container.serialize(header, [bytes(s) for s in sections])))
+    return header, sections, next(i for i, r in enumerate(header["tensors"]) if r.get("codebook_dtype") == CODEBOOK_GRID)
+
+
+def test_a_damaged_grid_codebook_fails_its_tensor_alone(tmp_path):
+    """A GRID codebook whose Rice width is over the limit, in a file with valid CRCs: that tensor raises a
+    FormatError naming it, the others decode."""
+    header, sections, victim = _grid_file(tmp_path)
+    sections[victim] = sections[victim][:1] + bytes([25]) + sections[victim][2:]
+    adapter = sqz.load(b"".join(container.serialize(header, sections)))
     name = header["tensors"][victim]["name"]
     with pytest.raises(sqz.FormatError, match=f"{name}.*Rice width 25"):
         adapter[name]
@@ -192,16 +195,7 @@ def test_a_damaged_grid_codebook_fails_its_tensor_alone(tmp_path):
 
 
 def test_a_grid_section_shorter_than_its_least_codebook_is_refused_at_open(tmp_path):
-    from safetensors.torch import save_file
-
-    source = tmp_path / "a.safetensors"
-    save_file(_factors(), str(source))
-    sqz.encode(source, tmp_path / "a.sqz", sqz.EncodeOptions(bits=5, sample=0))
-    f = container.Container(tmp_path / "a.sqz")
-    header = copy.deepcopy(f.header)
-    sections = [bytes(f.section(i)) for i in range(len(f.records))]
-    f.close()
-    victim = next(i for i, r in enumerate(header["tensors"]) if r.get("codebook_dtype") == CODEBOOK_GRID)
+    header, sections, victim = _grid_file(tmp_path)
     k = header["tensors"][victim]["codebook_size"]
     sections[victim] = sections[victim][:2 + -(-(k - 1) // 8)]
     with pytest.raises(sqz.FormatError, match="shorter than its codebook"):
