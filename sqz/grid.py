@@ -44,7 +44,7 @@ def choose_exponent(codebook: np.ndarray, counts: np.ndarray, added_error: Calla
         m = snap(c, e)
         if np.abs(m).max() >= GRID_MAX_MANTISSA:
             return None
-        if (np.diff(m) > 0).all() and added_error(values(m, e)) <= allowed:
+        if (m[1:] > m[:-1]).all() and added_error(values(m, e)) <= allowed:
             return e
     return None
 
@@ -57,7 +57,7 @@ def start_exponent(codebook: np.ndarray, counts: np.ndarray, allowed: float) -> 
     top = float(np.abs(codebook).max())
     if top == 0.0:
         return 0
-    gaps = np.diff(codebook)
+    gaps = codebook[1:] - codebook[:-1]
     bound = int(np.floor(np.log2(min(float(gaps.min()), top) if gaps.size else top)))
     total = float(counts.sum())
     if allowed > 0 and total > 0:
@@ -89,7 +89,7 @@ def _remainder_width(gaps: np.ndarray) -> int:
 
 def size(mantissas: np.ndarray) -> int:
     """Bytes of encode(mantissas, e) (the exponent does not change it)."""
-    gaps = np.diff(mantissas) - 1
+    gaps = mantissas[1:] - mantissas[:-1] - 1
     p = _remainder_width(gaps)
     return (2 + len(_varint(_zigzag(int(mantissas[0])))) + -(-gaps.size * p // 8)
             + -(-(int((gaps >> p).sum()) + gaps.size) // 8))
@@ -98,7 +98,7 @@ def size(mantissas: np.ndarray) -> int:
 def encode(mantissas: np.ndarray, exponent: int) -> bytes:
     """The GRID codebook bytes: e (i8), p (u8), zigzag varint m_0, the gaps' low p bits packed at p bits each
     (§4.3's bit order), then their high parts as that many zero bits and a one (least significant first)."""
-    gaps = np.diff(mantissas) - 1
+    gaps = mantissas[1:] - mantissas[:-1] - 1
     p = _remainder_width(gaps)
     head = np.int8(exponent).tobytes() + bytes([p]) + _varint(_zigzag(int(mantissas[0])))
     if not gaps.size:
