@@ -7,6 +7,7 @@ raw section:    the tensor's little-endian bytes through the entropy stage (none
 from __future__ import annotations
 
 import fnmatch
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -227,18 +228,19 @@ def stored_side(values: np.ndarray, q: Quantized, dtype: str, version: tuple[int
     exact = q.codebook.astype("<f4")
     if version[0] == 1:
         return "F32", exact.tobytes()
-    codebook_dtype, codebook = _float_codebook(values, q, dtype, exact, scales is not None)
+    errors = functools.cache(lambda: _SquaredError(values, q.indices, exact.size))  # one pass, if either needs it
+    codebook_dtype, codebook = _float_codebook(q, dtype, exact, scales is not None, errors)
     side = codebook + (b"" if scales is None else float32_to_bits(scales, codebook_dtype).tobytes())
     packed = q.indices.size * max((exact.size - 1).bit_length(), 1) / 8
     if CODEBOOK_MIN_VERSION[CODEBOOK_GRID] <= version and len(side) >= GRID_MIN_SHARE * packed:
-        grid_side = _grid_side(values, q, dtype, exact, scales)
+        grid_side = _grid_side(dtype, exact, scales, errors())
         if grid_side is not None and (len(side) - len(grid_side)) * BYTE_WORTH_NS >= GRID_DECODE_NS:
             return CODEBOOK_GRID, grid_side
     return codebook_dtype, side
 
 
-def _float_codebook(values: np.ndarray, q: Quantized, dtype: str, exact: np.ndarray,
-                    scaled: bool) -> tuple[str, bytes]:
+def _float_codebook(q: Quantized, dtype: str, exact: np.ndarray, scaled: bool,
+                    errors: Callable[[], _SquaredError]) -> tuple[str, bytes]:
     """The codebook as F16/BF16 where §4.2's tolerances allow, else F32."""
     narrow = dtype if dtype in ("F16", "BF16") else "F16"
     bits = float32_to_bits(exact, narrow)
@@ -247,20 +249,18 @@ def _float_codebook(values: np.ndarray, q: Quantized, dtype: str, exact: np.ndar
     rounded = bits_to_float32(bits, narrow)
     if not (np.diff(rounded) > 0).all():
         return "F32", exact.tobytes()
-    if (narrow != dtype or scaled) and not _rounding_is_negligible(values, q.indices, exact, rounded):
+    if (narrow != dtype or scaled) and not _rounding_is_negligible(errors(), exact, rounded):
         return "F32", exact.tobytes()
     return narrow, bits.tobytes()
 
 
-def _grid_side(values: np.ndarray, q: Quantized, dtype: str, exact: np.ndarray,
-               scales: np.ndarray | None) -> bytes | None:
+def _grid_side(dtype: str, exact: np.ndarray, scales: np.ndarray | None, errors: _SquaredError) -> bytes | None:
     """The GRID codebook (and scale exponents) on the coarsest grid within the tolerances, judged on the entries as
     decoding rounds them to `dtype`; None where no grid or scale exponent fits."""
     scale_bytes = b"" if scales is None else grid.encode_scales(scales)
     if scale_bytes is None:
         return None
     rounds = dtype in ("F16", "BF16")
-    errors = _SquaredError(values, q.indices, exact.size)
     base = errors(bits_to_float32(float32_to_bits(exact, dtype), dtype) if rounds else exact)
     allowed = max(CODEBOOK_TOLERANCE * base, CODEBOOK_FLOOR * errors.energy)
 
@@ -292,10 +292,8 @@ class _SquaredError:
         return self.energy - 2 * float(np.dot(c, self.sums)) + float(np.dot(self.counts, c * c))
 
 
-def _rounding_is_negligible(values: np.ndarray, indices: np.ndarray, codebook: np.ndarray,
-                            rounded: np.ndarray) -> bool:
+def _rounding_is_negligible(error: _SquaredError, codebook: np.ndarray, rounded: np.ndarray) -> bool:
     """Whether replacing `codebook` by `rounded` adds at most the tolerances above to the squared error."""
-    error = _SquaredError(values, indices, codebook.size)
     base = error(codebook)
     return error(rounded) - base <= max(CODEBOOK_TOLERANCE * base, CODEBOOK_FLOOR * error.energy)
 
