@@ -1,5 +1,8 @@
 /* sqz._kmeans: optimal 1-D k-means over a histogram, in C (optional; quantize.py falls back to kmeans1d).
  *
+ * pattern_counts(patterns) counts a 16-bit tensor's values by bit pattern (its histogram, 65,536 int64 counts):
+ * 2-3 ns a value, where np.bincount first widens every pattern to int64 (~8 ns).
+ *
  * fit(weight, sum, sum_sq, ks) takes n bins in increasing order of value, each given by its weight (the
  * count of values in it), the sum of those values and the sum of their squares (float64 buffers), and
  * returns, for each k of the increasing sequence ks, the k starting bins of the partition into k runs of
@@ -22,6 +25,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     const double *pw, *p1, *p2; /* prefix sums, n + 1 entries */
@@ -348,6 +352,29 @@ release:
     return result;
 }
 
+#define PATTERNS 65536
+
+static PyObject *pattern_counts(PyObject *self, PyObject *args) {
+    Py_buffer p;
+    if (!PyArg_ParseTuple(args, "y*", &p)) return NULL;
+    PyObject *result = NULL;
+    if (p.len % (Py_ssize_t)sizeof(uint16_t)) {
+        PyErr_SetString(PyExc_ValueError, "pattern_counts needs a buffer of uint16 patterns");
+        goto done;
+    }
+    if (!(result = PyBytes_FromStringAndSize(NULL, PATTERNS * (Py_ssize_t)sizeof(int64_t)))) goto done;
+    int64_t *counts = (int64_t *)PyBytes_AS_STRING(result);
+    const uint16_t *v = p.buf;
+    Py_ssize_t n = p.len / (Py_ssize_t)sizeof(uint16_t);
+    Py_BEGIN_ALLOW_THREADS
+    memset(counts, 0, PATTERNS * sizeof(int64_t));
+    for (Py_ssize_t i = 0; i < n; i++) counts[v[i]]++;
+    Py_END_ALLOW_THREADS
+done:
+    PyBuffer_Release(&p);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fit", fit, METH_VARARGS, "fit(weight, sum, sum_sq, ks) -> [int32 bytes]: for each k, the first bin of each cluster"},
     {"fit_one", fit_one, METH_VARARGS,
@@ -357,6 +384,8 @@ static PyMethodDef methods[] = {
      "fit_entropy(weight, sum, start, slope, level_bits, max_iter) -> int32 bytes: the first bin of each cell of "
      "the entropy-constrained quantizer at slope, each level costing level_bits, started from the increasing "
      "float64 levels start"},
+    {"pattern_counts", pattern_counts, METH_VARARGS,
+     "pattern_counts(patterns) -> bytes of 65,536 int64: how many of the uint16 patterns have each value"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "sqz._kmeans", .m_size = -1, .m_methods = methods};

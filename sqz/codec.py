@@ -41,7 +41,7 @@ from .constants import (
     VERSION_MINOR,
     WRITABLE_VERSIONS,
 )
-from .dtypes import bits_to_float32, finite_bits, float32_to_bits, itemsize, to_float64
+from .dtypes import bits_to_float32, finite_bits, float32_to_bits, itemsize, to_narrowest
 from .errors import FormatError, InputError, LimitError, SqzError
 from .quantize import DEFAULT_SAMPLE, Quantized, quantize, tensor_seed
 
@@ -141,14 +141,33 @@ def _smallest(candidates: dict[str, bytes], count: int = 0) -> tuple[str, bytes]
     """Smallest payload of `count` indices, rANS only where it pays for its decode time; ties go to the stage
     that decodes fastest."""
     order = {ENTROPY_NONE: 0, ENTROPY_ZSTD_ALIGNED: 1, ENTROPY_ZSTD: 2, ENTROPY_RANS_COMPACT: 3, ENTROPY_RANS: 4}
-    slow = [s for s in candidates if s in (ENTROPY_RANS, ENTROPY_RANS_COMPACT)]
+    slow = [s for s in candidates if s in SLOW_STAGES]
     fast = [s for s in candidates if s not in slow]
     stage = min(fast or candidates, key=lambda s: (len(candidates[s]), order[s]))
     if slow and fast:
         rans = min(slow, key=lambda s: (len(candidates[s]), order[s]))
-        if (len(candidates[stage]) - len(candidates[rans])) * BYTE_WORTH_NS >= RANS_DECODE_NS * count:
+        if _rans_pays(len(candidates[stage]) - len(candidates[rans]), count):
             stage = rans
     return stage, candidates[stage]
+
+
+SLOW_STAGES = (ENTROPY_RANS, ENTROPY_RANS_COMPACT)
+
+
+def _rans_pays(saved_bytes: float, count: int) -> bool:
+    return saved_bytes * BYTE_WORTH_NS >= RANS_DECODE_NS * count
+
+
+def _entropy_coded(q: Quantized, bits: int, stages: tuple[str, ...]) -> tuple[str, bytes]:
+    """_smallest of the stages' payloads, the rANS ones coded only where they could pay: where the smallest fast
+    payload is not already within their floor (entropy.rans_floor) plus what rANS must save."""
+    k, count = int(q.codebook.size), int(q.indices.size)
+    fast = tuple(s for s in stages if s not in SLOW_STAGES)
+    candidates = entropy.encode_stages(q.indices, bits, k, fast)
+    smallest = min((len(p) for p in candidates.values()), default=math.inf)
+    slow = tuple(s for s in stages if s in SLOW_STAGES and _rans_pays(smallest - entropy.rans_floor(q.counts, s), count))
+    candidates.update(entropy.encode_stages(q.indices, bits, k, slow))
+    return _smallest(candidates, count)
 
 
 def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
@@ -159,19 +178,20 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
     if not should_quantize(t, role, options) or (choice is not None and choice.bits is None):
         return _encode_raw(t, record, options)
     bits = options.bits if choice is None else max(choice.bits, MIN_BITS)  # width 0: one entry, recorded as 1 bit
-    values = to_float64(t.raw, t.dtype)
+    values, dtype = to_narrowest(t.raw, t.dtype), t.dtype
     scales = None if choice is None else choice.scales
     if scales is not None:  # quantized as values / scale along the axis (spec §4.2): a rate-controlled B factor
-        values = (values.reshape(matrix_shape(t.shape)) / scales[None, :]).ravel()
+        values = (values.astype(np.float64).reshape(matrix_shape(t.shape)) / scales[None, :]).ravel()
+        dtype = "F64"  # no longer values of the tensor's dtype
     try:
         q = quantize(values, bits, options.sample,
-                     tensor_seed(options.seed, t.name), t.dtype, codebook=None if choice is None else choice.codebook,
+                     tensor_seed(options.seed, t.name), dtype, codebook=None if choice is None else choice.codebook,
                      thresholds=None if choice is None else choice.thresholds)
     except InputError as exc:
         raise InputError(f"{t.name}: {exc}") from None
     codebook_dtype, side = stored_side(values, q, t.dtype, options.version, scales)
     k = int(q.codebook.size)
-    stage, payload = _smallest(entropy.encode_stages(q.indices, bits, k, options.stages), q.indices.size)
+    stage, payload = _entropy_coded(q, bits, options.stages)
     if k == 1:
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
     record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=bits, codebook_size=k, codebook_dtype=codebook_dtype,
@@ -283,6 +303,7 @@ class _SquaredError:
     one pass over the tensor serves every candidate codebook."""
 
     def __init__(self, values: np.ndarray, indices: np.ndarray, k: int):
+        values = np.asarray(values, dtype=np.float64)
         self.counts = np.bincount(indices, minlength=k).astype(np.float64)
         self.sums = np.bincount(indices, weights=values, minlength=k)
         self.energy = float(np.square(values).sum())  # not np.dot: BLAS threads would spin against the encode's

@@ -27,6 +27,15 @@ def to_float64(raw: bytes | memoryview | np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(np.float64)
 
 
+def to_narrowest(raw: bytes | memoryview | np.ndarray, dtype: str) -> np.ndarray:
+    """Values of a raw float tensor in the narrowest numpy float that holds them exactly: float16 for F16 (a
+    view of the bytes), float32 for F32 and BF16, float64 for F64. Widening 28M float16 values to float64 takes
+    ~0.15 s, which a quantizer that works on the bit patterns need not spend."""
+    if dtype == "BF16":
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, dtype=_FLOAT_VIEWS[dtype][0])
+
+
 def float32_to_bits(values: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values rounded to `dtype`, as unsigned integers holding its bit pattern.
 

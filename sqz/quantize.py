@@ -22,13 +22,15 @@ import kmeans1d
 import numpy as np
 
 from .constants import MAX_BITS, MIN_BITS
+from .dtypes import finite_bits
 from .errors import InputError
 
 try:
     from ._kmeans import fit as native_fit
     from ._kmeans import fit_one as native_fit_one
+    from ._kmeans import pattern_counts as native_pattern_counts
 except ImportError:  # installed without a C compiler: kmeans1d on every value gives the same optimum, slower
-    native_fit = native_fit_one = None
+    native_fit = native_fit_one = native_pattern_counts = None
 
 DEFAULT_SAMPLE = 0
 """0 = fit on every value. The paper fitted on 10,000 sampled values (PAPER_SAMPLE)."""
@@ -52,6 +54,7 @@ class Quantized:
     indices: np.ndarray  # uint8, flat, same count as the tensor
     sample_size: int  # how many values the centroids were fitted on
     seed: int
+    counts: np.ndarray  # int64, how many values each entry stands for (the index histogram)
 
 
 def tensor_seed(base_seed: int, name: str) -> int:
@@ -102,17 +105,9 @@ def histogram(values: np.ndarray, dtype: str) -> Histogram:
     tensors of at most MAX_BINS values (exact), else one per float32 pattern with its low mantissa bits dropped
     (BIN_MANTISSA_BITS kept), so each bin is a narrow interval of values.
     """
-    if dtype in ("F16", "BF16"):
-        patterns = values.astype(np.float32 if dtype == "BF16" else np.float16).view(
-            np.uint32 if dtype == "BF16" else np.uint16)
-        if dtype == "BF16":
-            patterns = (patterns >> 16).astype(np.uint16)
-        counts = np.bincount(patterns, minlength=1 << 16)
-        present = np.flatnonzero(counts)
-        bin_values = _pattern_values(present, dtype)
-        order = np.argsort(bin_values, kind="stable")
-        weight, value = counts[present][order].astype(np.float64), bin_values[order]
-        return _merge_equal(weight, weight * value, weight * value * value, value)
+    if dtype in SIXTEEN_BIT:
+        return pattern_histogram(pattern_counts(patterns(values, dtype)), dtype)
+    values = np.asarray(values, dtype=np.float64)
     keys32 = values.astype(np.float32).view(np.uint32)
     first = 0 if values.size <= MAX_BINS else 23 - BIN_MANTISSA_BITS  # a small tensor: one bin per value, exact
     for drop in range(first, 32):
@@ -123,6 +118,33 @@ def histogram(values: np.ndarray, dtype: str) -> Histogram:
     sums, squares = np.bincount(inverse, values, keys.size), np.bincount(inverse, values * values, keys.size)
     order = np.argsort(sums / weight, kind="stable")  # bins are disjoint intervals: their means sort like them
     return weight[order], sums[order], squares[order]
+
+
+SIXTEEN_BIT = ("F16", "BF16")
+_NONFINITE = {d: np.flatnonzero(~finite_bits(np.arange(1 << 16, dtype=np.uint16), d)) for d in SIXTEEN_BIT}
+
+
+def patterns(values: np.ndarray, dtype: str) -> np.ndarray:
+    """The uint16 bit patterns of an F16 or BF16 tensor's values (free for float16 values: a view)."""
+    if dtype == "F16":
+        return values.astype(np.float16, copy=False).view(np.uint16)
+    return (values.astype(np.float32, copy=False).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def pattern_counts(bit_patterns: np.ndarray) -> np.ndarray:
+    """How many values have each of the 65,536 patterns (int64), by the C kernel where it was built."""
+    if native_pattern_counts is None:
+        return np.bincount(bit_patterns, minlength=1 << 16)
+    return np.frombuffer(native_pattern_counts(np.ascontiguousarray(bit_patterns)), dtype=np.int64)
+
+
+def pattern_histogram(counts: np.ndarray, dtype: str) -> Histogram:
+    """histogram() of a 16-bit tensor from its pattern counts."""
+    present = np.flatnonzero(counts)
+    bin_values = _pattern_values(present, dtype)
+    order = np.argsort(bin_values, kind="stable")
+    weight, value = counts[present][order].astype(np.float64), bin_values[order]
+    return _merge_equal(weight, weight * value, weight * value * value, value)
 
 
 def _pattern_values(patterns: np.ndarray, dtype: str) -> np.ndarray:
@@ -141,12 +163,14 @@ def _merge_equal(weight: np.ndarray, sums: np.ndarray, squares: np.ndarray,
     return tuple(np.add.reduceat(a, starts) for a in (weight, sums, squares))  # type: ignore[return-value]
 
 
-def fit_histogram(values: np.ndarray, dtype: str, bits: int) -> np.ndarray:
-    """Optimal k-means codebook over every value (k = 2**bits), by the C kernel on the value histogram."""
-    _check_bits(bits)
+def fit_histogram(values: np.ndarray, dtype: str, bits: int, counts: np.ndarray | None = None) -> np.ndarray:
+    """Optimal k-means codebook over every value (k = 2**bits), by the C kernel on the value histogram (a 16-bit
+    tensor's made from its pattern `counts` where given)."""
+    k = _check_bits(bits)
     if native_fit is None:
-        return fit_codebook(values, bits)
-    return fit_sizes(values, dtype, (1 << bits,))[1 << bits].codebook
+        return fit_codebook(np.asarray(values, dtype=np.float64), bits)
+    hist = histogram(values, dtype) if counts is None else pattern_histogram(counts, dtype)
+    return fit_histogram_sizes(hist, (k,))[k].codebook
 
 
 @dataclass(frozen=True)
@@ -193,22 +217,37 @@ def assign(values: np.ndarray, codebook: np.ndarray, thresholds: np.ndarray | No
 
 def quantize(values: np.ndarray, bits: int, sample: int = DEFAULT_SAMPLE, seed: int = 0,
              dtype: str = "F64", codebook: np.ndarray | None = None, thresholds: np.ndarray | None = None) -> Quantized:
-    """Quantize a flat float array whose values are of `dtype` (the histogram's bins depend on it); NaN/inf are
-    rejected (they would poison the centroids). A `codebook` fitted already (fit_sizes, or entropy-constrained
-    with its `thresholds`) is used as it is."""
-    flat = np.ascontiguousarray(values, dtype=np.float64).ravel()
+    """Quantize a flat float array whose values are of `dtype` (the histogram's bins depend on it), given as
+    float16, float32 or float64 (any that holds them exactly); NaN/inf are rejected (they would poison the
+    centroids). A `codebook` fitted already (fit_sizes, or entropy-constrained with its `thresholds`) is used as
+    it is. A 16-bit tensor is counted by bit pattern once: the counts give its histogram and its finiteness, and
+    every value's index is then one table lookup."""
+    flat = np.ascontiguousarray(values).ravel()
+    if flat.dtype not in (np.float16, np.float32, np.float64):
+        flat = flat.astype(np.float64)
     if flat.size == 0:
         raise InputError("cannot quantize an empty tensor")
-    if not np.isfinite(flat).all():
-        bad = int(np.count_nonzero(~np.isfinite(flat)))
+    bit_patterns = patterns(flat, dtype) if dtype in SIXTEEN_BIT else None
+    counts = None if bit_patterns is None else pattern_counts(bit_patterns)
+    bad = int(np.count_nonzero(~np.isfinite(flat))) if counts is None else int(counts[_NONFINITE[dtype]].sum())
+    if bad:
         raise InputError(f"tensor has {bad} NaN/inf value(s); sqz quantizes finite values only")
     if codebook is not None or sample == 0:  # every value: no sample, and no seed to record (it would cost
-        codebook = fit_histogram(flat, dtype, bits) if codebook is None else codebook  # ~4 header bytes a tensor)
+        codebook = fit_histogram(flat, dtype, bits, counts) if codebook is None else codebook  # ~4 header bytes)
         fitted, seed = flat.size, 0
     else:
-        fitted_on = draw_sample(flat, sample, seed)
+        fitted_on = draw_sample(flat, sample, seed).astype(np.float64)
         codebook, fitted = fit_codebook(fitted_on, bits), fitted_on.size
-    return Quantized(codebook=codebook, indices=assign(flat, codebook, thresholds), sample_size=int(fitted), seed=seed)
+    if counts is None:
+        indices = assign(flat, codebook, thresholds)
+        index_counts = np.bincount(indices, minlength=codebook.size)
+    else:
+        present = np.flatnonzero(counts)
+        table = np.zeros(1 << 16, dtype=np.uint8)
+        table[present] = assign(_pattern_values(present, dtype), codebook, thresholds)
+        indices = np.take(table, bit_patterns)
+        index_counts = np.bincount(table[present], weights=counts[present], minlength=codebook.size).astype(np.int64)
+    return Quantized(codebook=codebook, indices=indices, sample_size=int(fitted), seed=seed, counts=index_counts)
 
 
 def dequantize(codebook: np.ndarray, indices: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from . import grid as grid_codebook
 from .adapter import Pair, SourceTensor
 from .codec import BYTE_WORTH_NS, CODEBOOK_FLOOR, CODEBOOK_TOLERANCE, GRID_DECODE_NS, GRID_MIN_SHARE
 from .constants import PAIR_SINE
-from .dtypes import itemsize, to_float64
+from .dtypes import itemsize, to_float64, to_narrowest
 from .quantize import Fit, fit_histogram_sizes, histogram
 
 RAW = 0
@@ -241,7 +241,7 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     first_scaled = MEAN + 1 + rates.size  # columns: RAW, MEAN, the ladder, the ladder on scaled values, k-means
     first_kmeans = first_scaled + (rates.size if scales else 0)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the kernel releases the GIL
-        jobs = [(n, values[n].ravel(), tensors[n].dtype, False) for n in names]
+        jobs = [(n, to_narrowest(tensors[n].raw, tensors[n].dtype), tensors[n].dtype, False) for n in names]
         jobs += [(n, v, "F64", True) for n, v in scaled_values.items()]  # scaled: not values of the tensor's dtype
         done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, 0 if job[3] else widest), jobs)
         fits: dict[str, dict[int, Fit]] = {n: {} for n in names}

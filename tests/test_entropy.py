@@ -25,6 +25,17 @@ def test_every_stage_round_trips(case, stage):
     assert np.array_equal(decoded, indices)
 
 
+@settings(max_examples=200, deadline=None)
+@given(index_streams(), st.sampled_from(["rans", "rans-compact"]), st.floats(0.0, 1.0))
+def test_no_rans_payload_is_under_its_floor(case, stage, skew):
+    """rans_floor lets auto skip the rANS coder where a fast stage is already smaller: it must never exceed a
+    payload (streams of every length and skew, one symbol to near-uniform)."""
+    bits, k, indices = case
+    indices = np.where(np.random.default_rng(indices.size).random(indices.size) < skew, 0, indices).astype(np.uint8)
+    counts = np.bincount(indices, minlength=k)
+    assert entropy.rans_floor(counts, stage) < len(entropy.encode_indices(indices, bits, k, stage))
+
+
 def test_rans_reaches_the_entropy_and_beats_zstd_on_skewed_indices():
     rng = np.random.default_rng(0)
     p = np.array([0.02, 0.08, 0.2, 0.4, 0.2, 0.08, 0.015, 0.005])

@@ -57,12 +57,15 @@ def test_constant_tensor_has_one_entry():
     assert result.codebook.tolist() == [0.125] and not result.indices.any()
 
 
+@pytest.mark.parametrize("dtype", ["F64", "F32", "F16", "BF16"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_values_are_rejected(bad):
+def test_non_finite_values_are_rejected(bad, dtype):
+    """Also where a 16-bit tensor is checked by its pattern counts, however its values are handed over."""
     values = heavy_tailed(100)
-    values[17] = bad
-    with pytest.raises(InputError, match="NaN/inf"):
-        q.quantize(values, 3)
+    values[17] = values[40] = bad
+    given = {"F16": values.astype(np.float16), "BF16": values.astype(np.float32)}.get(dtype, values)
+    with pytest.raises(InputError, match="tensor has 2 NaN/inf"):
+        q.quantize(given, 3, dtype=dtype)
 
 
 def test_error_shrinks_with_bits():
@@ -119,11 +122,42 @@ half_tensors = st.builds(
 @given(values=half_tensors, bits=st.integers(1, 8), dtype=st.sampled_from(["F16", "BF16"]))
 def test_histogram_fit_is_the_optimum_over_every_value(fitter, values, bits, dtype):
     """The kernel on the histogram of a 16-bit tensor reaches kmeans1d's optimum over all of its values."""
-    x = torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16 if dtype == "BF16" else torch.float16)
-    x = x.double().numpy()
+    x = _as_dtype(values, dtype)
     codebook = q.fit_histogram(x, dtype, bits)
     assert codebook.dtype == np.float32 and np.all(np.diff(codebook) > 0) and codebook.size <= 1 << bits
     assert sse(x, codebook) <= kmeans1d_sse(x, bits) * (1 + 1e-6) + 1e-12
+
+
+def _as_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float16 values rounded to `dtype` (F16 or BF16), as float64."""
+    x = torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16 if dtype == "BF16" else torch.float16)
+    return x.double().numpy()
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=half_tensors, bits=st.integers(1, 8), dtype=st.sampled_from(["F16", "BF16"]),
+       given_as=st.sampled_from([np.float16, np.float32, np.float64]), sample=st.sampled_from([0, 500]))
+def test_a_16_bit_tensor_quantized_by_pattern_is_quantized_by_value(values, bits, dtype, given_as, sample):
+    """A 16-bit tensor's indices come from a table over its bit patterns: exactly the nearest entry of every
+    value (assign), whether its values arrive as float16, float32 or float64; the counts are the indices'."""
+    x = _as_dtype(values, dtype)
+    if dtype == "BF16" and given_as is np.float16:
+        given_as = np.float32  # bfloat16 values need not fit in float16
+    result = q.quantize(x.astype(given_as), bits, sample=sample, seed=3, dtype=dtype)
+    assert np.array_equal(result.indices, q.assign(x, result.codebook))
+    assert np.array_equal(result.counts, np.bincount(result.indices, minlength=result.codebook.size))
+    assert np.array_equal(result.codebook, q.quantize(x, bits, sample=sample, seed=3, dtype=dtype).codebook)
+
+
+@settings(max_examples=100, deadline=None)
+@given(patterns=st.lists(st.integers(0, 65535), max_size=3000) | st.builds(
+    lambda n, p: [p] * n, st.integers(0, 5000), st.integers(0, 65535)))
+def test_pattern_counts_are_numpys_bincount(patterns):
+    bits = np.array(patterns, dtype=np.uint16)
+    expected = np.bincount(bits, minlength=1 << 16)
+    assert np.array_equal(q.pattern_counts(bits), expected)
+    if q.native_pattern_counts is not None:
+        assert np.array_equal(np.frombuffer(q.native_pattern_counts(bits[::-1].copy()), np.int64), expected)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
