@@ -189,7 +189,8 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
                      thresholds=None if choice is None else choice.thresholds)
     except InputError as exc:
         raise InputError(f"{t.name}: {exc}") from None
-    codebook_dtype, side = stored_side(values, q, t.dtype, options.version, scales)
+    codebook_dtype, side = stored_side(values, q, t.dtype, options.version, scales,
+                                       GRID_LIMIT if choice is None else math.inf)
     k = int(q.codebook.size)
     stage, payload = _entropy_coded(q, bits, options.stages)
     if k == 1:
@@ -229,6 +230,22 @@ what an F16 codebook's numpy conversion takes. At BYTE_WORTH_NS a byte the write
 bytes or more (without the C extension a GRID codebook takes ~100 µs to read)."""
 
 
+GRID_LIMIT = 0.01
+"""At -b, a GRID codebook may add up to this share of the tensor's squared quantization error (0.04 dB) where the
+bits it saves are worth more at the tensor's own rate-distortion slope (grid_bit_cost), as on small tensors at
+many levels: the rank-2 MiniLM adapters' -b 5 files measured 1.0% smaller (SineLoRA 5.275 -> 5.223 bits/param)
+for 0.02 dB, -b 6 0.9%; at a 3% limit -b 6 was 1.6% smaller for 0.07 dB, which -b (the paper's k-means) should
+not give up. A rate-controlled encode has no limit: its plan prices the error (ratecontrol.grid_bits), and the
+--bpp curves of three MiniLM LoRAs measured BD-rate -0.4 to -1.5% against 2.2.0's tolerance, -0.2 to -0.8% with
+this limit."""
+
+
+def grid_bit_cost(base: float, count: float) -> float:
+    """What one bit of codebook is worth in squared error: the slope of a fixed-rate quantizer's error D·2^(-2R)
+    over its `count` values, 2·ln 2·D per bit a value, shared by them all."""
+    return 2 * math.log(2) * base / count if count else 0.0
+
+
 GRID_MIN_SHARE = 0.01
 """GRID is tried only where the F16/F32 codebook and scales are at least this share of the bit-packed indices: it
 can save no more than they take, and trying costs ~0.5 ms a tensor. Trying it everywhere on a 28.3M-parameter
@@ -238,13 +255,14 @@ the share."""
 
 
 def stored_side(values: np.ndarray, q: Quantized, dtype: str, version: tuple[int, int],
-                scales: np.ndarray | None = None) -> tuple[str, bytes]:
+                scales: np.ndarray | None = None, grid_limit: float = GRID_LIMIT) -> tuple[str, bytes]:
     """(codebook_dtype, bytes) of a tensor's codebook and scales (spec §4.2). 1.x stores F32. 2.0 stores an F16 or
     BF16 tensor's codebook in its own dtype, which is exact (decoding rounds to that dtype anyway), and a float32
     or float64 one's, or a scaled one's (whose entries are multiplied before that rounding), as F16 where the
     tolerances above allow; F32 wherever rounding would merge two entries or overflow. 2.2 stores GRID instead
-    where the tolerances allow it and it saves bytes worth its decode time (GRID_DECODE_NS), trying it where the
-    codebook is a fair share of the section (GRID_MIN_SHARE)."""
+    where it saves bytes worth its decode time (GRID_DECODE_NS), trying it where the codebook is a fair share of
+    the section (GRID_MIN_SHARE); its grid may add up to `grid_limit` of the tensor's squared error (GRID_LIMIT for
+    -b; a rate-controlled encode, whose plan prices that error, passes inf)."""
     exact = q.codebook.astype("<f4")
     if version[0] == 1:
         return "F32", exact.tobytes()
@@ -253,7 +271,7 @@ def stored_side(values: np.ndarray, q: Quantized, dtype: str, version: tuple[int
     side = codebook + (b"" if scales is None else float32_to_bits(scales, codebook_dtype).tobytes())
     packed = q.indices.size * max((exact.size - 1).bit_length(), 1) / 8
     if CODEBOOK_MIN_VERSION[CODEBOOK_GRID] <= version and len(side) >= GRID_MIN_SHARE * packed:
-        grid_side = _grid_side(dtype, exact, scales, errors())
+        grid_side = _grid_side(dtype, exact, scales, errors(), grid_limit)
         if grid_side is not None and (len(side) - len(grid_side)) * BYTE_WORTH_NS >= GRID_DECODE_NS:
             return CODEBOOK_GRID, grid_side
     return codebook_dtype, side
@@ -274,9 +292,11 @@ def _float_codebook(q: Quantized, dtype: str, exact: np.ndarray, scaled: bool,
     return narrow, bits.tobytes()
 
 
-def _grid_side(dtype: str, exact: np.ndarray, scales: np.ndarray | None, errors: _SquaredError) -> bytes | None:
-    """The GRID codebook (and scale exponents) on the coarsest grid within the tolerances, judged on the entries as
-    decoding rounds them to `dtype`; None where no grid or scale exponent fits."""
+def _grid_side(dtype: str, exact: np.ndarray, scales: np.ndarray | None, errors: _SquaredError,
+               limit: float) -> bytes | None:
+    """The GRID codebook (and scale exponents) on the grid of least added error plus bits at the tensor's own slope
+    (grid_bit_cost) among those adding at most `limit` times its squared error (or the tolerances above), judged on
+    the entries as decoding rounds them to `dtype`; None where no grid or scale exponent fits."""
     scale_bytes = b"" if scales is None else grid.encode_scales(scales)
     if scale_bytes is None:
         return None
@@ -284,18 +304,17 @@ def _grid_side(dtype: str, exact: np.ndarray, scales: np.ndarray | None, errors:
     base = errors(bits_to_float32(float32_to_bits(exact, dtype), dtype) if rounds else exact)
     allowed = max(CODEBOOK_TOLERANCE * base, CODEBOOK_FLOOR * errors.energy)
 
-    def added(entries: np.ndarray) -> float:
-        if rounds:
-            bits = float32_to_bits(entries, dtype)
-            if not finite_bits(bits, dtype).all():
-                return math.inf
-            entries = bits_to_float32(bits, dtype)
-        return errors(entries) - base
+    def added(entries: np.ndarray) -> np.ndarray:  # a candidate codebook a row
+        if not rounds:
+            return errors(entries) - base
+        bits = float32_to_bits(entries, dtype)
+        return np.where(finite_bits(bits, dtype).all(axis=1), errors(bits_to_float32(bits, dtype)) - base, math.inf)
 
-    exponent = grid.choose_exponent(exact, errors.counts, added, allowed)
-    if exponent is None:
+    chosen = grid.choose_exponent(exact, errors.counts, added, allowed, limit * base if base else 0.0,
+                                  grid_bit_cost(base, float(errors.counts.sum())))
+    if chosen is None:
         return None
-    return grid.encode(grid.snap(exact, exponent), exponent) + scale_bytes
+    return grid.encode(grid.snap(exact, chosen[0]), chosen[0]) + scale_bytes
 
 
 class _SquaredError:
@@ -306,11 +325,13 @@ class _SquaredError:
         values = np.asarray(values, dtype=np.float64)
         self.counts = np.bincount(indices, minlength=k).astype(np.float64)
         self.sums = np.bincount(indices, weights=values, minlength=k)
-        self.energy = float(np.square(values).sum())  # not np.dot: BLAS threads would spin against the encode's
+        self.energy = float(np.square(values).sum())
 
-    def __call__(self, codebook: np.ndarray) -> float:
+    def __call__(self, codebook: np.ndarray) -> np.ndarray:
+        """The error of one codebook, or of each row of several (sums along rows, not BLAS: the same per row
+        however many rows, and no BLAS threads spinning against the encode's)."""
         c = codebook.astype(np.float64)
-        return self.energy - 2 * float(np.dot(c, self.sums)) + float(np.dot(self.counts, c * c))
+        return self.energy - 2 * (c * self.sums).sum(axis=-1) + (c * c * self.counts).sum(axis=-1)
 
 
 def _rounding_is_negligible(error: _SquaredError, codebook: np.ndarray, rounded: np.ndarray) -> bool:

@@ -4,12 +4,13 @@ A codebook stored as F16 costs 16 bits an entry, most of them spent saying where
 nothing needs: decoding rounds it to the tensor's dtype, and the tensor's quantization error is far larger. GRID
 stores the entries as integer multiples m_i·2^e of one power of two: e, then m_0, then the k - 1 gaps
 m_i - m_(i-1) - 1 Rice-coded (their low p bits packed at p bits each, then their high parts in unary). The writer
-picks the coarsest 2^e whose snapping adds at most a tolerance to the tensor's squared error (the same tolerance
-as F32 -> F16, codec.CODEBOOK_TOLERANCE): a 32-entry codebook of a rank-2 MiniLM factor takes ~25 bytes instead
-of 64. Scales of a GRID record are powers of two, stored as their exponents, one signed byte each.
+picks the 2^e of least added squared error plus bits priced at the tensor's own rate-distortion slope, within a
+limit (codec.GRID_LIMIT at -b): a 32-entry codebook of a rank-2 MiniLM factor takes ~27 bytes instead of 64.
+Scales of a GRID record are powers of two, stored as their exponents, one signed byte each.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -34,19 +35,42 @@ def values(mantissas: np.ndarray, exponent: int) -> np.ndarray:
     return np.ldexp(mantissas.astype(np.float64), exponent).astype(np.float32)
 
 
-def choose_exponent(codebook: np.ndarray, counts: np.ndarray, added_error: Callable[[np.ndarray], float],
-                    allowed: float) -> int | None:
-    """The largest e, from start_exponent down to GRID_MIN_EXPONENT, whose grid keeps the entries distinct and
-    within GRID_MAX_MANTISSA and adds at most `allowed` squared error (`added_error` of the snapped float32
-    entries); None if none does."""
+SEARCH_BLOCK = 8
+"""Exponents tried at once (numpy over a block of candidate grids: a search mostly ends within 6 steps)."""
+
+
+def choose_exponent(codebook: np.ndarray, counts: np.ndarray, added_error: Callable[[np.ndarray], np.ndarray],
+                    allowed: float, limit: float | None = None, bit_cost: float = 0.0) -> tuple[int, int] | None:
+    """The e whose grid costs least, as the squared error it adds (`added_error` of the snapped float32 entries,
+    one candidate codebook a row, one error a row) plus `bit_cost` for every bit of the GRID codebook, among the
+    grids that keep the entries distinct and within GRID_MAX_MANTISSA and add at most `limit` (default
+    `allowed`). Searched from start_exponent down to the first e within `allowed`, the finest that can pay (finer
+    ones only cost bits); so without a `limit`, the coarsest grid within `allowed`. (e, bytes of its GRID
+    codebook), or None if no grid fits."""
     c = codebook.astype(np.float64)
-    for e in range(start_exponent(c, counts, allowed), GRID_MIN_EXPONENT - 1, -1):
-        m = snap(c, e)
-        if np.abs(m).max() >= GRID_MAX_MANTISSA:
-            return None
-        if (m[1:] > m[:-1]).all() and added_error(values(m, e)) <= allowed:
-            return e
-    return None
+    limit = allowed if limit is None else max(limit, allowed)
+    best: tuple[float, int, int] | None = None
+    top = start_exponent(c, counts, limit)
+    for first in range(top, GRID_MIN_EXPONENT - 1, -SEARCH_BLOCK):
+        exponents = np.arange(first, max(first - SEARCH_BLOCK, GRID_MIN_EXPONENT - 1), -1)
+        scaled = np.rint(np.ldexp(c[None, :], -exponents[:, None]))
+        fits = np.abs(scaled).max(axis=1) < GRID_MAX_MANTISSA
+        stop = exponents.size if fits.all() else int(np.argmin(fits))  # finer grids only grow the mantissas
+        exponents, m = exponents[:stop], scaled[:stop].astype(np.int64)
+        distinct = (m[:, 1:] > m[:, :-1]).all(axis=1)
+        added = added_error(np.ldexp(m.astype(np.float64), exponents[:, None]).astype(np.float32))
+        sizes = _sizes(m)
+        for e, ok, a, b in zip(exponents.tolist(), distinct.tolist(), added.tolist(), sizes.tolist()):
+            if not ok or a > limit:
+                continue
+            cost = a + bit_cost * (8 * b)
+            if best is None or cost < best[0]:
+                best = (cost, e, b)
+            if a <= allowed:
+                return best[1], best[2]
+        if stop < SEARCH_BLOCK:
+            break
+    return None if best is None else (best[1], best[2])
 
 
 def start_exponent(codebook: np.ndarray, counts: np.ndarray, allowed: float) -> int:
@@ -60,7 +84,7 @@ def start_exponent(codebook: np.ndarray, counts: np.ndarray, allowed: float) -> 
     gaps = codebook[1:] - codebook[:-1]
     bound = int(np.floor(np.log2(min(float(gaps.min()), top) if gaps.size else top)))
     total = float(counts.sum())
-    if allowed > 0 and total > 0:
+    if 0 < allowed < math.inf and total > 0:
         bound = min(bound, int(np.floor(np.log2(np.sqrt(12 * allowed / total)))) + 1)
     return min(bound, GRID_MAX_EXPONENT)
 
@@ -78,28 +102,42 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _remainder_width(gaps: np.ndarray) -> int:
-    """The Rice parameter p that makes the packed remainders plus the unary quotients fewest bytes."""
-    if not gaps.size:
-        return 0
-    quotients = (gaps[:, None] >> _REMAINDER_WIDTHS[None, :]).sum(axis=0)
-    cost = -(-gaps.size * _REMAINDER_WIDTHS // 8) + -(-(quotients + gaps.size) // 8)
-    return int(np.argmin(cost))
+def _remainder_widths(gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of gaps, the Rice parameter p that makes the packed remainders plus the unary quotients fewest
+    bytes (the smallest such p), and the sum of the quotients at that p. A p past the largest gap's bit length
+    only adds packed bits, so the search stops there."""
+    widths = _REMAINDER_WIDTHS[:int(gaps.max(initial=0)).bit_length() + 1]
+    quotients = (gaps[:, :, None] >> widths[None, None, :]).sum(axis=1)
+    n = gaps.shape[1]
+    cost = -(-n * widths[None, :] // 8) + -(-(quotients + n) // 8)
+    p = np.argmin(cost, axis=1)
+    return p, quotients[np.arange(gaps.shape[0]), p]
+
+
+_VARINT_STEPS = np.array([1 << 7, 1 << 14, 1 << 21, 1 << 28, 1 << 35])
+
+
+def _sizes(mantissas: np.ndarray) -> np.ndarray:
+    """Bytes of encode(m, e) for each row m of `mantissas` (the exponent does not change it)."""
+    gaps = mantissas[:, 1:] - mantissas[:, :-1] - 1
+    p, quotients = _remainder_widths(gaps)
+    n = gaps.shape[1]
+    first = mantissas[:, 0]
+    zigzag = np.where(first >= 0, 2 * first, -2 * first - 1)
+    head = 3 + np.searchsorted(_VARINT_STEPS, zigzag, side="right")  # e, p and m_0's LEB128 bytes
+    return head + -(-n * p // 8) + -(-(quotients + n) // 8)
 
 
 def size(mantissas: np.ndarray) -> int:
-    """Bytes of encode(mantissas, e) (the exponent does not change it)."""
-    gaps = mantissas[1:] - mantissas[:-1] - 1
-    p = _remainder_width(gaps)
-    return (2 + len(_varint(_zigzag(int(mantissas[0])))) + -(-gaps.size * p // 8)
-            + -(-(int((gaps >> p).sum()) + gaps.size) // 8))
+    """Bytes of encode(mantissas, e)."""
+    return int(_sizes(mantissas[None, :])[0])
 
 
 def encode(mantissas: np.ndarray, exponent: int) -> bytes:
     """The GRID codebook bytes: e (i8), p (u8), zigzag varint m_0, the gaps' low p bits packed at p bits each
     (§4.3's bit order), then their high parts as that many zero bits and a one (least significant first)."""
     gaps = mantissas[1:] - mantissas[:-1] - 1
-    p = _remainder_width(gaps)
+    p = int(_remainder_widths(gaps[None, :])[0][0])
     head = np.int8(exponent).tobytes() + bytes([p]) + _varint(_zigzag(int(mantissas[0])))
     if not gaps.size:
         return head

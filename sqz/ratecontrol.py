@@ -33,7 +33,14 @@ import numpy as np
 from . import allocate, entropy_constrained
 from . import grid as grid_codebook
 from .adapter import Pair, SourceTensor
-from .codec import BYTE_WORTH_NS, CODEBOOK_FLOOR, CODEBOOK_TOLERANCE, GRID_DECODE_NS, GRID_MIN_SHARE
+from .codec import (
+    BYTE_WORTH_NS,
+    CODEBOOK_FLOOR,
+    CODEBOOK_TOLERANCE,
+    GRID_DECODE_NS,
+    GRID_MIN_SHARE,
+    grid_bit_cost,
+)
 from .constants import PAIR_SINE
 from .dtypes import itemsize, to_float64, to_narrowest
 from .quantize import Fit, fit_histogram_sizes, histogram
@@ -160,12 +167,12 @@ def component_scales(a: np.ndarray) -> np.ndarray:
 
 
 def rate_bits(fit: Fit, width: int, count: int, entry_bits: int = 32, compact: bool = False,
-              energy: float | None = None) -> float:
-    """Estimated bits of a kmeans section: codebook (`entry_bits` an entry: 32 in 1.x, 16 in 2.0, which stores
-    codebooks as F16 where that is exact or costs next to nothing; with the tensor's `energy` (2.2) GRID where the
-    writer would store that, grid_bits), then the indices at about their entropy (never more than bit-packed)
-    with the stage's table (rans-compact's where `compact`, else a frame's worth), plus the section's share of
-    alignment and header."""
+              energy: float | None = None) -> tuple[float, float]:
+    """Estimated bits of a kmeans section, and the squared error its codebook's storage adds: codebook
+    (`entry_bits` an entry: 32 in 1.x, 16 in 2.0, which stores codebooks as F16 where that is exact or costs next
+    to nothing; with the tensor's `energy` (2.2) GRID where the writer would store that, grid_bits), then the
+    indices at about their entropy (never more than bit-packed) with the stage's table (rans-compact's where
+    `compact`, else a frame's worth), plus the section's share of alignment and header."""
     k = fit.codebook.size
     if k == 1:
         index_bits = 0.0
@@ -174,24 +181,27 @@ def rate_bits(fit: Fit, width: int, count: int, entry_bits: int = 32, compact: b
         entropy = float(-(p * np.log2(np.where(p > 0, p, 1))).sum())
         table = COMPACT_FRAME_BITS + (k - 1) * count_bits(int(fit.counts.max())) if compact else FRAME_BITS
         index_bits = min(count * width, ENTROPY_SLACK * count * entropy + table)
-    codebook = entry_bits * k
+    codebook, added = float(entry_bits * k), 0.0
     if energy is not None and codebook >= GRID_MIN_SHARE * count * max(width, 1):  # as the writer tries it
-        codebook = min(codebook, grid_bits(fit, energy, codebook))
-    return index_bits + codebook + SECTION_BITS
+        codebook, added = grid_bits(fit, energy, codebook)
+    return index_bits + codebook + SECTION_BITS, added
 
 
-def grid_bits(fit: Fit, energy: float, plain_bits: float) -> float:
-    """Bits of the fit's codebook as GRID, as codec.stored_side would choose it: the coarsest grid within the
-    codebook tolerances (the error it adds estimated as Σ count·(c - c')², exact where entries are their cells'
-    means), and only where it saves bytes worth its decode time; else `plain_bits`."""
+def grid_bits(fit: Fit, energy: float, plain_bits: float) -> tuple[float, float]:
+    """(bits, added squared error) of the fit's codebook as GRID, as codec.stored_side would choose it for a
+    rate-controlled tensor: at the least error plus bits at the tensor's own slope (grid_bit_cost), with no limit
+    (the error it adds estimated as Σ count·(c - c')², exact where entries are their cells' means), and only where
+    it saves bytes worth its decode time; else (`plain_bits`, 0)."""
     c = fit.codebook.astype(np.float64)
     counts = fit.counts.astype(np.float64)
     allowed = max(CODEBOOK_TOLERANCE * fit.sse, CODEBOOK_FLOOR * energy)
-    exponent = grid_codebook.choose_exponent(c, counts, lambda x: float(np.dot(counts, np.square(x - c))), allowed)
-    if exponent is None:
-        return plain_bits
-    bits = 8 * grid_codebook.size(grid_codebook.snap(c, exponent))
-    return bits if (plain_bits - bits) / 8 * BYTE_WORTH_NS >= GRID_DECODE_NS else plain_bits
+    added = lambda x: (np.square(x - c) * counts).sum(axis=-1)  # a candidate codebook a row
+    chosen = grid_codebook.choose_exponent(c, counts, added, allowed, math.inf if fit.sse else 0.0,
+                                           grid_bit_cost(fit.sse, float(counts.sum())))
+    if chosen is None or (plain_bits - 8 * chosen[1]) / 8 * BYTE_WORTH_NS < GRID_DECODE_NS:
+        return plain_bits, 0.0
+    exponent, size = chosen
+    return 8 * size, float(added(grid_codebook.values(grid_codebook.snap(c, exponent), exponent)))
 
 
 def count_bits(count: int) -> int:
@@ -261,9 +271,9 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
         for column, fit in fits[name].items():
             weight, extra = (scaled_weights[name], entry_bits * scales[name].size) if is_scaled[column] else (
                 weights[name], 0)  # the scales are stored after the codebook
-            rate[row, column] = rate_bits(fit, max(width_of(fit.codebook.size), 1), count, entry_bits,
-                                          compact, energy) + extra
-            distortion[row, column] = weight * fit.sse
+            bits, added = rate_bits(fit, max(width_of(fit.codebook.size), 1), count, entry_bits, compact, energy)
+            rate[row, column] = bits + extra
+            distortion[row, column] = weight * (fit.sse + added)
         rate[row, RAW], distortion[row, RAW] = 8 * count * itemsize(tensors[name].dtype) + SECTION_BITS, 0.0
     return Prepared(names, fits, is_scaled, rate, distortion, signal, scales)
 

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 import sqz
 from sqz import container, grid
-from sqz.codec import CODEBOOK_FLOOR, CODEBOOK_TOLERANCE
-from sqz.constants import CODEBOOK_GRID, GRID_MAX_MANTISSA
+from sqz.codec import CODEBOOK_FLOOR, GRID_LIMIT
+from sqz.constants import CODEBOOK_GRID, GRID_MAX_MANTISSA, GRID_MIN_EXPONENT
 
 native = pytest.mark.skipif(grid.native_grid_codebook is None, reason="sqz._lookup was not built")
 
@@ -103,17 +103,48 @@ def test_the_chosen_grid_is_the_coarsest_within_the_allowance_from_where_the_sea
     codebook = np.sort(np.array(values, dtype=np.float32))
     counts = np.arange(1, codebook.size + 1, dtype=np.float64)
 
-    def added(entries: np.ndarray) -> float:
-        return float(np.dot(counts, np.square(entries.astype(np.float64) - codebook)))
+    def added(entries: np.ndarray) -> np.ndarray:
+        return (np.square(entries.astype(np.float64) - codebook) * counts).sum(axis=-1)
 
-    exponent = grid.choose_exponent(codebook, counts, added, allowed)
-    if exponent is None:  # only where no grid of at most 2^24 steps keeps the entries apart within the allowance
+    chosen = grid.choose_exponent(codebook, counts, added, allowed)
+    if chosen is None:  # only where no grid of at most 2^24 steps keeps the entries apart within the allowance
         return
+    exponent, size = chosen
     fine = grid.snap(codebook, exponent)
     assert (np.diff(fine) > 0).all() and added(grid.values(fine, exponent)) <= allowed
+    assert size == len(grid.encode(fine, exponent))
     if exponent < grid.start_exponent(codebook.astype(np.float64), counts, allowed):
         coarse = grid.snap(codebook, exponent + 1)
         assert not (np.diff(coarse) > 0).all() or added(grid.values(coarse, exponent + 1)) > allowed
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=2, max_size=64, unique=True),
+       st.floats(1e-9, 1e-1), st.floats(1.0, 1e3), st.floats(1e-12, 1e-2))
+def test_a_priced_grid_is_the_cheapest_within_the_limit(values, allowed, limit_share, bit_cost):
+    """With a price per bit the grid is the one of least added error plus bits x price among those within the
+    limit, from the search's start down to the first within the allowance (finer grids cost only more bits)."""
+    codebook = np.sort(np.array(values, dtype=np.float32))
+    counts = np.arange(1, codebook.size + 1, dtype=np.float64)
+
+    def added(entries: np.ndarray) -> np.ndarray:
+        return (np.square(entries.astype(np.float64) - codebook) * counts).sum(axis=-1)
+
+    limit = allowed * limit_share
+    chosen = grid.choose_exponent(codebook, counts, added, allowed, limit, bit_cost)
+    exponent = None if chosen is None else chosen[0]
+    unpriced = (grid.choose_exponent(codebook, counts, added, allowed) or (None,))[0]
+    costs = {}
+    for e in range(grid.start_exponent(codebook.astype(np.float64), counts, limit), GRID_MIN_EXPONENT - 1, -1):
+        if np.abs(np.rint(np.ldexp(codebook.astype(np.float64), -e))).max() >= GRID_MAX_MANTISSA:
+            break
+        m = grid.snap(codebook, e)
+        if (np.diff(m) > 0).all() and added(grid.values(m, e)) <= limit:
+            costs[e] = added(grid.values(m, e)) + bit_cost * (8 * grid.size(m))
+            if added(grid.values(m, e)) <= allowed:
+                break
+    assert exponent == (min(costs, key=lambda e: (costs[e], -e)) if costs else None)
+    assert exponent is None or unpriced is None or exponent >= unpriced  # never finer than the unpriced choice
 
 
 def test_scales_are_stored_as_exponents_only_when_they_are_powers_of_two():
@@ -159,7 +190,7 @@ def test_files_store_grid_where_smaller_and_decode_within_the_tolerance(tmp_path
         exact = tensors[name].double()
         base = float((decoded["2.1"][name] - exact).square().sum())
         error = float((decoded["2.2"][name] - exact).square().sum())
-        assert error - base <= max(CODEBOOK_TOLERANCE * base, CODEBOOK_FLOOR * float(exact.square().sum())) * 1.01
+        assert error - base <= max(GRID_LIMIT * base, CODEBOOK_FLOOR * float(exact.square().sum())) * 1.01
     f = container.Container(tmp_path / "2.2.sqz")
     for i, row in enumerate(sqz.info(tmp_path / "2.2.sqz")["tensors"]):
         if row["codebook_dtype"] == CODEBOOK_GRID:  # what info says a GRID codebook takes is what it takes
