@@ -266,7 +266,7 @@ def stored_side(values: np.ndarray, q: Quantized, dtype: str, version: tuple[int
     exact = q.codebook.astype("<f4")
     if version[0] == 1:
         return "F32", exact.tobytes()
-    errors = functools.cache(lambda: _SquaredError(values, q.indices, exact.size))  # one pass, if either needs it
+    errors = functools.cache(lambda: _SquaredError(values, q))  # one pass, if either needs it
     codebook_dtype, codebook = _float_codebook(q, dtype, exact, scales is not None, errors)
     side = codebook + (b"" if scales is None else float32_to_bits(scales, codebook_dtype).tobytes())
     packed = q.indices.size * max((exact.size - 1).bit_length(), 1) / 8
@@ -314,17 +314,17 @@ def _grid_side(dtype: str, exact: np.ndarray, scales: np.ndarray | None, errors:
                                   grid_bit_cost(base, float(errors.counts.sum())))
     if chosen is None:
         return None
-    return grid.encode(grid.snap(exact, chosen[0]), chosen[0]) + scale_bytes
+    return grid.encode(chosen.mantissas, chosen.exponent) + scale_bytes
 
 
 class _SquaredError:
     """Σ(x - c[index])² of a tensor for any codebook c, from per-entry counts and sums (Σx² - 2·Σc·S + Σn·c²), so
     one pass over the tensor serves every candidate codebook."""
 
-    def __init__(self, values: np.ndarray, indices: np.ndarray, k: int):
+    def __init__(self, values: np.ndarray, q: Quantized):
         values = np.asarray(values, dtype=np.float64)
-        self.counts = np.bincount(indices, minlength=k).astype(np.float64)
-        self.sums = np.bincount(indices, weights=values, minlength=k)
+        self.counts = q.counts.astype(np.float64)
+        self.sums = np.bincount(q.indices, weights=values, minlength=q.codebook.size)
         self.energy = float(np.square(values).sum())
 
     def __call__(self, codebook: np.ndarray) -> np.ndarray:

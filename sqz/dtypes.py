@@ -18,10 +18,7 @@ def itemsize(dtype: str) -> int:
 
 def to_float64(raw: bytes | memoryview | np.ndarray, dtype: str) -> np.ndarray:
     """Values of a raw float tensor as float64 (what kmeans1d works in)."""
-    if dtype == "BF16":
-        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).astype(np.float64)
-    values = np.frombuffer(raw, dtype=_FLOAT_VIEWS[dtype][0])
+    values = to_narrowest(raw, dtype)
     if dtype == "F16":  # exact either way; numpy widens float16 to float32 twice as fast as to float64
         values = values.astype(np.float32)
     return values.astype(np.float64)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,8 +31,9 @@ def snap(codebook: np.ndarray, exponent: int) -> np.ndarray:
     return np.rint(np.ldexp(codebook.astype(np.float64), -exponent)).astype(np.int64)
 
 
-def values(mantissas: np.ndarray, exponent: int) -> np.ndarray:
-    """The entries m·2^e as float32 (exact: |m| < 2^24, and the caller keeps them finite)."""
+def values(mantissas: np.ndarray, exponent: int | np.ndarray) -> np.ndarray:
+    """The entries m·2^e as float32 (exact: |m| < 2^24, and the caller keeps them finite); an exponent per row
+    where `exponent` is a column."""
     return np.ldexp(mantissas.astype(np.float64), exponent).astype(np.float32)
 
 
@@ -39,17 +41,26 @@ SEARCH_BLOCK = 8
 """Exponents tried at once (numpy over a block of candidate grids: a search mostly ends within 6 steps)."""
 
 
+class Grid(NamedTuple):
+    """A codebook snapped to the grid 2^exponent: its mantissas, the bytes encode() makes of them and the squared
+    error the snapping adds."""
+
+    exponent: int
+    mantissas: np.ndarray
+    size: int
+    added: float
+
+
 def choose_exponent(codebook: np.ndarray, counts: np.ndarray, added_error: Callable[[np.ndarray], np.ndarray],
-                    allowed: float, limit: float | None = None, bit_cost: float = 0.0) -> tuple[int, int] | None:
-    """The e whose grid costs least, as the squared error it adds (`added_error` of the snapped float32 entries,
+                    allowed: float, limit: float | None = None, bit_cost: float = 0.0) -> Grid | None:
+    """The grid that costs least, as the squared error it adds (`added_error` of the snapped float32 entries,
     one candidate codebook a row, one error a row) plus `bit_cost` for every bit of the GRID codebook, among the
     grids that keep the entries distinct and within GRID_MAX_MANTISSA and add at most `limit` (default
     `allowed`). Searched from start_exponent down to the first e within `allowed`, the finest that can pay (finer
-    ones only cost bits); so without a `limit`, the coarsest grid within `allowed`. (e, bytes of its GRID
-    codebook), or None if no grid fits."""
+    ones only cost bits); so without a `limit`, the coarsest grid within `allowed`. None if no grid fits."""
     c = codebook.astype(np.float64)
     limit = allowed if limit is None else max(limit, allowed)
-    best: tuple[float, int, int] | None = None
+    best: tuple[float, Grid] | None = None
     top = start_exponent(c, counts, limit)
     for first in range(top, GRID_MIN_EXPONENT - 1, -SEARCH_BLOCK):
         exponents = np.arange(first, max(first - SEARCH_BLOCK, GRID_MIN_EXPONENT - 1), -1)
@@ -58,19 +69,20 @@ def choose_exponent(codebook: np.ndarray, counts: np.ndarray, added_error: Calla
         stop = exponents.size if fits.all() else int(np.argmin(fits))  # finer grids only grow the mantissas
         exponents, m = exponents[:stop], scaled[:stop].astype(np.int64)
         distinct = (m[:, 1:] > m[:, :-1]).all(axis=1)
-        added = added_error(np.ldexp(m.astype(np.float64), exponents[:, None]).astype(np.float32))
+        added = added_error(values(m, exponents[:, None]))
         sizes = _sizes(m)
-        for e, ok, a, b in zip(exponents.tolist(), distinct.tolist(), added.tolist(), sizes.tolist()):
+        for row, (e, ok, a, b) in enumerate(zip(exponents.tolist(), distinct.tolist(), added.tolist(),
+                                                sizes.tolist())):
             if not ok or a > limit:
                 continue
             cost = a + bit_cost * (8 * b)
             if best is None or cost < best[0]:
-                best = (cost, e, b)
+                best = (cost, Grid(e, m[row], b, a))
             if a <= allowed:
-                return best[1], best[2]
+                return best[1]
         if stop < SEARCH_BLOCK:
             break
-    return None if best is None else (best[1], best[2])
+    return None if best is None else best[1]
 
 
 def start_exponent(codebook: np.ndarray, counts: np.ndarray, allowed: float) -> int:

@@ -198,10 +198,9 @@ def grid_bits(fit: Fit, energy: float, plain_bits: float) -> tuple[float, float]
     added = lambda x: (np.square(x - c) * counts).sum(axis=-1)  # a candidate codebook a row
     chosen = grid_codebook.choose_exponent(c, counts, added, allowed, math.inf if fit.sse else 0.0,
                                            grid_bit_cost(fit.sse, float(counts.sum())))
-    if chosen is None or (plain_bits - 8 * chosen[1]) / 8 * BYTE_WORTH_NS < GRID_DECODE_NS:
+    if chosen is None or (plain_bits - 8 * chosen.size) / 8 * BYTE_WORTH_NS < GRID_DECODE_NS:
         return plain_bits, 0.0
-    exponent, size = chosen
-    return 8 * size, float(added(grid_codebook.values(grid_codebook.snap(c, exponent), exponent)))
+    return 8 * chosen.size, chosen.added
 
 
 def count_bits(count: int) -> int:

@@ -109,7 +109,7 @@ def test_the_chosen_grid_is_the_coarsest_within_the_allowance_from_where_the_sea
     chosen = grid.choose_exponent(codebook, counts, added, allowed)
     if chosen is None:  # only where no grid of at most 2^24 steps keeps the entries apart within the allowance
         return
-    exponent, size = chosen
+    exponent, size = chosen.exponent, chosen.size
     fine = grid.snap(codebook, exponent)
     assert (np.diff(fine) > 0).all() and added(grid.values(fine, exponent)) <= allowed
     assert size == len(grid.encode(fine, exponent))
@@ -132,8 +132,9 @@ def test_a_priced_grid_is_the_cheapest_within_the_limit(values, allowed, limit_s
 
     limit = allowed * limit_share
     chosen = grid.choose_exponent(codebook, counts, added, allowed, limit, bit_cost)
-    exponent = None if chosen is None else chosen[0]
-    unpriced = (grid.choose_exponent(codebook, counts, added, allowed) or (None,))[0]
+    exponent = None if chosen is None else chosen.exponent
+    unpriced_grid = grid.choose_exponent(codebook, counts, added, allowed)
+    unpriced = None if unpriced_grid is None else unpriced_grid.exponent
     costs = {}
     for e in range(grid.start_exponent(codebook.astype(np.float64), counts, limit), GRID_MIN_EXPONENT - 1, -1):
         if np.abs(np.rint(np.ldexp(codebook.astype(np.float64), -e))).max() >= GRID_MAX_MANTISSA:
