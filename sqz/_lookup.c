@@ -1,18 +1,19 @@
 /* sqz._lookup: the decoder's hot loop in C (optional; bitpack.py does the same in numpy).
  *
- * lookup_many(jobs, threads) takes jobs (stream, count, bits, table, out, framed) and writes, for each,
- * table[index] of every one of the `count` b-bit indices of the packed stream (spec "Bit packing":
+ * lookup_many(jobs, threads) takes jobs (stream, count, bits, table, out, frame[, counts]) and writes, for
+ * each, table[index] of every one of the `count` b-bit indices of the packed stream (spec "Bit packing":
  * index i is bits [i*b, i*b + b) of a little-endian bit stream) into `out`. Table entries are 1, 2, 4
- * or 8 bytes: indices themselves, or the element bit patterns of F16/BF16, F32 and F64. A framed job's
- * stream is the zstd frame of the packed stream (entropy stages zstd and zstd-aligned): the worker
- * thread decompresses it into its own scratch, still in cache when the lookup reads it. It returns
+ * or 8 bytes: indices themselves, or the element bit patterns of F16/BF16, F32 and F64. The stream of a
+ * framed job is first decoded by the worker thread into its own scratch, still in cache when the lookup
+ * reads it: a zstd frame of the packed stream (entropy stages zstd and zstd-aligned), or a rANS stream of
+ * 8-bit indices under the model of `counts` (rans and rans-compact, see unrans). It returns
  * (job, problem) for each job that failed; that job's `out` is then garbage.
  *
  * All buffers are taken with the GIL held; the work runs without it, in chunks over `threads` threads
  * (the caller's thread is one of them), so one call decodes a batch of tensors on every core with a
  * single GIL hand-off. The threads are those of the OpenMP runtime torch loaded, when there is one
  * (see openmp_parallel), else sqz's own. libzstd is found at import with dlopen, so the extension builds
- * without its headers; HAS_ZSTD says whether framed jobs are available.
+ * without its headers; HAS_ZSTD says whether zstd frames are available.
  *
  * Every 8 indices fill exactly b bytes, so a chunk goes through in groups of 8 indices, each group
  * read as one little-endian word. Two loops:
@@ -40,18 +41,21 @@
 #define MAX_CODE_BYTES (64 << 10) /* largest code table: 4096 codes x 4 lanes x 4 bytes */
 #define MAX_THREADS 64
 
+enum { FRAME_PACKED, FRAME_ZSTD, FRAME_RANS }; /* what a job's stream is; bitpack.py mirrors these */
+
 typedef struct {
     Py_buffer stream, table, out;
     Py_ssize_t count;
     int bits;
     uint64_t entries;
     uint64_t padded[256]; /* the table, zero past its entries: any lane reads inside it */
-    int framed;           /* stream is a zstd frame of the packed stream, decompressed by the worker */
+    int frame;            /* FRAME_ZSTD, FRAME_RANS: the worker decodes the stream to packed indices first */
+    uint32_t cdf[257];    /* FRAME_RANS: the model's cumulative frequencies, cdf[entries] = 2^RANS_PRECISION */
     int status;           /* a JOB_* code */
 } Job;
 
-enum { JOB_OK, JOB_INDEX, JOB_FRAME, JOB_SIZE, JOB_PADDING, JOB_MEMORY };
-static const char *const JOB_PROBLEMS[] = {"", "index", "frame", "size", "padding", "memory"};
+enum { JOB_OK, JOB_INDEX, JOB_FRAME, JOB_SIZE, JOB_PADDING, JOB_MEMORY, JOB_RANS, JOB_RANS_LEFT };
+static const char *const JOB_PROBLEMS[] = {"", "index", "frame", "size", "padding", "memory", "rans", "rans-left"};
 
 typedef struct {
     Job *job;
@@ -182,6 +186,18 @@ typedef struct {
     ZSTD_DCtx *dctx;
 } Scratch;
 
+static int reserve(Scratch *scratch, Py_ssize_t size)
+{
+    if ((size_t)size > scratch->stream_size) {
+        uint8_t *grown = realloc(scratch->stream, size);
+        if (!grown)
+            return 0;
+        scratch->stream = grown;
+        scratch->stream_size = size;
+    }
+    return 1;
+}
+
 static const uint8_t *unframe(Job *job, Scratch *scratch, Py_ssize_t packed)
 {
     if (zstd.content_size(job->stream.buf, job->stream.len) != (unsigned long long)packed) {
@@ -192,14 +208,9 @@ static const uint8_t *unframe(Job *job, Scratch *scratch, Py_ssize_t packed)
         job->status = JOB_FRAME; /* not exactly one frame */
         return NULL;
     }
-    if ((size_t)packed > scratch->stream_size) {
-        uint8_t *grown = realloc(scratch->stream, packed);
-        if (!grown) {
-            job->status = JOB_MEMORY;
-            return NULL;
-        }
-        scratch->stream = grown;
-        scratch->stream_size = packed;
+    if (!reserve(scratch, packed)) {
+        job->status = JOB_MEMORY;
+        return NULL;
     }
     if (!scratch->dctx && !(scratch->dctx = zstd.create())) {
         job->status = JOB_MEMORY;
@@ -218,11 +229,109 @@ static const uint8_t *unframe(Job *job, Scratch *scratch, Py_ssize_t packed)
     return scratch->stream;
 }
 
+
+/* rANS (spec §4.2, entropy stages rans and rans-compact): constriction's AnsCoder<u32 words, u64 state> under
+ * its ContiguousCategorical model with 24-bit probabilities, decoded here so that a rANS tensor costs a few ns an
+ * index on the batch's threads instead of ~15 in constriction (entropy.py keeps constriction's decoder as the
+ * reference; tests hold the two equal on any bytes). The stream is a stack of little-endian words read from its
+ * end; a short last word is zero-padded (rans-compact). */
+#define RANS_PRECISION 24
+#define RANS_SLOT_BITS 11 /* a 2,048-entry table (16 KB) gives the first symbol to try for a quantile's top bits */
+
+/* The model of `counts` (spec §4.2): cdf[i] = floor(c_i * ((2^24 - k) / total)) + i in float64, c_i the sum of
+ * the counts before symbol i, cdf[k] = 2^24 (constriction's fast leaky quantization). 0 if there is none. */
+static int rans_model(const uint64_t *counts, int k, uint32_t *cdf)
+{
+    double total = 0;
+    for (int i = 0; i < k; i++)
+        total += (double)counts[i];
+    if (k < 2 || !(total >= DBL_MIN && total <= DBL_MAX))
+        return 0;
+    const double scale = (double)((1u << RANS_PRECISION) - (uint32_t)k) / total;
+    double cumulative = 0;
+    for (int i = 0; i < k; i++) {
+        cdf[i] = (uint32_t)(cumulative * scale) + (uint32_t)i;
+        cumulative += (double)counts[i];
+    }
+    cdf[k] = 1u << RANS_PRECISION;
+    for (int i = 0; i < k; i++)
+        if (cdf[i + 1] <= cdf[i])
+            return 0;
+    return 1;
+}
+
+static inline uint64_t rans_word(const uint8_t *bytes, Py_ssize_t len, Py_ssize_t w)
+{
+    uint32_t word = 0;
+    memcpy(&word, bytes + 4 * w, len - 4 * w < 4 ? (size_t)(len - 4 * w) : 4);
+    return word;
+}
+
+static const uint8_t *unrans(Job *job, Scratch *scratch)
+{
+    if (!reserve(scratch, job->count)) {
+        job->status = JOB_MEMORY;
+        return NULL;
+    }
+    const uint8_t *bytes = job->stream.buf;
+    const Py_ssize_t len = job->stream.len;
+    Py_ssize_t left = (len + 3) / 4; /* words not yet read; the top of the stack is the last */
+    uint64_t state = 0;
+    if (left) { /* the first word is never zero, so two words fill the state */
+        state = rans_word(bytes, len, --left);
+        if (!state) {
+            job->status = JOB_RANS;
+            return NULL;
+        }
+        if (left)
+            state = state << 32 | rans_word(bytes, len, --left);
+    }
+    /* Each symbol as one word, its start | symbol << 24 | frequency << 32, and the word of the first symbol
+     * of each quantile bucket: one load finds the symbol, its start and its frequency, unless the bucket
+     * holds a symbol boundary (k of the 2^RANS_SLOT_BITS buckets at most), where the next ones are tried. */
+    const uint32_t *cdf = job->cdf;
+    const int k = (int)job->entries;
+    uint64_t symbol[256], first[1 << RANS_SLOT_BITS];
+    for (int s = 0; s < k; s++)
+        symbol[s] = cdf[s] | (uint64_t)s << 24 | (uint64_t)(cdf[s + 1] - cdf[s]) << 32;
+    for (uint32_t j = 0, s = 0; j < 1u << RANS_SLOT_BITS; j++) {
+        while (cdf[s + 1] <= j << (RANS_PRECISION - RANS_SLOT_BITS))
+            s++;
+        first[j] = symbol[s];
+    }
+    static const uint32_t no_word = 0;
+    const uint64_t mask = (1u << RANS_PRECISION) - 1;
+    uint8_t *out = scratch->stream;
+    for (Py_ssize_t i = 0; i < job->count; i++) {
+        const uint64_t quantile = state & mask;
+        uint64_t at = first[quantile >> (RANS_PRECISION - RANS_SLOT_BITS)];
+        while (quantile - (at & mask) >= at >> 32)
+            at = symbol[(uint8_t)(at >> 24) + 1];
+        out[i] = (uint8_t)(at >> 24);
+        state = (state >> RANS_PRECISION) * (at >> 32) + (quantile - (at & mask));
+        /* refill without a branch: which way it goes depends on the data, so a branch would mispredict */
+        const int refill = !(state >> 32) & (left > 0);
+        uint32_t word;
+        memcpy(&word, left ? bytes + 4 * (left - 1) : (const uint8_t *)&no_word, 4);
+        state = refill ? state << 32 | word : state;
+        left -= refill;
+    }
+    if (state || left) {
+        job->status = JOB_RANS_LEFT;
+        return NULL;
+    }
+    return out;
+}
+
 static void run_item(const Item *item, Scratch *scratch)
 {
     Job *job = item->job;
+    if (__atomic_load_n(&job->status, __ATOMIC_RELAXED) != JOB_OK)
+        return; /* failed already (a rANS model found bad when the job was taken) */
     const Py_ssize_t packed = (job->count * job->bits + 7) / 8;
-    const uint8_t *src = job->framed ? unframe(job, scratch, packed) : job->stream.buf;
+    const uint8_t *src = job->frame == FRAME_ZSTD   ? unframe(job, scratch, packed)
+                         : job->frame == FRAME_RANS ? unrans(job, scratch)
+                                                    : job->stream.buf;
     if (!src)
         return;
     const Py_ssize_t end = 8 * (item->first + item->groups);
@@ -289,11 +398,25 @@ static gomp_parallel_fn openmp_parallel(void)
 
 static void openmp_worker(void *work) { worker(work); }
 
+static int take_model(Job *job, PyObject *counts_obj)
+{
+    Py_buffer counts;
+    if (PyObject_GetBuffer(counts_obj, &counts, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    const int ok = counts.itemsize == 8 && counts.len == 8 * (Py_ssize_t)job->entries;
+    if (!ok)
+        PyErr_SetString(PyExc_ValueError, "a rANS job's counts must be one uint64 per table entry");
+    else if (!rans_model(counts.buf, (int)job->entries, job->cdf))
+        job->status = JOB_RANS;
+    PyBuffer_Release(&counts);
+    return ok ? 0 : -1;
+}
+
 static int take_job(PyObject *spec, Job *job)
 {
-    PyObject *table_obj, *out_obj;
-    if (!PyArg_ParseTuple(spec, "y*niOOp;a job is (stream, count, bits, table, out, framed)", &job->stream,
-                          &job->count, &job->bits, &table_obj, &out_obj, &job->framed))
+    PyObject *table_obj, *out_obj, *counts_obj = Py_None;
+    if (!PyArg_ParseTuple(spec, "y*niOOi|O;a job is (stream, count, bits, table, out, frame[, counts])",
+                          &job->stream, &job->count, &job->bits, &table_obj, &out_obj, &job->frame, &counts_obj))
         return -1;
     /* FORMAT so that itemsize is the element size, not 1 */
     if (PyObject_GetBuffer(table_obj, &job->table, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
@@ -310,11 +433,19 @@ static int take_job(PyObject *spec, Job *job)
         PyErr_SetString(PyExc_ValueError, "table must hold 1 to 2**bits entries of 1, 2, 4 or 8 bytes");
         return -1;
     }
-    if (job->framed && !zstd.decompress) {
-        PyErr_SetString(PyExc_ValueError, "framed jobs need libzstd, which was not found (HAS_ZSTD)");
+    if (job->frame < FRAME_PACKED || job->frame > FRAME_RANS) {
+        PyErr_SetString(PyExc_ValueError, "frame must be 0 (packed), 1 (zstd) or 2 (rANS)");
         return -1;
     }
-    if (!job->framed && job->stream.len != (job->count * job->bits + 7) / 8) {
+    if (job->frame == FRAME_ZSTD && !zstd.decompress) {
+        PyErr_SetString(PyExc_ValueError, "zstd frames need libzstd, which was not found (HAS_ZSTD)");
+        return -1;
+    }
+    if (job->frame == FRAME_RANS && (job->bits != 8 || counts_obj == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "a rANS job decodes to 8-bit indices and needs its counts");
+        return -1;
+    }
+    if (job->frame == FRAME_PACKED && job->stream.len != (job->count * job->bits + 7) / 8) {
         PyErr_SetString(PyExc_ValueError, "packed stream has the wrong length");
         return -1;
     }
@@ -326,7 +457,7 @@ static int take_job(PyObject *spec, Job *job)
     memcpy(job->padded, job->table.buf, job->table.len);
     job->entries = (uint64_t)entries;
     job->status = JOB_OK;
-    return 0;
+    return job->frame == FRAME_RANS ? take_model(job, counts_obj) : 0;
 }
 
 static PyObject *lookup_many(PyObject *Py_UNUSED(self), PyObject *args)
@@ -352,7 +483,7 @@ static PyObject *lookup_many(PyObject *Py_UNUSED(self), PyObject *args)
             goto done;
         }
         const Py_ssize_t groups = jobs[taken].count / 8;
-        n_items += groups && !jobs[taken].framed ? (groups + CHUNK_GROUPS - 1) / CHUNK_GROUPS : 1;
+        n_items += groups && jobs[taken].frame == FRAME_PACKED ? (groups + CHUNK_GROUPS - 1) / CHUNK_GROUPS : 1;
     }
     items = PyMem_Malloc((n_items ? n_items : 1) * sizeof(Item));
     if (!items) {
@@ -363,8 +494,8 @@ static PyObject *lookup_many(PyObject *Py_UNUSED(self), PyObject *args)
     for (Py_ssize_t j = 0; j < n_jobs; j++) {
         const Py_ssize_t groups = jobs[j].count / 8;
         Py_ssize_t g = 0;
-        do { /* a frame is decompressed whole: its job is one item */
-            const Py_ssize_t size = groups - g < CHUNK_GROUPS || jobs[j].framed ? groups - g : CHUNK_GROUPS;
+        do { /* a frame is decoded whole: its job is one item */
+            const Py_ssize_t size = groups - g < CHUNK_GROUPS || jobs[j].frame != FRAME_PACKED ? groups - g : CHUNK_GROUPS;
             items[k++] = (Item){&jobs[j], g, size};
             g += size;
         } while (g < groups);
@@ -543,10 +674,12 @@ static PyMethodDef methods[] = {
      "grid_codebook(section, k) -> (float32 entries as bytes, bytes used): a GRID codebook (spec 4.2)."},
     {"lookup_many", lookup_many, METH_VARARGS,
      "lookup_many(jobs, threads) -> [(job, problem)] for the jobs that failed: 'index' (outside the table),\n"
-     "and for framed jobs 'frame' (not one good zstd frame), 'size' (wrong content size), 'padding'\n"
-     "(unused bits of the last byte set) or 'memory' (no room to decompress it).\n"
-     "Each job is (stream, count, bits, table, out, framed): out[i] = table[index i of the b-bit stream],\n"
-     "the stream being a zstd frame of it if framed (only when HAS_ZSTD)."},
+     "for zstd frames 'frame' (not one good zstd frame), 'size' (wrong content size), 'padding' (unused\n"
+     "bits of the last byte set), for rANS streams 'rans' (a last word of zero, or counts with no model)\n"
+     "or 'rans-left' (data left after the last index), and 'memory' (no room to decode the stream).\n"
+     "Each job is (stream, count, bits, table, out, frame[, counts]): out[i] = table[index i of the b-bit\n"
+     "stream]; frame 1: the stream is a zstd frame of it (only when HAS_ZSTD); frame 2: a rANS stream of\n"
+     "8-bit indices under the model of counts (uint64, one per table entry)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -81,9 +81,12 @@ CODE_BITS = {1: 8, 2: 8, 3: 12, 4: 8, 5: 10, 6: 12, 7: 14, 8: 8}
 GROUP_BYTES = {10: 5, 12: 3, 14: 7}
 """numpy path: unaligned codes come in groups of whole bytes: 4 ten-bit, 2 twelve-bit or 4 fourteen-bit codes."""
 
-LookupJob = tuple[np.ndarray | memoryview, int, int, np.ndarray, np.ndarray, bool]
-"""(stream, count, bits, table, out, framed): out[i] = table[index i of the b-bit stream]. A framed job's
-stream is a zstd frame of the packed stream, which the C extension decompresses itself (NATIVE_ZSTD)."""
+FRAME_PACKED, FRAME_ZSTD, FRAME_RANS = 0, 1, 2
+"""What a lookup job's stream is: the packed indices; a zstd frame of them, which the C extension decompresses
+itself (NATIVE_ZSTD); or a rANS stream (entropy.rans_frame) of 8-bit indices, which it decodes itself."""
+LookupJob = tuple
+"""(stream, count, bits, table, out, frame): out[i] = table[index i of the b-bit stream]. A FRAME_RANS job has
+b = 8 and one more item, the model's counts (uint64, one per table entry)."""
 
 
 def check_stream(data: bytes | memoryview | np.ndarray, count: int, bits: int) -> np.ndarray:
@@ -106,25 +109,26 @@ def lookup(data: bytes | memoryview | np.ndarray, count: int, bits: int, table: 
     """
     buf = check_stream(data, count, bits)
     out = np.empty(count, dtype=table.dtype)
-    if lookup_many([(buf, count, bits, table, out, False)]):
+    if lookup_many([(buf, count, bits, table, out, FRAME_PACKED)]):
         raise ValueError(f"an index is outside the {table.size}-entry codebook")
     return out
 
 
 def lookup_many(jobs: list[LookupJob], threads: int = 1) -> list[tuple[int, str]]:
     """Run many lookups at once; returns (job, problem) for each that failed, the problem being 'index'
-    (one outside the table) or, for framed jobs, 'frame', 'size', 'padding' or 'memory' (see _lookup.c).
+    (one outside the table) or, for framed jobs, 'frame', 'size', 'padding', 'rans', 'rans-left' or 'memory'
+    (see _lookup.c).
 
     Unframed streams must have passed check_stream. The C extension runs all the jobs on `threads`
     threads with one GIL hand-off; numpy runs them one by one, and takes no framed jobs.
     """
     if native_lookup is not None:
-        return native_lookup([(buf, count, bits, np.ascontiguousarray(table), out, framed)
-                              for buf, count, bits, table, out, framed in jobs], threads)
+        return native_lookup([(job[0], job[1], job[2], np.ascontiguousarray(job[3]), *job[4:]) for job in jobs],
+                             threads)
     problems = []
-    for n, (buf, count, bits, table, out, framed) in enumerate(jobs):
-        if framed:
-            raise ValueError("framed jobs need the C extension with libzstd (NATIVE_ZSTD)")
+    for n, (buf, count, bits, table, out, frame, *_) in enumerate(jobs):
+        if frame != FRAME_PACKED:
+            raise ValueError("framed jobs need the C extension (zstd frames: with libzstd, NATIVE_ZSTD)")
         try:
             out[:] = _lookup_numpy(buf, count, bits, table)
         except ValueError:

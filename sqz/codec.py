@@ -129,12 +129,13 @@ def should_quantize(t: SourceTensor, role: str, options: EncodeOptions) -> bool:
     return role == ROLE_OTHER and any(fnmatch.fnmatchcase(t.name, g) for g in options.quantize)
 
 
-RANS_DECODE_NS = 14.0
-"""rANS's extra decode time per index over the fast stages (about 15 ns on one core against zstd-aligned's 1)."""
+RANS_DECODE_NS = 6.5
+"""rANS's extra decode time per index over the fast stages: the C extension's decoder takes about 7.5 ns an index
+on one core against zstd-aligned's 0.5-2.5 (constriction's, the decoder without it, about 30)."""
 BYTE_WORTH_NS = 1000.0
 """The decode time auto spends to save one byte: a microsecond, what a byte costs on a 1 MB/s link (a phone on a
 poor connection). rANS is kept only where the bytes it saves over the best fast stage are worth its extra decode
-time at this rate: about 0.11 bits per index saved, where zstd-aligned usually comes within 0.05."""
+time at this rate: about 0.05 bits per index saved, where zstd-aligned usually comes within 0.03-0.05."""
 
 
 def _smallest(candidates: dict[str, bytes], count: int = 0) -> tuple[str, bytes]:
@@ -446,7 +447,7 @@ def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1,
         elif stage[0] == ENCODING_RAW:
             out[:] = np.frombuffer(stage[1], dtype=np.uint8)
         else:
-            _, stream, count, width, framed, table, scales = stage
+            _, stream, count, width, frame, table, scales = stage
             if scales is not None:  # the lookup writes float32 codebook values, which the scales then multiply
                 target = _try_allocate(4 * count, allocate)
                 if target is None:
@@ -456,10 +457,10 @@ def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1,
                 scaled[n] = scales, target
             else:
                 target = out.view(table.dtype)
-            lookups.append((n, (stream, count, width, table, target, framed)))
+            lookups.append((n, (stream, count, width, table, target, *frame)))
     failed = set()
     for job, problem in bitpack.lookup_many([job for _, job in lookups], threads):
-        n, (_, _, _, table, _, _) = lookups[job]
+        n, (_, _, _, table, *_) = lookups[job]
         results[n] = _lookup_error(items[n][0], problem, table.size)
         failed.add(n)
     for n, (scales, values) in scaled.items():
@@ -498,7 +499,9 @@ def _lookup_error(record: dict, problem: str, k: int) -> SqzError:
     what = {"index": f"packed indices: an index is outside the {k}-entry codebook",
             "frame": "bad zstd stream (not one valid frame)",
             "size": "zstd stream gave another size than its frame declares",
-            "padding": "packed indices: unused bits of the last byte are not zero"}[problem]
+            "padding": "packed indices: unused bits of the last byte are not zero",
+            "rans": "bad rANS stream (a last word of zero, or counts that make no model)",
+            "rans-left": "rANS stream has data left after the last symbol"}[problem]
     return FormatError(f"{record['name']!r}: {what}")
 
 
@@ -562,8 +565,9 @@ def _try_allocate(size: int, allocate: Allocator) -> np.ndarray | None:
 
 def _entropy_stage(record: dict, section: memoryview) -> tuple:
     """Undo the entropy stage, or get it ready for the lookup to undo: ('raw', bytes), or
-    ('kmeans', stream, count, width, framed, float32 codebook, float32 scales or None) where a framed stream is the
-    zstd frame of the packed indices, which the C extension decompresses in its own threads (NATIVE_ZSTD)."""
+    ('kmeans', stream, count, width, frame, float32 codebook, float32 scales or None), frame being the lookup job's
+    last items: (FRAME_PACKED,) for packed indices, or a stream the C extension decodes in its own threads,
+    (FRAME_ZSTD,) for a zstd frame of them (NATIVE_ZSTD) and (FRAME_RANS, counts) for a rANS stream."""
     count = math.prod(record["shape"])
     if record["encoding"] == ENCODING_RAW:
         return ENCODING_RAW, entropy.decode_bytes(section, count * itemsize(record["dtype"]), record["entropy"])
@@ -572,10 +576,13 @@ def _entropy_stage(record: dict, section: memoryview) -> tuple:
     payload, codebook, scales = section[side.size:], side.codebook, side.scales
     if bitpack.NATIVE_ZSTD and k > 1 and stage in (ENTROPY_ZSTD, ENTROPY_ZSTD_ALIGNED):
         frame, width = entropy.index_frame(payload, count, record["bits"], stage)
-        return ENCODING_KMEANS, frame, count, width, True, codebook, scales
+        return ENCODING_KMEANS, frame, count, width, (bitpack.FRAME_ZSTD,), codebook, scales
+    if bitpack.native_lookup is not None and k > 1 and stage in SLOW_STAGES:
+        stream, counts = entropy.rans_frame(payload, count, k, stage)
+        return ENCODING_KMEANS, stream, count, 8, (bitpack.FRAME_RANS, counts), codebook, scales
     stream, width = entropy.decode_stream(payload, count, record["bits"], k, stage)
     try:
         stream = bitpack.check_stream(stream, count, width)
     except ValueError as exc:
         raise FormatError(f"{record['name']!r}: packed indices: {exc}") from None
-    return ENCODING_KMEANS, stream, count, width, False, codebook, scales
+    return ENCODING_KMEANS, stream, count, width, (bitpack.FRAME_PACKED,), codebook, scales

@@ -165,10 +165,10 @@ def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int
     if stage in (ENTROPY_ZSTD, ENTROPY_ZSTD_ALIGNED):
         width = _frame_width(bits, stage)
         return zstd_decompress(payload, bitpack.packed_size(count, width)), width
-    if stage == ENTROPY_RANS:
-        return _decode_rans(payload, count, codebook_size), 8
-    if stage == ENTROPY_RANS_COMPACT:
-        return _decode_rans_compact(payload, count, codebook_size), 8
+    if stage in (ENTROPY_RANS, ENTROPY_RANS_COMPACT):
+        stream, counts = rans_frame(payload, count, codebook_size, stage)
+        words = np.frombuffer(bytes(stream) + b"\0" * (-len(stream) % 4), dtype="<u4")
+        return _decode_rans_stream(words, counts, count), 8
     raise FormatError(f"unknown entropy stage {stage!r}")
 
 
@@ -210,7 +210,18 @@ def _zero_top_bytes(words: bytes) -> int:
     return drop
 
 
-def _decode_rans_compact(payload: memoryview, count: int, codebook_size: int) -> np.ndarray:
+def rans_frame(payload: memoryview, count: int, codebook_size: int, stage: str) -> tuple[memoryview, np.ndarray]:
+    """(stream, counts) of a rans or rans-compact payload, its count table checked against §4.2: the rANS words
+    (rans-compact's last one maybe short of its zero high bytes) and one uint64 count per codebook entry, for a
+    decoder that runs the model and the stream itself (bitpack's rANS jobs) or for _decode_rans_stream."""
+    if stage == ENTROPY_RANS:
+        table_bytes = 4 * codebook_size
+        if len(payload) < table_bytes or (len(payload) - table_bytes) % 4:
+            raise FormatError("rANS payload is not a frequency table followed by whole 32-bit words")
+        counts = np.frombuffer(payload[:table_bytes], dtype="<u4").astype(np.uint64)
+        if int(counts.sum(dtype=np.uint64)) != count:
+            raise FormatError(f"rANS frequency table sums to {int(counts.sum(dtype=np.uint64))}, expected {count}")
+        return payload[table_bytes:], counts
     if not len(payload) or payload[0] > MAX_COUNT_WIDTH:
         raise FormatError(f"rans-compact payload must start with a count width of 0..{MAX_COUNT_WIDTH}")
     width, stored = payload[0], codebook_size - 1
@@ -225,19 +236,7 @@ def _decode_rans_compact(payload: memoryview, count: int, codebook_size: int) ->
     total = int(head.sum(dtype=np.uint64))
     if total > count:
         raise FormatError(f"rANS frequency table sums to more than {count}")
-    counts = np.append(head, np.uint64(count - total))
-    stream = bytes(payload[1 + table_bytes:])
-    return _decode_rans_stream(np.frombuffer(stream + b"\0" * (-len(stream) % 4), dtype="<u4"), counts, count)
-
-
-def _decode_rans(payload: memoryview, count: int, codebook_size: int) -> np.ndarray:
-    table_bytes = 4 * codebook_size
-    if len(payload) < table_bytes or (len(payload) - table_bytes) % 4:
-        raise FormatError("rANS payload is not a frequency table followed by whole 32-bit words")
-    counts = np.frombuffer(payload[:table_bytes], dtype="<u4")
-    if int(counts.sum(dtype=np.uint64)) != count:
-        raise FormatError(f"rANS frequency table sums to {int(counts.sum(dtype=np.uint64))}, expected {count}")
-    return _decode_rans_stream(np.frombuffer(payload[table_bytes:], dtype="<u4"), counts, count)
+    return payload[1 + table_bytes:], np.append(head, np.uint64(count - total))
 
 
 def _decode_rans_stream(words: np.ndarray, counts: np.ndarray, count: int) -> np.ndarray:
