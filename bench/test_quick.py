@@ -1,8 +1,9 @@
 """The bench's quick mode end to end (a real MiniLM, real training, every codec), so that it cannot rot.
 
-Runs `python -m bench all --quick` in a subprocess (about four minutes on 2 cores, most of the suite's time;
-its MiniLM steps train on 600 records and test on 120-150) and checks that the results hang together: not exact
-numbers, but relations that a broken step would violate.
+Runs `python -m bench all --quick` in a subprocess (about five minutes on 2 cores; its MiniLM steps train on 600
+records and test on 120-150) and checks that the results hang together: not exact numbers, but relations that a
+broken step would violate. Not part of the test suite (bench/ never runs inside it, and it would be half of its
+time): .ci/run runs it after the tests, `python -m pytest -q bench/test_quick.py`.
 """
 import json
 import math
