@@ -460,90 +460,111 @@ _NEWER = (f"(a newer minor version? this sqz reads "
 
 
 def _validate_record(r: dict[str, Any], where: str, major: int) -> None:
-    name = r.get("name")
+    """One record's checks, in the order their messages are reported. Written for speed (a first open validates
+    every record: a 320-tensor header's checks were 2.3 of its 5.5 ms): dict lookups bound once, ints checked
+    by exact type inline (JSON gives exact ints; this also leaves out bool), messages built only on failure."""
+    get = r.get
+    name = get("name")
     if not (isinstance(name, str) and 0 < len(name.encode("utf-8")) <= MAX_NAME_BYTES):
         _bad(where, "tensor name must be a non-empty string")
-    label = f"{name!r}"
     for key in ("offset", "length", "crc32") if major == 1 else ("offset", "length"):
-        if not (_is_int(r.get(key)) and r[key] >= 0):
-            _bad(where, f"{label}: '{key}' must be an integer >= 0")
+        value = get(key)
+        if not (type(value) is int and value >= 0):
+            _bad(where, f"{name!r}: '{key}' must be an integer >= 0")
     if major == 1 and r["crc32"] > 0xFFFFFFFF:
-        _bad(where, f"{label}: crc32 out of range")
-    shape = r.get("shape")
-    if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape)):
-        _bad(where, f"{label}: 'shape' must be a list of at most {MAX_NDIM} integers >= 0")
-    numel = math.prod(shape)
+        _bad(where, f"{name!r}: crc32 out of range")
+    shape, numel, good = get("shape"), 1, False
+    if isinstance(shape, list) and len(shape) <= MAX_NDIM:
+        for d in shape:
+            if not (type(d) is int and d >= 0):
+                break
+            numel *= d
+        else:
+            good = True
+    if not good:
+        _bad(where, f"{name!r}: 'shape' must be a list of at most {MAX_NDIM} integers >= 0")
     if numel > MAX_NUMEL:
-        raise LimitError(f"{where}: {label} claims {numel} elements, over the limit of {MAX_NUMEL}")
-    if r.get("dtype") not in DTYPE_ITEMSIZE:
-        _bad(where, f"{label}: unknown dtype {r.get('dtype')!r}")
-    decoded = numel * DTYPE_ITEMSIZE[r["dtype"]]
-    if decoded > max(EXPANSION_FLOOR, MAX_EXPANSION * r["length"]):
-        raise LimitError(f"{where}: {label} would expand {r['length']} bytes into {decoded}, beyond what a "
-                         f"{r['length']}-byte section can justify")
-    if r.get("role") not in ROLES:
-        _bad(where, f"{label}: unknown role {r.get('role')!r}")
-    if r.get("encoding") not in ENCODINGS:
-        _bad(where, f"{label}: unknown encoding {r.get('encoding')!r} {_NEWER}")
-    if r["encoding"] == ENCODING_KMEANS:
-        if r.get("entropy") not in ENTROPY_STAGES:
-            _bad(where, f"{label}: unknown entropy stage {r.get('entropy')!r} {_NEWER}")
-        if r["dtype"] not in QUANTIZABLE_DTYPES:
-            _bad(where, f"{label}: kmeans needs a float dtype")
-        if not (_is_int(r.get("bits")) and MIN_BITS <= r["bits"] <= MAX_BITS):
-            _bad(where, f"{label}: bits must be 1..8")
-        k = r.get("codebook_size")
-        if not (_is_int(k) and 1 <= k <= (1 << r["bits"])):
-            _bad(where, f"{label}: codebook_size must be 1..2**bits")
+        raise LimitError(f"{where}: {name!r} claims {numel} elements, over the limit of {MAX_NUMEL}")
+    dtype, length = get("dtype"), r["length"]
+    if not (isinstance(dtype, str) and dtype in DTYPE_ITEMSIZE):  # a JSON list would not even hash
+        _bad(where, f"{name!r}: unknown dtype {dtype!r}")
+    decoded = numel * DTYPE_ITEMSIZE[dtype]
+    if decoded > EXPANSION_FLOOR and decoded > MAX_EXPANSION * length:
+        raise LimitError(f"{where}: {name!r} would expand {length} bytes into {decoded}, beyond what a "
+                         f"{length}-byte section can justify")
+    if get("role") not in ROLES:
+        _bad(where, f"{name!r}: unknown role {get('role')!r}")
+    encoding, entropy = get("encoding"), get("entropy")
+    if encoding not in ENCODINGS:
+        _bad(where, f"{name!r}: unknown encoding {encoding!r} {_NEWER}")
+    if encoding == ENCODING_KMEANS:
+        if entropy not in ENTROPY_STAGES:
+            _bad(where, f"{name!r}: unknown entropy stage {entropy!r} {_NEWER}")
+        if dtype not in QUANTIZABLE_DTYPES:
+            _bad(where, f"{name!r}: kmeans needs a float dtype")
+        bits, k = get("bits"), get("codebook_size")
+        if not (type(bits) is int and MIN_BITS <= bits <= MAX_BITS):
+            _bad(where, f"{name!r}: bits must be 1..8")
+        if not (type(k) is int and 1 <= k <= (1 << bits)):
+            _bad(where, f"{name!r}: codebook_size must be 1..2**bits")
         if numel <= 0:
-            _bad(where, f"{label}: kmeans tensor must not be empty")
+            _bad(where, f"{name!r}: kmeans tensor must not be empty")
         if numel > MAX_KMEANS_NUMEL:
-            raise LimitError(f"{where}: {label} claims {numel} quantized elements, over the limit of {MAX_KMEANS_NUMEL}")
-        if r.get("codebook_dtype") not in CODEBOOK_DTYPES:
-            _bad(where, f"{label}: unknown codebook_dtype {r.get('codebook_dtype')!r} {_NEWER}")
+            raise LimitError(f"{where}: {name!r} claims {numel} quantized elements, over the limit of {MAX_KMEANS_NUMEL}")
+        codebook_dtype = get("codebook_dtype")
+        if codebook_dtype not in CODEBOOK_DTYPES:
+            _bad(where, f"{name!r}: unknown codebook_dtype {codebook_dtype!r} {_NEWER}")
         scales = 0
         if "scale_axis" in r:
-            if r["scale_axis"] not in SCALE_AXES or type(r["scale_axis"]) is not int:
-                _bad(where, f"{label}: scale_axis must be 0 or 1")
+            axis = r["scale_axis"]
+            if axis not in SCALE_AXES or type(axis) is not int:
+                _bad(where, f"{name!r}: scale_axis must be 0 or 1")
             rows = shape[0] if shape else 1
-            scales = rows if r["scale_axis"] == 0 else numel // rows
-        if r["codebook_dtype"] == CODEBOOK_GRID:  # e, p, m_0 and a unary byte a gap at least; a byte a scale
+            scales = rows if axis == 0 else numel // rows
+        if codebook_dtype == CODEBOOK_GRID:  # e, p, m_0 and a unary byte a gap at least; a byte a scale
             least = 3 + -(-(k - 1) // 8) + scales
         else:
-            least = DTYPE_ITEMSIZE[r["codebook_dtype"]] * (k + scales)
-        if r["length"] < least:
-            _bad(where, f"{label}: section shorter than its codebook and scales")
+            least = DTYPE_ITEMSIZE[codebook_dtype] * (k + scales)
+        if length < least:
+            _bad(where, f"{name!r}: section shorter than its codebook and scales")
         for key in ("sample_size", "seed") if major == 1 else ():  # informative, and 2.0 leaves them out
-            if not (_is_int(r.get(key)) and r[key] >= 0):
-                _bad(where, f"{label}: '{key}' must be an integer >= 0")
+            value = get(key)
+            if not (type(value) is int and value >= 0):
+                _bad(where, f"{name!r}: '{key}' must be an integer >= 0")
     else:
-        if r.get("entropy") not in RAW_ENTROPY_STAGES:
-            _bad(where, f"{label}: raw tensors use entropy 'none' or 'zstd'")
-        if r["entropy"] == "none" and r["length"] != numel * DTYPE_ITEMSIZE[r["dtype"]]:
-            _bad(where, f"{label}: raw section length != shape x dtype")
+        if entropy not in RAW_ENTROPY_STAGES:
+            _bad(where, f"{name!r}: raw tensors use entropy 'none' or 'zstd'")
+        if entropy == "none" and length != numel * DTYPE_ITEMSIZE[dtype]:
+            _bad(where, f"{name!r}: raw section length != shape x dtype")
 
 
 def _validate_pair(p: Any, records: dict[str, dict[str, Any]], where: str) -> None:
+    """One pair's checks, written for speed as _validate_record is."""
     if not (isinstance(p, dict) and isinstance(p.get("module"), str)):
         _bad(where, "pair must be an object with a 'module'")
+    get = p.get
     label = f"pair {p['module']!r}"
-    if not (p.get("a") in records and p.get("b") in records):
+    a_name, b_name = get("a"), get("b")  # 1.x: straight from the JSON, so maybe not even hashable
+    a = records.get(a_name) if isinstance(a_name, str) else None
+    b = records.get(b_name) if isinstance(b_name, str) else None
+    if a is None or b is None:
         _bad(where, f"{label}: 'a' and 'b' must name tensors")
-    a, b = records[p["a"]], records[p["b"]]
-    if not all(r["dtype"] in QUANTIZABLE_DTYPES for r in (a, b)):
+    if not (a["dtype"] in QUANTIZABLE_DTYPES and b["dtype"] in QUANTIZABLE_DTYPES):
         _bad(where, f"{label}: factors must be floats")
-    if not (len(a["shape"]) in (2, 4) and len(b["shape"]) in (2, 4) and a["shape"][0] == b["shape"][1] > 0
-            and math.prod(b["shape"][2:]) == 1):
-        _bad(where, f"{label}: factor shapes {a['shape']} and {b['shape']} do not make a LoRA pair")
-    if p.get("kind") not in PAIR_KINDS:
-        _bad(where, f"{label}: unknown kind {p.get('kind')!r}")
-    if p.get("layer") not in LAYER_KINDS:
-        _bad(where, f"{label}: unknown layer {p.get('layer')!r}")
-    if not (_is_num(p.get("scaling")) and abs(p["scaling"]) <= MAX_PAIR_MAGNITUDE):
+    a_shape, b_shape = a["shape"], b["shape"]
+    if not (len(a_shape) in (2, 4) and len(b_shape) in (2, 4) and a_shape[0] == b_shape[1] > 0
+            and math.prod(b_shape[2:]) == 1):
+        _bad(where, f"{label}: factor shapes {a_shape} and {b_shape} do not make a LoRA pair")
+    kind = get("kind")
+    if kind not in PAIR_KINDS:
+        _bad(where, f"{label}: unknown kind {kind!r}")
+    if get("layer") not in LAYER_KINDS:
+        _bad(where, f"{label}: unknown layer {get('layer')!r}")
+    if not (_is_num(get("scaling")) and abs(p["scaling"]) <= MAX_PAIR_MAGNITUDE):
         _bad(where, f"{label}: 'scaling' must be a number with |scaling| <= {MAX_PAIR_MAGNITUDE:g}")
-    if p["kind"] == PAIR_SINE:
-        if not (_is_num(p.get("omega")) and abs(p["omega"]) <= MAX_PAIR_MAGNITUDE):
+    if kind == PAIR_SINE:
+        if not (_is_num(get("omega")) and abs(p["omega"]) <= MAX_PAIR_MAGNITUDE):
             _bad(where, f"{label}: sine pairs need a number 'omega' with |omega| <= {MAX_PAIR_MAGNITUDE:g}")
-        if not (_is_num(p.get("gamma")) and MIN_GAMMA_MAGNITUDE <= abs(p["gamma"]) <= MAX_PAIR_MAGNITUDE):
+        if not (_is_num(get("gamma")) and MIN_GAMMA_MAGNITUDE <= abs(p["gamma"]) <= MAX_PAIR_MAGNITUDE):
             _bad(where, f"{label}: sine pairs need a number 'gamma' with {MIN_GAMMA_MAGNITUDE:g} <= |gamma| <= "
                         f"{MAX_PAIR_MAGNITUDE:g}")

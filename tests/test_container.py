@@ -207,6 +207,44 @@ def test_hostile_2_0_headers_are_refused_at_open(header, error, match):
         container.Container(forge_v2({"pairs": [], **header}, area))
 
 
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=4), lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                      max_size=3), max_leaves=4)
+RECORD_KEYS = ["name", "shape", "dtype", "role", "encoding", "entropy", "offset", "length", "crc32", "bits",
+               "codebook_size", "codebook_dtype", "scale_axis", "sample_size", "seed"]
+PAIR_KEYS = ["module", "a", "b", "kind", "layer", "scaling", "omega", "gamma"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([1, 2]), st.data())
+def test_any_json_value_in_any_field_is_read_or_refused_with_an_sqz_error(tmp_path_factory, major, data):
+    """A forged header may hold any JSON in any field of a record or pair (a list where a name or dtype goes
+    would not even hash): opening it either works or raises an SqzError, never anything else."""
+    kmeans = {"encoding": "kmeans", "bits": 2, "codebook_size": 4, "codebook_dtype": "F32", "sample_size": 0, "seed": 0}
+    records = [base_record(name="a", shape=[2, 2], role="lora_A", **kmeans),
+               base_record(name="b", shape=[2, 2], role="lora_B", offset=16)]
+    pair = {"module": "m", "a": "a" if major == 1 else 0, "b": "b" if major == 1 else 1, "kind": "sine",
+            "layer": "linear", "scaling": 1.0, "omega": 2.0, "gamma": 1.5}
+    if data.draw(st.booleans()):
+        records[data.draw(st.integers(0, 1))][data.draw(st.sampled_from(RECORD_KEYS))] = data.draw(JSON_VALUES)
+    else:
+        pair[data.draw(st.sampled_from(PAIR_KEYS))] = data.draw(JSON_VALUES)
+    header = {"tensors": records, "pairs": [pair], "data_size": 32}
+    if major == 1:
+        path = forge(tmp_path_factory.mktemp("any"), header, b"\0" * 32)
+    else:
+        for record in records:
+            for key in ("offset", "crc32", "sample_size", "seed"):
+                record.pop(key, None)
+        path = tmp_path_factory.mktemp("any") / "forged.sqz"
+        path.write_bytes(forge_v2({"tensors": records, "pairs": [pair]}, b"\0" * 32))
+    try:
+        container.Container(path).close()
+    except sqz.SqzError:
+        pass
+
+
 def test_a_2_0_file_with_a_bad_or_cut_crc_table(tmp_path):
     """The CRC table is read only once the header's lengths say how long it is, and it must be all there; a wrong
     entry fails the chunk (and its sections) when read, not the open."""
