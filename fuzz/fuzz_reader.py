@@ -8,7 +8,8 @@ raw: the input is a whole file, so most mutations stop at a CRC check (which is 
 structured: the input is header JSON, a NUL byte, then the data area; the target wraps it in a container
 with correct CRCs, so mutations reach header validation and every decoder. A leading 0x02 byte makes it a 2.2
 file (the 2.x header as stored: no offsets, pairs by index; CRC table and dictionary made by the target),
-otherwise 1.0.
+otherwise 1.0. A quarter of its mutations give one field of a record or pair a value of another JSON type
+(mutate), which byte mutations almost never do: a list where a dtype goes once raised a TypeError.
 Seeds are the golden files (tests/golden), copied into a fresh corpus when none is given; structured mode adds
 variants at the edges of the ranges validation allows (edge_seeds). Every value a lossy tensor or a ΔW
 yields must be finite (spec §5): a non-finite one is a finding like a crash. Any other
@@ -18,6 +19,7 @@ regression test in tests/test_robustness.py.
 import json
 import math
 import os
+import random
 import shutil
 import struct
 import sys
@@ -105,6 +107,31 @@ def edge_seeds(seed: bytes) -> list[bytes]:
     return seeds
 
 
+JSON_VALUES = (None, True, False, 0, -1, 1 << 40, 1 << 70, 0.5, -1e300, "", "F32", "kmeans", [], ["F32"], [1, 2], {},
+               {"a": 1})
+"""What mutate puts in a field: a value of every JSON type, and some of the right type at an edge."""
+
+
+def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+    """Structured mode's mutator: one time in four, one field of a tensor record or pair of the header JSON
+    gets one of JSON_VALUES; otherwise (or where the JSON does not parse) libFuzzer's own byte mutations."""
+    rng = random.Random(seed)
+    if rng.random() < 0.25:
+        version = V2 if data.startswith(V2) else b""
+        text, _, area = data[len(version):].partition(b"\0")
+        try:
+            header = json.loads(text)
+            fields = [o for key in ("tensors", "pairs") for o in header[key] if isinstance(o, dict) and o]
+            target = rng.choice(fields)
+            target[rng.choice(sorted(target))] = rng.choice(JSON_VALUES)
+            mutated = version + json.dumps(header).encode() + b"\0" + area
+            if len(mutated) <= max_size:
+                return mutated
+        except (ValueError, KeyError, TypeError, IndexError):  # not JSON, no such lists, nothing to pick
+            pass
+    return atheris.Mutate(data, max_size)
+
+
 def test_one_input(data: bytes) -> None:
     if STRUCTURED:
         data = wrap(data)
@@ -137,7 +164,7 @@ def main() -> None:
             else:
                 shutil.copy(seed, corpus / name)
         args.append(str(corpus))
-    atheris.Setup(args, test_one_input)
+    atheris.Setup(args, test_one_input, **({"custom_mutator": mutate} if STRUCTURED else {}))
     atheris.Fuzz()
 
 
