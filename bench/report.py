@@ -342,6 +342,13 @@ def speed_tables(speed: dict) -> str:
                 (f"| sqz.load, header validated already | {1e3 * o['sqz_open_again_s']:.2f} | "
                 f"{o['sqz_open_again_s'] / o['safetensors_open_s']:.1f}x |"),
                 f"| safetensors safe_open | {1e3 * o['safetensors_open_s']:.2f} | 1.0x |"]
+    if "cli" in speed:
+        c, r3 = speed["cli"], next(r for r in speed["rows"] if r["bits"] == 3 and r["entropy"] == "auto")
+        out += ["", "| command line, a fresh process (start-up included) | seconds |", "|---|---|",
+                f"| `sqz encode -b 3` (in-process encode: {r3['encode_s']:.2f} s) | {c['sqz_encode_3bit_s']:.2f} |",
+                f"| `sqz info` of the 3-bit file | {c['sqz_info_s']:.2f} |",
+                f"| `python -c pass` | {c['python_s']:.2f} |",
+                f"| `python -c 'import torch'` (encode and info do not) | {c['import_torch_s']:.2f} |"]
     out += ["", "| scale | params | sqz file MB | encode s | load+touch s | safetensors load+touch s | load ratio |",
             "|---|---|---|---|---|---|---|"]
     for r in speed["scaling"]:

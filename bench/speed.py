@@ -64,7 +64,7 @@ READERS = {  # name -> python statement that reads PATH and touches every tensor
 PROBE = """
 import sys
 from bench.speed import touch, vm_kib
-import torch, numpy, safetensors, zstandard, sqz, zipnn
+import torch, numpy, safetensors, zstandard, sqz, sqz.loader, zipnn
 PATH = sys.argv[1]
 open("/proc/self/clear_refs", "w").write("5")
 before = vm_kib("VmRSS")
@@ -105,7 +105,7 @@ def evict(path: Path) -> None:
 FIRST_LOAD = """
 import sys, time
 from bench.speed import touch
-import torch, numpy, safetensors, zstandard, sqz
+import torch, numpy, safetensors, zstandard, sqz, sqz.loader
 PATH = sys.argv[1]
 start = time.perf_counter()
 {reader}
@@ -228,6 +228,19 @@ def open_times(weights: Path, packed: Path, repeat: int) -> dict:
     return {"sqz_first_open_s": first_s, "sqz_open_again_s": again_s, "safetensors_open_s": st_s}
 
 
+def cli_times(src: Path, packed: Path, workdir: Path, repeat: int) -> dict:
+    """The command line as a person times it: `sqz encode -b 3` and `sqz info` as fresh processes, start-up
+    included, beside the interpreter's bare start-up and an import of torch (which encode and info skip)."""
+    def process(*args: str):
+        return lambda: subprocess.run([sys.executable, *args], check=True, capture_output=True,
+                                      cwd=Path(__file__).parent.parent)
+
+    encode_s, info_s, python_s, torch_s = best_of(
+        repeat, process("-m", "sqz.cli", "encode", str(src), "-b", "3", "-o", str(workdir / "cli.sqz"), "-f"),
+        process("-m", "sqz.cli", "info", str(packed)), process("-c", "pass"), process("-c", "import torch"))
+    return {"sqz_encode_3bit_s": encode_s, "sqz_info_s": info_s, "python_s": python_s, "import_torch_s": torch_s}
+
+
 def run(workdir: Path, quick: bool = False, log=print) -> dict:
     scale = 1 / 32 if quick else 1.0
     src = write_llama_adapter(workdir / "adapter", scale=scale)
@@ -252,6 +265,7 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()[-1]
     modes = encode_modes(src, workdir, params, encode_repeat)
     opening = open_times(weights, workdir / "b3-auto.sqz", repeat)
+    cli = cli_times(src, workdir / "b3-auto.sqz", workdir, repeat)
     log("speed: scaling")
     scaling = scaling_rows(workdir, [1 / 128, 1 / 32] if quick else [0.25, 1.0, 4.0], 3, repeat, encode_repeat)
     return {"adapter": {"params": params, "fp16_bytes": weights.stat().st_size, "scale": scale}, "repeat": repeat,
@@ -259,4 +273,4 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
                         "torch": torch.__version__, "sqz": sqz.__version__, "platform": platform.platform()},
             "encode_repeat": encode_repeat, "rows": rows, "lossless": lossless, "conditions": conditions,
             "peak_memory_bytes": {**memory, "sqz_encode_3bit": int(encode_memory)}, "scaling": scaling,
-            "encode_modes": modes, "open": opening}
+            "encode_modes": modes, "open": opening, "cli": cli}

@@ -4,8 +4,7 @@ from __future__ import annotations
 __version__ = "2.2.2"
 
 from .adapter import SineOptions
-from .api import EncodeReport, SqzAdapter, SqzWarning, decode, encode, info, load
-from .cache import AdapterCache, CacheFullError
+from .api import EncodeReport, SqzWarning, decode, encode, info
 from .codec import EncodeOptions
 from .errors import (
     ChecksumError,
@@ -18,9 +17,6 @@ from .errors import (
     TruncatedError,
     UnsupportedVersionError,
 )
-from .match import UnmatchedModulesError
-from .merge import Attached, Merged, attach, merge
-from .safetensors_compat import MissingTensorError, load_file, safe_open
 
 __all__ = ["AdapterCache", "Attached", "CacheFullError", "ChecksumError", "EncodeOptions", "EncodeReport",
            "FormatError", "InputError", "LimitError", "Merged", "MissingTensorError", "NonFiniteError",
@@ -28,11 +24,26 @@ __all__ = ["AdapterCache", "Attached", "CacheFullError", "ChecksumError", "Encod
            "UnmatchedModulesError", "UnsupportedVersionError", "__version__", "attach", "decode", "encode", "info",
            "load", "load_file", "merge", "peft", "safe_open"]
 
+_ON_FIRST_USE = {
+    "SqzAdapter": "loader", "load": "loader", "AdapterCache": "cache", "CacheFullError": "cache",
+    "UnmatchedModulesError": "match", "Attached": "merging", "Merged": "merging", "attach": "merging", "merge": "merging",
+    "MissingTensorError": "safetensors_compat", "load_file": "safetensors_compat", "safe_open": "safetensors_compat",
+}
+"""Names whose modules import torch (~2 s, most of a CLI run's start-up), imported when first used: encode,
+decode and info need none of it. `sqz.peft` imports PEFT and transformers, seconds more, likewise."""
+
 
 def __getattr__(name: str):
-    """`sqz.peft` imports PEFT (and transformers), seconds of start-up: only when it is used."""
-    if name == "peft":
-        import importlib
+    import importlib
 
+    if name == "peft":
         return importlib.import_module(".peft", __name__)
+    if name in _ON_FIRST_USE:
+        value = getattr(importlib.import_module(f".{_ON_FIRST_USE[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

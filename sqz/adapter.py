@@ -14,11 +14,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import SafetensorError, safe_open
+import numpy as np
+from safetensors import SafetensorError, deserialize, safe_open
 
 from .constants import (
+    DTYPE_ITEMSIZE,
     LAYER_CONV,
     LAYER_EMBEDDING,
     LAYER_LINEAR,
@@ -32,15 +34,11 @@ from .constants import (
     ROLE_MAGNITUDE,
     ROLE_OTHER,
 )
+from .dtypes import to_float64
 from .errors import InputError
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -127,6 +125,10 @@ def parse_gamma(text: str) -> Callable[[int], float]:
 
 
 def _torch_to_source(name: str, t: torch.Tensor) -> SourceTensor:
+    import torch  # a state dict is torch's: only this path of reading imports it
+
+    from .torch_dtypes import DTYPE_NAMES
+
     if t.dtype not in DTYPE_NAMES:
         raise InputError(f"tensor {name!r} has dtype {t.dtype}, which sqz does not store")
     t = t.detach().cpu().contiguous()
@@ -135,17 +137,27 @@ def _torch_to_source(name: str, t: torch.Tensor) -> SourceTensor:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, SourceTensor], dict[str, str] | None]:
+    """Every tensor's dtype, shape and bytes, by safetensors without a framework: encoding needs no torch (whose
+    import is most of a CLI run's start-up), and no framework that lacks BF16 or F8 as numpy does."""
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # the header alone: its metadata
             metadata = f.metadata()
-            tensors = {k: _torch_to_source(k, f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+        stored = dict(deserialize(path.read_bytes()))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    tensors = {}
+    for name in sorted(stored):  # the order safe_open lists them in, which the file's sections follow
+        spec = stored.pop(name)  # each copy freed once it is bytes: at most the file twice in memory
+        if spec["dtype"] not in DTYPE_ITEMSIZE:
+            raise InputError(f"tensor {name!r} has dtype {spec['dtype']}, which sqz does not store")
+        tensors[name] = SourceTensor(name, spec["dtype"], tuple(spec["shape"]), bytes(spec["data"]))
     return tensors, metadata
 
 
 def _read_pickle(path: Path) -> dict[str, SourceTensor]:
     """A PyTorch state dict, loaded with weights_only=True so that a crafted pickle runs no code."""
+    import torch
+
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ... all mean "refused"
@@ -299,4 +311,17 @@ def _scaling(module: str, rank: int, adapter: Adapter, config: dict, sine: SineO
 
 
 def _scalar(t: SourceTensor) -> float:
-    return torch.frombuffer(bytearray(t.raw), dtype=TORCH_DTYPES[t.dtype]).item()
+    """A one-element tensor's value (a kohya alpha): floats by dtypes, integers and bools by numpy."""
+    if t.dtype in _INTEGER_VIEWS:
+        return float(np.frombuffer(t.raw, dtype=_INTEGER_VIEWS[t.dtype])[0])
+    if t.dtype.startswith("F8"):  # numpy has no float8
+        import torch
+
+        from .torch_dtypes import TORCH_DTYPES
+
+        return torch.frombuffer(bytearray(t.raw), dtype=TORCH_DTYPES[t.dtype]).item()
+    return float(to_float64(t.raw, t.dtype)[0])
+
+
+_INTEGER_VIEWS = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
+                  "U8": "u1", "BOOL": "?"}

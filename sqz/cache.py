@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from . import container
-from .api import load
 from .errors import InputError, SqzError
+from .loader import load
 
 
 class CacheFullError(SqzError):

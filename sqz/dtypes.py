@@ -1,6 +1,6 @@
 """Element types as little-endian bytes, in numpy only (numpy has no bfloat16, so BF16 is done by hand).
 
-torch appears only at the edges (adapter.py reading, api.py handing tensors back); in between a tensor
+torch appears only at the edges (adapter.py reading a state dict, loader.py handing tensors back); in between a tensor
 is (dtype name, shape, raw bytes).
 """
 from __future__ import annotations

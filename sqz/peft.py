@@ -18,9 +18,10 @@ from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, PeftModel, set_peft_mo
 from peft.utils.hotswap import check_hotswap_configs_compatible, hotswap_adapter_from_state_dict
 
 from .adapter import PEFT_PREFIX
-from .api import SqzAdapter, load, synthesize_config
+from .api import synthesize_config
 from .constants import PAIR_SINE
 from .errors import InputError
+from .loader import SqzAdapter, load
 
 # where PEFT puts the adapter name in a saved key: X.lora_A.weight -> X.lora_A.<name>.weight (hotswap needs it)
 _ADAPTER_SLOT = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?=\.weight$|$)")

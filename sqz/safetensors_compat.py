@@ -1,5 +1,5 @@
 """`safe_open` and `load_file` for .sqz files, behaving like safetensors' own, so that a loader reading adapters
-with safetensors switches by changing one import. Tensors decode lazily (api.SqzAdapter); names, shapes, dtypes and
+with safetensors switches by changing one import. Tensors decode lazily (loader.SqzAdapter); names, shapes, dtypes and
 metadata are those of the original file, which is what safetensors returns for the decoded file."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .api import SqzAdapter, load
 from .errors import InputError, SqzError
+from .loader import SqzAdapter, load
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11

@@ -14,7 +14,7 @@ import torch
 from conftest import mixed_tensors
 
 import sqz
-from sqz import api, bitpack, container
+from sqz import bitpack, container, loader
 from sqz.constants import CHUNK_SIZE, DTYPE_ITEMSIZE, ENCODING_KMEANS
 
 
@@ -48,7 +48,7 @@ def rewrite(path: Path, edit, version: tuple[int, int] = (2, 0)) -> bytes:
 
 
 def test_a_miss_reads_ahead_in_file_order_up_to_the_limit(monkeypatch, mixed_sqz):
-    monkeypatch.setattr(api, "READ_AHEAD_BYTES", 1000)
+    monkeypatch.setattr(loader, "READ_AHEAD_BYTES", 1000)
     adapter = sqz.load(mixed_sqz)
     records = adapter.header["tensors"]
     sizes = [math.prod(r["shape"]) * DTYPE_ITEMSIZE[r["dtype"]] for r in records]
@@ -66,7 +66,7 @@ def test_a_miss_reads_ahead_in_file_order_up_to_the_limit(monkeypatch, mixed_sqz
 
 def test_batched_decoding_returns_what_one_at_a_time_does(monkeypatch, mixed_sqz, decoder):
     batched = read_all(sqz.load(mixed_sqz))
-    monkeypatch.setattr(api, "READ_AHEAD_BYTES", 0)  # one tensor per batch
+    monkeypatch.setattr(loader, "READ_AHEAD_BYTES", 0)  # one tensor per batch
     single = read_all(sqz.load(mixed_sqz))
     assert batched.keys() == single.keys() == mixed_tensors().keys()
     for name, tensor in batched.items():
@@ -153,7 +153,7 @@ def test_out_of_memory_falls_back_to_a_buffer_per_tensor(mixed_sqz):
 
 def test_decoding_follows_torchs_thread_count(monkeypatch, mixed_sqz):
     """sqz decodes on as many threads as torch computes with, so a process limited to one stays on one."""
-    monkeypatch.setattr(api, "READ_AHEAD_BYTES", 1 << 30)
+    monkeypatch.setattr(loader, "READ_AHEAD_BYTES", 1 << 30)
     calls = []
     lookup_many = bitpack.lookup_many
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import sqz
-from sqz.api import READ_AHEAD_BYTES
 from sqz.container import validate_header
+from sqz.loader import READ_AHEAD_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 

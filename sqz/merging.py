@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import Pair
-from .api import SqzAdapter, SqzWarning, load
+from .api import SqzWarning
 from .constants import LAYER_CONV, LAYER_EMBEDDING, PAIR_SINE, ROLE_ALPHA
 from .errors import InputError
+from .loader import SqzAdapter, load
 from .match import Target, UnmatchedModulesError, resolve
 
 if TYPE_CHECKING:
