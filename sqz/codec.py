@@ -129,13 +129,14 @@ def should_quantize(t: SourceTensor, role: str, options: EncodeOptions) -> bool:
     return role == ROLE_OTHER and any(fnmatch.fnmatchcase(t.name, g) for g in options.quantize)
 
 
-RANS_DECODE_NS = 6.5
-"""rANS's extra decode time per index over the fast stages: the C extension's decoder takes about 7.5 ns an index
-on one core against zstd-aligned's 0.5-2.5 (constriction's, the decoder without it, about 30)."""
+RANS_DECODE_NS = 4.5
+"""rANS's extra decode time per index over the fast stages, loading a file: the C extension's decoder takes about
+5-6 ns an index on one core in a batch of tensors (it interleaves four streams; 7.5 for one alone) against
+zstd-aligned's 0.5-2.5, 3.7-4.6 ns more as measured (constriction's, the decoder without it, takes about 30)."""
 BYTE_WORTH_NS = 1000.0
 """The decode time auto spends to save one byte: a microsecond, what a byte costs on a 1 MB/s link (a phone on a
 poor connection). rANS is kept only where the bytes it saves over the best fast stage are worth its extra decode
-time at this rate: about 0.05 bits per index saved, where zstd-aligned usually comes within 0.03-0.05."""
+time at this rate: about 0.035 bits per index saved, where zstd-aligned usually comes within 0.03-0.05."""
 
 
 def _smallest(candidates: dict[str, bytes], count: int = 0) -> tuple[str, bytes]:

@@ -211,23 +211,32 @@ def rans_cases(draw):
 
 
 @pytest.mark.skipif(bitpack.native_lookup is None, reason="sqz._lookup was not built (no C compiler at install)")
-@settings(max_examples=400, deadline=None)
-@given(rans_cases())
-def test_rans_jobs_decode_exactly_as_constriction_does(case):
-    """The C extension's rANS decoder against constriction's, the reference (entropy's numpy path): an encoded
-    stream gives its indices back; any bytes under any counts give the same indices or fail in both."""
-    stream, counts, count, indices = case
-    k = counts.size
-    out = np.empty(count, np.uint16)
-    table = np.arange(1000, 1000 + k, dtype=np.uint16)
-    problems = bitpack.lookup_many([(stream, count, 8, table, out, bitpack.FRAME_RANS, counts)])
-    words = np.frombuffer(stream + b"\0" * (-len(stream) % 4), dtype="<u4")
-    try:
-        reference = entropy._decode_rans_stream(words, counts, count)
-    except (FormatError, ValueError):  # constriction refuses counts that make no model with a ValueError
-        reference = None
-    assert (reference is None) == bool(problems), problems
-    if reference is not None:
-        assert np.array_equal(out, table[reference])
-    if indices is not None:
-        assert not problems and np.array_equal(out, table[indices])
+@settings(max_examples=300, deadline=None)
+@given(st.lists(rans_cases(), min_size=1, max_size=9), st.integers(0, 9), st.sampled_from([1, 2]))
+def test_rans_jobs_decode_exactly_as_constriction_does(cases, packed_at, threads):
+    """The C extension's rANS decoder against constriction's, the reference (entropy's numpy path), on a batch
+    of streams decoded together (a thread interleaves up to four, of any lengths, a packed job among them): an
+    encoded stream gives its indices back; any bytes under any counts give the same indices or fail in both,
+    and only the jobs that fail are reported."""
+    jobs, expected = [], []
+    for stream, counts, count, indices in cases:
+        k = counts.size
+        table = np.arange(1000, 1000 + k, dtype=np.uint16)
+        jobs.append((stream, count, 8, table, np.empty(count, np.uint16), bitpack.FRAME_RANS, counts))
+        words = np.frombuffer(stream + b"\0" * (-len(stream) % 4), dtype="<u4")
+        try:
+            reference = entropy._decode_rans_stream(words, counts, count)
+        except (FormatError, ValueError):  # constriction refuses counts that make no model with a ValueError
+            reference = None
+        expected.append(None if reference is None else table[reference])
+        if indices is not None:
+            assert reference is not None and np.array_equal(reference, indices)
+    plain = np.arange(37, dtype=np.uint8) % 4
+    jobs.insert(min(packed_at, len(jobs)), (bitpack.pack(plain, 2), plain.size, 2, np.arange(4, dtype=np.uint8),
+                                            np.empty(plain.size, np.uint8), bitpack.FRAME_PACKED))
+    expected.insert(min(packed_at, len(expected)), plain)
+    problems = bitpack.lookup_many(jobs, threads)
+    assert {j for j, _ in problems} == {j for j, e in enumerate(expected) if e is None}, problems
+    for job, values in zip(jobs, expected):
+        if values is not None:
+            assert np.array_equal(job[4], values)
