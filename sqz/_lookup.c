@@ -235,7 +235,7 @@ static const uint8_t *unframe(Job *job, Scratch *scratch, Py_ssize_t packed)
  * constriction's decoder as the reference; tests hold the two equal on any bytes). The stream is a stack of
  * little-endian words read from its end; a short last word is zero-padded (rans-compact). */
 #define RANS_PRECISION 24
-#define RANS_SLOT_BITS 10 /* 1,024 quantile buckets: 8 KB a lane (of 4) keeps the tables in a 32 KB L1 cache */
+#define RANS_SLOT_BITS 10 /* 1,024 quantile buckets, 8 KB a lane: with four lanes faster than 2,048 (16 KB) */
 
 /* The model of `counts` (spec §4.2): cdf[i] = floor(c_i * ((2^24 - k) / total)) + i in float64, c_i the sum of
  * the counts before symbol i, cdf[k] = 2^24 (constriction's fast leaky quantization). 0 if there is none. */
@@ -328,8 +328,8 @@ static int rans_start(Lane *lane, Job *job)
 /* `n` more symbols of each of the N lanes, in turn (N a constant at each call). What a step reads is held in
  * locals (the indices are stored as bytes, which may alias anything: fields would be read again after every
  * store). Unless `guarded`, every lane has at least n words left, so a refill needs no check: the caller
- * runs guarded steps only at a stream's end. The refill is arithmetic: which way it goes depends on the data,
- * so a branch would mispredict. */
+ * runs guarded steps only at a stream's end. The refill is a select (cmov), not a branch: which way it goes
+ * depends on the data, so a branch would mispredict. */
 static inline __attribute__((always_inline)) void rans_steps(Lane *const *lanes, Py_ssize_t n, const int N,
                                                              const int guarded)
 {
