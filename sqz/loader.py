@@ -1,5 +1,6 @@
-"""Loading: a .sqz file as a lazy mapping name -> torch.Tensor (`sqz.load`). The torch edge of the reading side:
-encode, decode to safetensors' bytes and info import none of it, so a CLI run does not pay torch's start-up."""
+"""Loading: a .sqz file as a lazy mapping name -> torch.Tensor (`sqz.load`), the torch edge of the reading side.
+Encode and info never import it, so those CLI runs do not pay torch's start-up; decode and the ways into a model
+(merging, peft, cache, safetensors_compat) do."""
 from __future__ import annotations
 
 import math
