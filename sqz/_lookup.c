@@ -399,26 +399,18 @@ static void map_indices(Job *job, const uint8_t *src, Py_ssize_t g0, Py_ssize_t 
  * to values (while they are in cache) and takes the next job. */
 static void run_rans(Work *work, Scratch *scratch, Lane *lanes)
 {
-    Lane *active[RANS_LANES];
-    int n_active = 0;
+    Lane *active[RANS_LANES], *idle[RANS_LANES];
+    int n_active = 0, n_idle = RANS_LANES;
+    for (int l = 0; l < RANS_LANES; l++)
+        idle[l] = &lanes[l];
     for (;;) {
-        while (n_active < RANS_LANES) {
+        while (n_idle) {
             const Py_ssize_t i = __atomic_fetch_add(&work->next_rans, 1, __ATOMIC_RELAXED);
             if (i >= work->n_rans)
                 break;
-            Lane *lane = &lanes[0];
-            for (int l = 0; l < RANS_LANES; l++) { /* a free lane: one not active */
-                int used = 0;
-                for (int a = 0; a < n_active; a++)
-                    used |= active[a] == &lanes[l];
-                if (!used) {
-                    lane = &lanes[l];
-                    break;
-                }
-            }
             Job *job = work->items[i].job;
-            if (__atomic_load_n(&job->status, __ATOMIC_RELAXED) == JOB_OK && rans_start(lane, job))
-                active[n_active++] = lane;
+            if (__atomic_load_n(&job->status, __ATOMIC_RELAXED) == JOB_OK && rans_start(idle[n_idle - 1], job))
+                active[n_active++] = idle[--n_idle];
         }
         if (!n_active)
             return;
@@ -435,6 +427,7 @@ static void run_rans(Work *work, Scratch *scratch, Lane *lanes)
                 lane->job->status = JOB_RANS_LEFT;
             else
                 map_indices(lane->job, lane->out, 0, lane->job->count / 8, scratch);
+            idle[n_idle++] = lane;
             active[a] = active[--n_active];
         }
     }
