@@ -242,9 +242,14 @@ class Container:
         return view
 
     def close(self) -> None:
+        """Never fails: while a view of the map is alive (a tensor read without a copy, or an error's traceback
+        that holds a section: a corrupted tensor's) the map stays open and closes when the last view goes."""
         self._buf.release()
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass
 
 
 VALIDATED_HEADERS = 1024

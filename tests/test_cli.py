@@ -68,12 +68,19 @@ def test_errors_are_one_line_without_traceback(tmp_path, peft_dir):
         (("encode", tmp_path / "missing", "-o", tmp_path / "x.sqz"), "no such file"),
         (("encode", peft_dir, "-b", "9", "-o", tmp_path / "x.sqz"), "bits must be between 1 and 8"),
     ]
+    good = tmp_path / "good.sqz"
+    assert run("encode", peft_dir, "-b", "3", "-o", good).returncode == 0
+    flipped = bytearray(good.read_bytes())
+    flipped[-20] ^= 0x10  # in the last section: the header is fine, a tensor's CRC is not
+    (tmp_path / "flipped.sqz").write_bytes(flipped)
+    for flags in ((), ("--dtype", "fp32")):  # the torch-free decode and the one through sqz.load
+        cases.append((("decode", tmp_path / "flipped.sqz", "-o", tmp_path / "x.safetensors", *flags), "CRC-32"))
     for args, message in cases:
         result = run(*args)
         assert result.returncode == 1, args
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not (tmp_path / "x.sqz").exists()
+    assert not (tmp_path / "x.sqz").exists() and not (tmp_path / "x.safetensors").exists()
 
 
 def test_force_is_needed_to_overwrite(tmp_path, peft_dir):
