@@ -347,8 +347,10 @@ def speed_tables(speed: dict) -> str:
         out += ["", "| command line, a fresh process (start-up included) | seconds |", "|---|---|",
                 f"| `sqz encode -b 3` (in-process encode: {r3['encode_s']:.2f} s) | {c['sqz_encode_3bit_s']:.2f} |",
                 f"| `sqz info` of the 3-bit file | {c['sqz_info_s']:.2f} |",
+                f"| `sqz decode` of the 3-bit file | {c['sqz_decode_s']:.2f} |",
+                f"| `sqz decode --dtype fp16` of it (a cast: through torch) | {c['sqz_decode_cast_s']:.2f} |",
                 f"| `python -c pass` | {c['python_s']:.2f} |",
-                f"| `python -c 'import torch'` (encode and info do not) | {c['import_torch_s']:.2f} |"]
+                f"| `python -c 'import torch'` (encode, info and decode do not) | {c['import_torch_s']:.2f} |"]
     out += ["", "| scale | params | sqz file MB | encode s | load+touch s | safetensors load+touch s | load ratio |",
             "|---|---|---|---|---|---|---|"]
     for r in speed["scaling"]:

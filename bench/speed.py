@@ -229,16 +229,21 @@ def open_times(weights: Path, packed: Path, repeat: int) -> dict:
 
 
 def cli_times(src: Path, packed: Path, workdir: Path, repeat: int) -> dict:
-    """The command line as a person times it: `sqz encode -b 3` and `sqz info` as fresh processes, start-up
-    included, beside the interpreter's bare start-up and an import of torch (which encode and info skip)."""
+    """The command line as a person times it: `sqz encode -b 3`, `sqz info` and `sqz decode` as fresh processes,
+    start-up included, beside the interpreter's bare start-up and an import of torch (which all three skip), and
+    `sqz decode --dtype fp16` (a cast: through torch)."""
     def process(*args: str):
         return lambda: subprocess.run([sys.executable, *args], check=True, capture_output=True,
                                       cwd=Path(__file__).parent.parent)
 
-    encode_s, info_s, python_s, torch_s = best_of(
+    encode_s, info_s, decode_s, cast_s, python_s, torch_s = best_of(
         repeat, process("-m", "sqz.cli", "encode", str(src), "-b", "3", "-o", str(workdir / "cli.sqz"), "-f"),
-        process("-m", "sqz.cli", "info", str(packed)), process("-c", "pass"), process("-c", "import torch"))
-    return {"sqz_encode_3bit_s": encode_s, "sqz_info_s": info_s, "python_s": python_s, "import_torch_s": torch_s}
+        process("-m", "sqz.cli", "info", str(packed)),
+        process("-m", "sqz.cli", "decode", str(packed), "-o", str(workdir / "cli.safetensors"), "-f"),
+        process("-m", "sqz.cli", "decode", str(packed), "-o", str(workdir / "cli.safetensors"), "-f", "--dtype", "fp16"),
+        process("-c", "pass"), process("-c", "import torch"))
+    return {"sqz_encode_3bit_s": encode_s, "sqz_info_s": info_s, "sqz_decode_s": decode_s,
+            "sqz_decode_cast_s": cast_s, "python_s": python_s, "import_torch_s": torch_s}
 
 
 def run(workdir: Path, quick: bool = False, log=print) -> dict:

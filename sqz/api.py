@@ -1,5 +1,5 @@
 """The Python API: encode, decode and info (and `sqz.load`, in loader.py). The CLI is a thin layer over these.
-None of it imports torch at import time: decode does when it runs, through the loader."""
+None of it imports torch at import time; decode does when it runs with `delta` or `dtype`, through the loader."""
 from __future__ import annotations
 
 import json
@@ -8,26 +8,27 @@ import os
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm import tqdm
 
 from . import __version__, container, targets
 from .adapter import CONFIG_NAME, PEFT_PREFIX, Adapter, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable
 from .bitpack import packed_size
-from .codec import EncodeOptions, encode_tensor, float_side_extent, read_side
+from .codec import EncodeOptions, decode_tensors, encode_tensor, float_side_extent, read_side
 from .constants import CODEBOOK_GRID, ENCODING_KMEANS, PAIR_SINE
 from .dtypes import itemsize
 from .errors import InputError, SqzError
+from .safetensors_writer import save_bytes
 
 if TYPE_CHECKING:
     import torch
-
-    from .loader import SqzAdapter
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -137,7 +138,8 @@ def _header(adapter: Adapter, options: EncodeOptions, records: list[dict]) -> di
 
 def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = False,
            dtype: torch.dtype | None = None, progress: bool | None = None) -> list[Path]:
-    """Write a .sqz back as safetensors; `dst` ending in '/' (or an existing directory) gets a PEFT folder."""
+    """Write a .sqz back as safetensors; `dst` ending in '/' (or an existing directory) gets a PEFT folder. Without
+    `delta` or `dtype` (torch's work) it runs without torch: the decoder's bytes go to the file as they are."""
     as_folder = str(dst).endswith(("/", os.sep)) or Path(dst).is_dir()
     if as_folder and delta:
         raise InputError("--delta writes one safetensors file, not a PEFT folder: give a file name")
@@ -149,6 +151,53 @@ def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = 
     if as_folder:
         dst.mkdir(parents=True, exist_ok=True)
     check_writable(targets[0], force)
+    if delta or dtype is not None:
+        header = _write_through_torch(src, targets[0], force, delta, dtype, progress)
+    else:
+        header = _write_decoded(src, targets[0], force, progress)
+    if as_folder:
+        config = header.get("config") or synthesize_config(header)
+        with atomic_file(targets[1], force) as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
+    return targets
+
+
+DECODE_BATCH_BYTES = 16 << 20
+"""Decoded bytes `sqz decode` asks the decoder for at a time (one batch runs on every core)."""
+
+
+def _write_decoded(src: str | Path, target: Path, force: bool, progress: bool | None) -> dict[str, Any]:
+    """Every tensor as it was encoded, written to `target`; returns the file's header."""
+    f = container.Container(src)
+    try:
+        tensors = {record["name"]: (record["dtype"], record["shape"], data)
+                   for record, data in _progress(_decoded(f), len(f.records), "decode", progress)}
+        with atomic_path(target, force) as tmp:
+            save_bytes(tensors, tmp, f.header.get("metadata"))
+        return f.header
+    finally:
+        f.close()
+
+
+def _decoded(f: container.Container) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """Each record of `f` with its tensor's little-endian bytes, in file order, decoded in batches of about
+    DECODE_BATCH_BYTES; the first tensor that fails raises its error."""
+    workers, batch, size = os.cpu_count() or 1, [], 0
+    for index, record in enumerate(f.records):
+        batch.append(index)
+        size += math.prod(record["shape"]) * itemsize(record["dtype"])
+        if size >= DECODE_BATCH_BYTES or index == len(f.records) - 1:
+            results = decode_tensors([(f.records[i], f.section(i)) for i in batch], threads=workers)
+            for i, result in zip(batch, results):
+                if isinstance(result, SqzError):
+                    raise result
+                yield f.records[i], result
+            batch, size = [], 0
+
+
+def _write_through_torch(src: str | Path, target: Path, force: bool, delta: bool, dtype: torch.dtype | None,
+                         progress: bool | None) -> dict[str, Any]:
+    """The tensors cast to `dtype`, or each module's ΔW (`delta`), written to `target`; returns the header."""
     from safetensors.torch import save_file
 
     from .loader import load
@@ -159,22 +208,20 @@ def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = 
             tensors = {p.module: adapter.delta(p.module) for p in modules}
         else:
             tensors = {name: adapter[name] for name in _progress(adapter, len(adapter), "decode", progress)}
-        with atomic_path(targets[0], force) as tmp:
+        with atomic_path(target, force) as tmp:
             save_file(tensors, str(tmp), metadata=adapter.metadata)
-        if as_folder:
-            config = adapter.config or synthesize_config(adapter)
-            with atomic_file(targets[1], force) as f:
-                f.write(json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
-    return targets
+        return adapter.header
 
 
-def synthesize_config(adapter: SqzAdapter) -> dict[str, Any]:
-    """A PEFT LoRA config for an adapter stored without one: the common rank and alpha, patterns for the rest."""
-    if not adapter.pairs:
+def synthesize_config(header: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT LoRA config for an adapter stored without one (from its .sqz header): the common rank and alpha,
+    patterns for the rest."""
+    pairs = header["pairs"]
+    if not pairs:
         raise SqzError("the file has no adapter_config.json and no LoRA pairs to build one from")
-    records = {r["name"]: r for r in adapter.header["tensors"]}
-    ranks = {p.module: records[p.a]["shape"][0] for p in adapter.pairs}
-    alphas = {p.module: p.scaling * ranks[p.module] for p in adapter.pairs}
+    records = {r["name"]: r for r in header["tensors"]}
+    ranks = {p["module"]: records[p["a"]]["shape"][0] for p in pairs}
+    alphas = {p["module"]: p["scaling"] * ranks[p["module"]] for p in pairs}
     r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     short = {m: m.removeprefix(PEFT_PREFIX) for m in ranks}
     config: dict[str, Any] = {
@@ -183,9 +230,9 @@ def synthesize_config(adapter: SqzAdapter) -> dict[str, Any]:
         "rank_pattern": {short[m]: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {short[m]: v for m, v in alphas.items() if v != alpha},
     }
-    sine = [p for p in adapter.pairs if p.kind == PAIR_SINE]
+    sine = [p for p in pairs if p["kind"] == PAIR_SINE]
     if sine:
-        config.update(peft_type="SINLORA", freq=sine[0].omega)
+        config.update(peft_type="SINLORA", freq=sine[0]["omega"])
     return config
 
 

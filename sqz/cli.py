@@ -171,10 +171,13 @@ def parse_size(text: str) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def decode_cmd(src: str, output: str, delta: bool, dtype: str | None, force: bool, as_json: bool) -> None:
     """Decode a .sqz file back to safetensors (PEFT / diffusers loadable)."""
-    import torch
-
     start = time.perf_counter()
-    written = decode(src, output, force=force, delta=delta, dtype=getattr(torch, DTYPES[dtype]) if dtype else None)
+    cast = None
+    if dtype:  # only a cast (or --delta) needs torch, whose import is most of a plain decode's run
+        import torch
+
+        cast = getattr(torch, DTYPES[dtype])
+    written = decode(src, output, force=force, delta=delta, dtype=cast)
     data = {"outputs": [str(p) for p in written], "seconds": time.perf_counter() - start}
     _emit(data, as_json, "\n".join(str(p) for p in written))
 

@@ -39,7 +39,7 @@ def peft_config(adapter: SqzAdapter, is_trainable: bool = False) -> PeftConfig:
     if foreign:
         raise InputError(f"{len(foreign)} tensors are not PEFT-named (e.g. {foreign[0]!r}): PEFT cannot load this "
                          "adapter; apply it with sqz.merge or sqz.attach")
-    stored = dict(adapter.config or synthesize_config(adapter))
+    stored = dict(adapter.config or synthesize_config(adapter.header))
     try:
         config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[stored["peft_type"]]
         config = config_cls.from_peft_type(**config_cls.check_kwargs(**stored))

@@ -230,6 +230,33 @@ def test_decode_writes_safetensors_peft_folder_and_delta(tmp_path, peft_dir):
     assert all(t.dtype == torch.float16 for t in load_file(str(tmp_path / "r.safetensors")).values())
 
 
+def _safetensors_parts(path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]), data[8 + size:]
+
+
+def test_decode_without_torch_writes_what_torch_would(tmp_path):
+    """sqz.decode hands the decoder's bytes to safetensors' framework-free serializer: every dtype (bool, ints,
+    F8, BF16, F64, empty) comes back as sqz.load gives it, and the file is what safetensors.torch.save_file
+    writes from sqz.load's tensors (header and data; the order of __metadata__'s keys is a hash map's in both)."""
+    tensors = {**mixed_tensors(), "extra.e4m3": (torch.randn(7) * 3).to(torch.float8_e4m3fn),
+               "extra.e5m2": torch.randn(2, 3).to(torch.float8_e5m2), "extra.u16": torch.arange(5, dtype=torch.int32).to(torch.uint16)}
+    src, out = tmp_path / "src.safetensors", tmp_path / "a.sqz"
+    save_file(tensors, str(src), metadata={"format": "pt", "note": "every dtype"})
+    sqz.encode(src, out, sqz.EncodeOptions(bits=3))
+    [written] = sqz.decode(out, tmp_path / "r.safetensors")
+    adapter = sqz.load(out)
+    restored = load_file(str(written))
+    assert set(restored) == set(tensors)
+    assert all(restored[k].dtype == tensors[k].dtype and torch.equal(restored[k].reshape(-1).view(torch.uint8),
+                                                                     adapter[k].reshape(-1).view(torch.uint8))
+               for k in tensors)
+    save_file(dict(adapter), str(tmp_path / "torch.safetensors"), metadata=adapter.metadata)
+    assert _safetensors_parts(written) == _safetensors_parts(tmp_path / "torch.safetensors")
+    assert _safetensors_parts(written)[0]["__metadata__"] == {"format": "pt", "note": "every dtype"}
+
+
 def test_encode_refuses_to_overwrite_and_leaves_no_temp_files(tmp_path, peft_dir):
     out = tmp_path / "a.sqz"
     out.write_bytes(b"precious")
