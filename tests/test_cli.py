@@ -75,6 +75,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, peft_dir):
     (tmp_path / "flipped.sqz").write_bytes(flipped)
     for flags in ((), ("--dtype", "fp32")):  # the torch-free decode and the one through sqz.load
         cases.append((("decode", tmp_path / "flipped.sqz", "-o", tmp_path / "x.safetensors", *flags), "CRC-32"))
+    cases.append((("info", tmp_path / "flipped.sqz"), "CRC-32"))  # info reads GRID codebooks from their sections
     for args, message in cases:
         result = run(*args)
         assert result.returncode == 1, args
