@@ -148,17 +148,21 @@ def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = 
     for target in targets:
         if target.exists() and not force:
             check_writable(target, force)  # raises OutputExistsError
-    if as_folder:
-        dst.mkdir(parents=True, exist_ok=True)
-    check_writable(targets[0], force)
-    if delta or dtype is not None:
-        header = _write_through_torch(src, targets[0], force, delta, dtype, progress)
-    else:
-        header = _write_decoded(src, targets[0], force, progress)
-    if as_folder:
-        config = header.get("config") or synthesize_config(header)
-        with atomic_file(targets[1], force) as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
+    f = container.Container(src)
+    try:  # the config first: a file it cannot be made for leaves nothing behind
+        config = (f.header.get("config") or synthesize_config(f.header)) if as_folder else None
+        if as_folder:
+            dst.mkdir(parents=True, exist_ok=True)
+        check_writable(targets[0], force)
+        if delta or dtype is not None:
+            _write_through_torch(src, targets[0], force, delta, dtype, progress)
+        else:
+            _write_decoded(f, targets[0], force, progress)
+    finally:
+        f.close()
+    if config is not None:
+        with atomic_file(targets[1], force) as out:
+            out.write(json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
     return targets
 
 
@@ -166,17 +170,12 @@ DECODE_BATCH_BYTES = 16 << 20
 """Decoded bytes `sqz decode` asks the decoder for at a time (one batch runs on every core)."""
 
 
-def _write_decoded(src: str | Path, target: Path, force: bool, progress: bool | None) -> dict[str, Any]:
-    """Every tensor as it was encoded, written to `target`; returns the file's header."""
-    f = container.Container(src)
-    try:
-        tensors = {record["name"]: (record["dtype"], record["shape"], data)
-                   for record, data in _progress(_decoded(f), len(f.records), "decode", progress)}
-        with atomic_path(target, force) as tmp:
-            save_bytes(tensors, tmp, f.header.get("metadata"))
-        return f.header
-    finally:
-        f.close()
+def _write_decoded(f: container.Container, target: Path, force: bool, progress: bool | None) -> None:
+    """Every tensor of `f` as it was encoded, written to `target`."""
+    tensors = {record["name"]: (record["dtype"], record["shape"], data)
+               for record, data in _progress(_decoded(f), len(f.records), "decode", progress)}
+    with atomic_path(target, force) as tmp:
+        save_bytes(tensors, tmp, f.header.get("metadata"))
 
 
 def _decoded(f: container.Container) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
@@ -196,8 +195,8 @@ def _decoded(f: container.Container) -> Iterator[tuple[dict[str, Any], np.ndarra
 
 
 def _write_through_torch(src: str | Path, target: Path, force: bool, delta: bool, dtype: torch.dtype | None,
-                         progress: bool | None) -> dict[str, Any]:
-    """The tensors cast to `dtype`, or each module's ΔW (`delta`), written to `target`; returns the header."""
+                         progress: bool | None) -> None:
+    """The tensors cast to `dtype`, or each module's ΔW (`delta`), written to `target`."""
     from safetensors.torch import save_file
 
     from .loader import load
@@ -210,7 +209,6 @@ def _write_through_torch(src: str | Path, target: Path, force: bool, delta: bool
             tensors = {name: adapter[name] for name in _progress(adapter, len(adapter), "decode", progress)}
         with atomic_path(target, force) as tmp:
             save_file(tensors, str(tmp), metadata=adapter.metadata)
-        return adapter.header
 
 
 def synthesize_config(header: dict[str, Any]) -> dict[str, Any]:

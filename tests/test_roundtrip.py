@@ -257,6 +257,19 @@ def test_decode_without_torch_writes_what_torch_would(tmp_path):
     assert _safetensors_parts(written)[0]["__metadata__"] == {"format": "pt", "note": "every dtype"}
 
 
+def test_decode_to_a_folder_needs_a_config_and_leaves_nothing_without_one(tmp_path):
+    """A file with neither an adapter_config.json nor LoRA pairs has no PEFT config to write: decoding it to a
+    folder fails before anything is written; to a file it works."""
+    src, out = tmp_path / "src.safetensors", tmp_path / "a.sqz"
+    save_file({"model.norm.weight": torch.ones(8)}, str(src))
+    sqz.encode(src, out)
+    with pytest.raises(sqz.SqzError, match="no adapter_config.json and no LoRA pairs"):
+        sqz.decode(out, str(tmp_path / "folder") + "/")
+    assert not (tmp_path / "folder").exists()
+    [written] = sqz.decode(out, tmp_path / "r.safetensors")
+    assert torch.equal(load_file(str(written))["model.norm.weight"], torch.ones(8))
+
+
 def test_encode_refuses_to_overwrite_and_leaves_no_temp_files(tmp_path, peft_dir):
     out = tmp_path / "a.sqz"
     out.write_bytes(b"precious")
