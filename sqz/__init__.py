@@ -12,6 +12,7 @@ from .errors import (
     InputError,
     LimitError,
     NonFiniteError,
+    OutputError,
     OutputExistsError,
     SqzError,
     TruncatedError,
@@ -20,7 +21,7 @@ from .errors import (
 
 __all__ = ["AdapterCache", "Attached", "CacheFullError", "ChecksumError", "EncodeOptions", "EncodeReport",
            "FormatError", "InputError", "LimitError", "Merged", "MissingTensorError", "NonFiniteError",
-           "OutputExistsError", "SineOptions", "SqzAdapter", "SqzError", "SqzWarning", "TruncatedError",
+           "OutputError", "OutputExistsError", "SineOptions", "SqzAdapter", "SqzError", "SqzWarning", "TruncatedError",
            "UnmatchedModulesError", "UnsupportedVersionError", "__version__", "attach", "decode", "encode", "info",
            "load", "load_file", "merge", "peft", "safe_open"]
 

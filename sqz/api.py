@@ -197,9 +197,10 @@ def _decoded(f: container.Container) -> Iterator[tuple[dict[str, Any], np.ndarra
 def _write_through_torch(src: str | Path, target: Path, force: bool, delta: bool, dtype: torch.dtype | None,
                          progress: bool | None) -> None:
     """The tensors cast to `dtype`, or each module's ΔW (`delta`), written to `target`."""
-    from safetensors.torch import save_file
+    import torch
 
     from .loader import load
+    from .torch_dtypes import DTYPE_NAMES
 
     with load(src, dtype=dtype) as adapter:
         if delta:
@@ -207,8 +208,10 @@ def _write_through_torch(src: str | Path, target: Path, force: bool, delta: bool
             tensors = {p.module: adapter.delta(p.module) for p in modules}
         else:
             tensors = {name: adapter[name] for name in _progress(adapter, len(adapter), "decode", progress)}
+        as_bytes = {name: (DTYPE_NAMES[t.dtype], list(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                    for name, t in tensors.items()}
         with atomic_path(target, force) as tmp:
-            save_file(tensors, str(tmp), metadata=adapter.metadata)
+            save_bytes(as_bytes, tmp, adapter.metadata)
 
 
 def synthesize_config(header: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputExistsError, SqzError
+from .errors import OutputError, OutputExistsError
 
 
 def check_writable(dest: Path, force: bool) -> None:
@@ -22,15 +22,19 @@ def check_writable(dest: Path, force: bool) -> None:
     if dest.is_dir():
         raise OutputExistsError(f"{dest} is a directory")
     if not dest.parent.is_dir():
-        raise SqzError(f"{dest.parent}: output directory does not exist")
+        raise OutputError(f"{dest.parent}: output directory does not exist")
 
 
 @contextlib.contextmanager
 def atomic_path(dest: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path in dest's directory; on success it replaces dest, on failure it is removed."""
+    """Yield a temporary path in dest's directory; on success it replaces dest, on failure it is removed. An
+    OSError while the output is made (a read-only directory, a full disk) is an OutputError."""
     dest = Path(dest)
     check_writable(dest, force)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _cannot_write(dest, exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -41,8 +45,14 @@ def atomic_path(dest: str | Path, force: bool = False) -> Iterator[Path]:
         check_writable(dest, force)  # something may have appeared meanwhile
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
+    except OSError as exc:
+        raise _cannot_write(dest, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _cannot_write(dest: Path, exc: OSError) -> OutputError:
+    return OutputError(f"{dest}: cannot write: {exc.strerror or exc}")
 
 
 @contextlib.contextmanager

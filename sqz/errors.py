@@ -34,5 +34,9 @@ class NonFiniteError(SqzError):
     """A computed ΔW holds inf or NaN (lossless factors that hold them, or an update beyond float32): never returned."""
 
 
-class OutputExistsError(SqzError):
+class OutputError(SqzError):
+    """The output cannot be written: its directory is missing or read-only, the disk is full."""
+
+
+class OutputExistsError(OutputError):
     """The output path exists and --force was not given."""

@@ -1,13 +1,16 @@
-"""Writing decoded tensors as a safetensors file without torch. The decoder gives each tensor as its little-endian
+"""Writing tensors' bytes as a safetensors file, without torch. The decoder gives each tensor as its little-endian
 bytes, which safetensors' framework-free serializer (`serialize_file`, 0.8) takes by address: `sqz decode` then
 never imports torch, whose import (~2.6 s) was most of the command's run. The serializer is the one
-`safetensors.torch.save_file` calls, so the file is the same, byte for byte."""
+`safetensors.torch.save_file` calls, so the file is the same, byte for byte; `--dtype` and `--delta`, which make
+their tensors with torch, write through here as well."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from safetensors import TensorSpec, serialize_file
+from safetensors import SafetensorError, TensorSpec, serialize_file
+
+from .errors import OutputError
 
 SPEC_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -26,4 +29,7 @@ def save_bytes(tensors: dict[str, tuple[str, list[int], np.ndarray]], path: Path
     specs = {name: TensorSpec(dtype=SPEC_DTYPES[dtype], shape=shape, data_ptr=alive[name].ctypes.data,
                               data_len=alive[name].nbytes)
              for name, (dtype, shape, _) in tensors.items()}
-    serialize_file(specs, str(path), metadata=metadata)
+    try:
+        serialize_file(specs, str(path), metadata=metadata)
+    except SafetensorError as exc:  # what it raises for an I/O error (a full disk)
+        raise OutputError(f"{path}: cannot write: {exc}") from None
