@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import __version__, container, targets
 from .adapter import CONFIG_NAME, PEFT_PREFIX, Adapter, SineOptions, read_adapter
-from .atomic import atomic_file, atomic_path, check_writable
+from .atomic import atomic_file, atomic_path, check_writable, make_folder
 from .bitpack import packed_size
 from .codec import EncodeOptions, decode_tensors, encode_tensor, float_side_extent, read_side
 from .constants import CODEBOOK_GRID, ENCODING_KMEANS, PAIR_SINE
@@ -152,7 +152,7 @@ def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = 
     try:  # the config first: a file it cannot be made for leaves nothing behind
         config = (f.header.get("config") or synthesize_config(f.header)) if as_folder else None
         if as_folder:
-            dst.mkdir(parents=True, exist_ok=True)
+            make_folder(dst)
         check_writable(targets[0], force)
         if delta or dtype is not None:
             _write_through_torch(src, targets[0], force, delta, dtype, progress)

@@ -51,6 +51,15 @@ def atomic_path(dest: str | Path, force: bool = False) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def make_folder(path: Path) -> None:
+    """An output folder and its parents (they may exist); an OSError (a file in the way, a read-only parent) is
+    an OutputError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the output folder: {exc.strerror or exc}") from None
+
+
 def _cannot_write(dest: Path, exc: OSError) -> OutputError:
     return OutputError(f"{dest}: cannot write: {exc.strerror or exc}")
 

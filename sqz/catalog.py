@@ -30,8 +30,9 @@ from tqdm import tqdm
 from . import __version__, engines, manifest
 from .adapter import WEIGHT_NAMES, SineOptions
 from .api import DEFAULT_OPTIONS, NO_SINE, SqzWarning, encode
+from .atomic import make_folder
 from .codec import EncodeOptions
-from .errors import InputError, SqzError
+from .errors import InputError, OutputError, SqzError
 
 DEFAULT_GLOBS = ("**/*.safetensors", "**/adapter_model.bin")
 LOCK_NAME = ".encode-many.lock"
@@ -166,7 +167,10 @@ class Summary:
 
 def _lock(out: Path):
     """An exclusive lock on OUT for this run (released by the kernel however the process ends)."""
-    f = open(out / LOCK_NAME, "a")  # noqa: SIM115 - held for the whole run, closed by encode_many
+    try:
+        f = open(out / LOCK_NAME, "a")  # noqa: SIM115 - held for the whole run, closed by encode_many
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write there: {exc.strerror or exc}") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -189,7 +193,7 @@ def encode_many(sources: list[str | Path], out: str | Path, options: EncodeOptio
     Ray here, or a cluster address ("auto", "ray://host:10001")."""
     out = Path(out)
     jobs = discover(sources, glob)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     lock = _lock(out)
     try:
         for stale in out.rglob(TMP_GLOB):  # a killed run's temporary files: no run is writing now

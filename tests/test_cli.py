@@ -77,6 +77,8 @@ def test_errors_are_one_line_without_traceback(tmp_path, peft_dir):
     for flags in ((), ("--dtype", "fp32")):  # the torch-free decode and the one through sqz.load
         cases.append((("decode", tmp_path / "flipped.sqz", "-o", tmp_path / "x.safetensors", *flags), "CRC-32"))
     cases.append((("info", tmp_path / "flipped.sqz"), "CRC-32"))  # info reads GRID codebooks from their sections
+    cases += [(("encode-many", peft_dir, "-o", good), f"{good}: cannot create the output folder"),  # a file there
+              (("decode", good, "-o", f"{good}/sub/"), "cannot create the output folder")]
     if Path("/proc/self").is_dir():  # a directory nobody can create files in, root included
         cases += [(("encode", peft_dir, "-b", "3", "-o", "/proc/x.sqz"), "/proc/x.sqz: cannot write"),
                   (("decode", good, "-o", "/proc/x.safetensors"), "/proc/x.safetensors: cannot write"),
