@@ -52,8 +52,14 @@ def encode(adapter: Adapter, options: EncodeOptions, builder: Callable[[Adapter]
     def measure(header: dict[str, Any], sections: list[bytes]) -> float:
         return ratecontrol.measured_sqnr(allocated, reference, _decoded(header, sections, prepared.names, workers))
 
+    def exact() -> tuple[dict[str, Any], list[bytes], int]:
+        """Every allocated factor as trained, stored exactly: ΔW is the trained one (in the SVD gauge, a lossless
+        factor is still rounded to its dtype: about 70 dB)."""
+        header, sections = builder(adapter)(prepared.choices(np.full(len(prepared.names), ratecontrol.RAW)))
+        return header, sections, sum(len(chunk) for chunk in container.serialize(header, sections, options.version))
+
     if options.sqnr is not None:
-        return _for_sqnr(prepared, options.sqnr, make, measure)
+        return _for_sqnr(prepared, options.sqnr, make, measure, exact)
     header, sections = _for_size(prepared, target_bytes, make)
     return header, sections, measure(header, sections)
 
@@ -88,9 +94,10 @@ def _for_size(prepared: ratecontrol.Prepared, target: float, make: Callable) -> 
     return best[0], best[1]
 
 
-def _for_sqnr(prepared: ratecontrol.Prepared, target: float, make: Callable,
-              measure: Callable) -> tuple[dict, list[bytes], float]:
-    """Search the aim until the decoded ΔW's SQNR is at least `target` dB; keep the smallest file that is."""
+def _for_sqnr(prepared: ratecontrol.Prepared, target: float, make: Callable, measure: Callable,
+              exact: Callable) -> tuple[dict, list[bytes], float]:
+    """Search the aim until the decoded ΔW's SQNR is at least `target` dB; keep the smallest file that is, or if
+    none is, the `exact` one, which meets any target."""
     best, aim = None, target
     for _ in range(ATTEMPTS):
         header, sections, size = make(ratecontrol.plan_for_sqnr(prepared, aim))
@@ -100,8 +107,8 @@ def _for_sqnr(prepared: ratecontrol.Prepared, target: float, make: Callable,
         if target <= sqnr <= target + SQNR_SLACK:
             break
         aim += (target - sqnr) + (0.01 if sqnr < target else 0.0)  # over the target: relax, and try again
-    if best is None:  # the estimate kept missing: every factor lossless meets any target
-        header, sections, size = make(np.full(len(prepared.names), ratecontrol.RAW))
+    if best is None:
+        header, sections, size = exact()
         best = (header, sections, size, measure(header, sections))
     header, sections, _, sqnr = best
     return header, sections, sqnr

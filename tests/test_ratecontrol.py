@@ -172,6 +172,15 @@ def test_sqnr_target_is_met_or_exceeded(tmp_path, lora_reference, target):
             break
 
 
+def test_an_sqnr_beyond_any_quantizer_stores_the_trained_factors_exactly(tmp_path):
+    """Above what even lossless factors in the SVD gauge reach (their dtype's rounding: ~70 dB), the target is
+    still met: every factor is stored as trained, so ΔW is the trained one."""
+    report = sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(sqnr=200.0))
+    assert report.sqnr_db == math.inf and report.quantized == 0
+    trained, decoded = load_file(str(LORA / "adapter_model.safetensors")), sqz.load(tmp_path / "a.sqz")
+    assert all(torch.equal(decoded[name], tensor) for name, tensor in trained.items())
+
+
 def test_low_rates_use_zero_bit_groups_that_decode_and_load_into_peft(tmp_path):
     sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=0.6))
     info = sqz.info(tmp_path / "a.sqz")
