@@ -15,6 +15,7 @@ anything is allocated from it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -246,10 +247,8 @@ class Container:
         that holds a section: a corrupted tensor's) the map stays open and closes when the last view goes."""
         self._buf.release()
         if self._map is not None:
-            try:
+            with contextlib.suppress(BufferError):
                 self._map.close()
-            except BufferError:
-                pass
 
 
 VALIDATED_HEADERS = 1024

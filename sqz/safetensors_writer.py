@@ -1,8 +1,8 @@
 """Writing tensors' bytes as a safetensors file, without torch. The decoder gives each tensor as its little-endian
 bytes, which safetensors' framework-free serializer (`serialize_file`, 0.8) takes by address: `sqz decode` then
 never imports torch, whose import (~2.6 s) was most of the command's run. The serializer is the one
-`safetensors.torch.save_file` calls, so the file is the same, byte for byte; `--dtype` and `--delta`, which make
-their tensors with torch, write through here as well."""
+`safetensors.torch.save_file` calls, so the file is the one it writes (the order of `__metadata__`'s keys is a
+hash map's in both); `--dtype` and `--delta`, which make their tensors with torch, write through here as well."""
 from __future__ import annotations
 
 from pathlib import Path
