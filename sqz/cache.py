@@ -73,7 +73,7 @@ class AdapterCache:
         """Hold an adapter's file (a path, or its bytes). The header is checked now: a bad file fails here."""
         path = None if isinstance(source, bytes) else Path(source)
         data = source if path is None else _read(path)
-        container.Container(data).close()  # magic, version, header CRC and limits
+        container.Container(data, _label(name)).close()  # magic, version, header CRC and limits
         with self._lock:
             old = self._held.get(name)
             self._make_room(len(data) - (len(old.data) if old and old.data is not None else 0), name)
@@ -111,7 +111,7 @@ class AdapterCache:
         try:
             data = held.data  # read once: another request may drop it meanwhile
             data = data if data is not None else self._reread(name, held)
-            with load(data, device=device, dtype=self.dtype) as adapter:
+            with load(data, device=device, dtype=self.dtype, label=_label(name)) as adapter:
                 tensors = {n: adapter[n] for n in adapter}
         except BaseException as exc:
             future.set_exception(exc)
@@ -159,3 +159,7 @@ def _read(path: Path) -> bytes:
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
+
+def _label(name: str) -> str:
+    """What errors call an adapter held as bytes: its name in the cache, which is what a server knows it by."""
+    return f"adapter {name!r}"

@@ -194,10 +194,11 @@ def write(f: BinaryIO, header: dict[str, Any], sections: list[bytes],
 class Container:
     """A validated, memory-mapped .sqz file. Sections are CRC-checked each time they are read."""
 
-    def __init__(self, source: str | Path | bytes):
-        """Open a file by path (memory-mapped), or parse a complete file held in memory."""
+    def __init__(self, source: str | Path | bytes, label: str = "<bytes>"):
+        """Open a file by path (memory-mapped), or parse a complete file held in memory, which messages call
+        `label`."""
         if isinstance(source, (bytes, bytearray, memoryview)):
-            self.path, self._map = Path("<bytes>"), None
+            self.path, self._map = Path(label), None
             self._buf = memoryview(source)
         else:
             self.path = Path(source)

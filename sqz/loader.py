@@ -50,8 +50,9 @@ class SqzAdapter(Mapping):
     between threads.
     """
 
-    def __init__(self, path: str | Path | bytes, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-        self._file = container.Container(path)
+    def __init__(self, path: str | Path | bytes, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 label: str = "<bytes>"):
+        self._file = container.Container(path, label)
         self._index = {r["name"]: i for i, r in enumerate(self._file.records)}
         self._sizes = [math.prod(r["shape"]) * itemsize(r["dtype"]) for r in self._file.records]
         self._device = torch.device(device)
@@ -165,6 +166,8 @@ class SqzAdapter(Mapping):
         self.close()
 
 
-def load(path: str | Path | bytes, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SqzAdapter:
-    """Open a .sqz file (a path, or the whole file as bytes) as a lazy, read-only mapping name -> torch.Tensor."""
-    return SqzAdapter(path, device=device, dtype=dtype)
+def load(path: str | Path | bytes, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         label: str = "<bytes>") -> SqzAdapter:
+    """Open a .sqz file (a path, or the whole file as bytes, which errors call `label`) as a lazy, read-only
+    mapping name -> torch.Tensor."""
+    return SqzAdapter(path, device=device, dtype=dtype, label=label)

@@ -88,8 +88,14 @@ def test_bad_files_and_names(catalog, tmp_path):
     cache = sqz.AdapterCache()
     data = bytearray(paths["a0"].read_bytes())
     data[20] ^= 0xFF
-    with pytest.raises(sqz.FormatError):
+    with pytest.raises(sqz.FormatError, match="^adapter 'bad': "):
         cache.add("bad", bytes(data))
+    flipped = bytearray(paths["a0"].read_bytes())
+    flipped[-10] ^= 0x01  # in the data: the file is held, its tensor fails when decoded
+    cache.add("flipped", bytes(flipped))
+    with pytest.raises(sqz.ChecksumError, match="^adapter 'flipped': tensor "):
+        cache.get("flipped")
+    cache.remove("flipped")
     with pytest.raises(sqz.InputError, match="cannot read"):
         cache.add("gone", tmp_path / "missing.sqz")
     with pytest.raises(KeyError, match="no adapter named 'x'"):
