@@ -52,11 +52,10 @@ def encode(adapter: Adapter, options: EncodeOptions, builder: Callable[[Adapter]
     def measure(header: dict[str, Any], sections: list[bytes]) -> float:
         return ratecontrol.measured_sqnr(allocated, reference, _decoded(header, sections, prepared.names, workers))
 
-    def exact() -> tuple[dict[str, Any], list[bytes], int]:
+    def exact() -> tuple[dict[str, Any], list[bytes]]:
         """Every allocated factor as trained, stored exactly: ΔW is the trained one (in the SVD gauge, a lossless
         factor is still rounded to its dtype: about 70 dB)."""
-        header, sections = builder(adapter)(prepared.choices(np.full(len(prepared.names), ratecontrol.RAW)))
-        return header, sections, sum(len(chunk) for chunk in container.serialize(header, sections, options.version))
+        return builder(adapter)(prepared.choices(np.full(len(prepared.names), ratecontrol.RAW)))
 
     if options.sqnr is not None:
         return _for_sqnr(prepared, options.sqnr, make, measure, exact)
@@ -108,8 +107,8 @@ def _for_sqnr(prepared: ratecontrol.Prepared, target: float, make: Callable, mea
             break
         aim += (target - sqnr) + (0.01 if sqnr < target else 0.0)  # over the target: relax, and try again
     if best is None:
-        header, sections, size = exact()
-        best = (header, sections, size, measure(header, sections))
+        header, sections = exact()
+        return header, sections, measure(header, sections)
     header, sections, _, sqnr = best
     return header, sections, sqnr
 
