@@ -198,18 +198,18 @@ class Container:
         """Open a file by path (memory-mapped), or parse a complete file held in memory, which messages call
         `label`."""
         if isinstance(source, (bytes, bytearray, memoryview)):
-            self.path, self._map = Path(label), None
+            self.where, self._map = label, None  # what messages call the file (a Path would rewrite a label's /)
             self._buf = memoryview(source)
         else:
-            self.path = Path(source)
-            self._map = self._open_map(self.path)
+            path = Path(source)
+            self.where, self._map = str(path), self._open_map(path)
             self._buf = memoryview(self._map) if self._map is not None else memoryview(b"")
         self.size = len(self._buf)
         if self.size < PREAMBLE_SIZE:
             if self.size and MAGIC.startswith(bytes(self._buf[:len(MAGIC)])):
-                raise TruncatedError(f"{self.path}: truncated: {self.size} bytes, shorter than the preamble")
-            raise FormatError(f"{self.path}: not a .sqz file (too short, {self.size} bytes)")
-        self.version, self.header, self.data_start, self._chunk_crcs = parse_head(self._buf, self.size, str(self.path))
+                raise TruncatedError(f"{self.where}: truncated: {self.size} bytes, shorter than the preamble")
+            raise FormatError(f"{self.where}: not a .sqz file (too short, {self.size} bytes)")
+        self.version, self.header, self.data_start, self._chunk_crcs = parse_head(self._buf, self.size, self.where)
         self.records: list[dict[str, Any]] = self.header["tensors"]
         self._checked = bytearray(len(self._chunk_crcs))  # 2.0: which chunks have passed their CRC
 
@@ -231,14 +231,14 @@ class Container:
         view = self._buf[start:start + record["length"]]
         if self.version[0] == 1:
             if crc32(view) != record["crc32"]:
-                raise ChecksumError(f"{self.path}: tensor {record['name']!r}: data fails its CRC-32 (corrupted file)")
+                raise ChecksumError(f"{self.where}: tensor {record['name']!r}: data fails its CRC-32 (corrupted file)")
             return view
         first, stop = record["offset"] // CHUNK_SIZE, -(-(record["offset"] + record["length"]) // CHUNK_SIZE)
         for chunk in range(first, stop if record["length"] else first):  # an empty section has nothing to check
             if not self._checked[chunk]:
                 at = self.data_start + chunk * CHUNK_SIZE
                 if crc32(self._buf[at:min(at + CHUNK_SIZE, self.size)]) != self._chunk_crcs[chunk]:
-                    raise ChecksumError(f"{self.path}: tensor {record['name']!r}: data fails its CRC-32 "
+                    raise ChecksumError(f"{self.where}: tensor {record['name']!r}: data fails its CRC-32 "
                                         f"(chunk {chunk}; corrupted file)")
                 self._checked[chunk] = 1
         return view
