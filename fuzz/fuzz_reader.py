@@ -6,7 +6,7 @@
 
 raw: the input is a whole file, so most mutations stop at a CRC check (which is the point of them).
 structured: the input is header JSON, a NUL byte, then the data area; the target wraps it in a container
-with correct CRCs, so mutations reach header validation and every decoder. A leading 0x02 byte makes it a 2.2
+with correct CRCs, so mutations reach header validation and every decoder. A leading 0x02 byte makes it a 2.3
 file (the 2.x header as stored: no offsets, pairs by index; CRC table and dictionary made by the target),
 otherwise 1.0. A quarter of its mutations give one field of a record or pair a value of another JSON type
 (mutate), which byte mutations almost never do: a list where a dtype goes once raised a TypeError.
@@ -51,7 +51,7 @@ def wrap(data: bytes) -> bytes:
     if data.startswith(V2):
         text, _, area = data[1:].partition(b"\0")
         body = zstandard.ZstdCompressor(dict_data=V2_DICTIONARY).compress(text)
-        head = MAGIC + struct.pack("<HHII", 2, 2, len(body), zlib.crc32(body)) + body + chunk_table(area)
+        head = MAGIC + struct.pack("<HHII", 2, 3, len(body), zlib.crc32(body)) + body + chunk_table(area)
         return head + b"\0" * (align(len(head)) - len(head)) + area
     text, _, area = data.partition(b"\0")
     try:

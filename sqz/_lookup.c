@@ -6,8 +6,9 @@
  * or 8 bytes: indices themselves, or the element bit patterns of F16/BF16, F32 and F64. The stream of a
  * framed job is first decoded by the worker thread into its own scratch, still in cache when the lookup
  * reads it: a zstd frame of the packed stream (entropy stages zstd and zstd-aligned), or a rANS stream of
- * 8-bit indices under the model of `counts` (rans and rans-compact, see run_rans). It returns
- * (job, problem) for each job that failed; that job's `out` is then garbage.
+ * indices under the model of `counts` (rans and rans-compact, see run_rans; up to RANS_MAX_SYMBOLS entries, the
+ * wide codebooks of format 2.3). It returns (job, problem) for each job that failed; that job's `out` is then
+ * garbage.
  *
  * All buffers are taken with the GIL held; the work runs without it, in chunks over `threads` threads
  * (the caller's thread is one of them), so one call decodes a batch of tensors on every core with a
@@ -48,9 +49,10 @@ typedef struct {
     Py_ssize_t count;
     int bits;
     uint64_t entries;
-    uint64_t padded[256]; /* the table, zero past its entries: any lane reads inside it */
-    int frame;            /* FRAME_ZSTD, FRAME_RANS: the worker decodes the stream to packed indices first */
-    uint32_t cdf[257];    /* FRAME_RANS: the model's cumulative frequencies, cdf[entries] = 2^RANS_PRECISION */
+    uint64_t padded[256]; /* packed jobs: the table, zero past its entries: any lane reads inside it */
+    int frame;            /* FRAME_ZSTD, FRAME_RANS: the worker decodes the stream to indices first */
+    uint32_t *cdf;        /* FRAME_RANS: the model's cumulative frequencies, cdf[entries] = 2^RANS_PRECISION: */
+    uint32_t cdf_inline[257]; /* here for up to 256 entries, else on the heap */
     int status;           /* a JOB_* code */
 } Job;
 
@@ -233,8 +235,13 @@ static const uint8_t *unframe(Job *job, Scratch *scratch, Py_ssize_t packed)
  * its ContiguousCategorical model with 24-bit probabilities, decoded here so that a rANS tensor costs ~5 ns an
  * index in a batch (~7.5 alone) on the batch's threads instead of ~30 through constriction (entropy.py keeps
  * constriction's decoder as the reference; tests hold the two equal on any bytes). The stream is a stack of
- * little-endian words read from its end; a short last word is zero-padded (rans-compact). */
+ * little-endian words read from its end; a short last word is zero-padded (rans-compact). Symbols are decoded
+ * to 16-bit indices (codebooks of up to 4,096 entries, format 2.3), then mapped through the table. */
 #define RANS_PRECISION 24
+#define RANS_MAX_SYMBOLS 4096
+#define RANS_SYMBOL_SHIFT 24 /* a symbol's word: start | symbol << 24 | frequency << 36 (12 + 25 bits) */
+#define RANS_SYMBOL_MASK (RANS_MAX_SYMBOLS - 1)
+#define RANS_FREQUENCY_SHIFT 36
 #define RANS_SLOT_BITS 10 /* 1,024 quantile buckets, 8 KB a lane: with four lanes faster than 2,048 (16 KB) */
 
 /* The model of `counts` (spec §4.2): cdf[i] = floor(c_i * ((2^24 - k) / total)) + i in float64, c_i the sum of
@@ -275,9 +282,9 @@ typedef struct {
     const uint8_t *words;  /* the stream, or a zero word if it is shorter than a word (then none is read) */
     Py_ssize_t left, done; /* words not yet read (the top of the stack is the last); indices decoded */
     uint64_t state;
-    uint8_t *out;          /* the lane's own buffer of the job's indices */
+    uint8_t *out;          /* the lane's own buffer of the job's indices, 16 bits each */
     size_t out_size;
-    uint64_t symbol[256];
+    uint64_t symbol[RANS_MAX_SYMBOLS];
     uint64_t first[1 << RANS_SLOT_BITS];
 } Lane;
 
@@ -289,7 +296,7 @@ typedef struct {
 
 static int rans_start(Lane *lane, Job *job)
 {
-    if (!reserve(&lane->out, &lane->out_size, job->count)) {
+    if (!reserve(&lane->out, &lane->out_size, 2 * job->count)) {
         job->status = JOB_MEMORY;
         return 0;
     }
@@ -309,7 +316,7 @@ static int rans_start(Lane *lane, Job *job)
     const uint32_t *cdf = job->cdf;
     const int k = (int)job->entries;
     for (int s = 0; s < k; s++)
-        lane->symbol[s] = cdf[s] | (uint64_t)s << 24 | (uint64_t)(cdf[s + 1] - cdf[s]) << 32;
+        lane->symbol[s] = cdf[s] | (uint64_t)s << RANS_SYMBOL_SHIFT | (uint64_t)(cdf[s + 1] - cdf[s]) << RANS_FREQUENCY_SHIFT;
     const int shift = RANS_PRECISION - RANS_SLOT_BITS; /* bucket j starts at quantile j << shift */
     for (int s = 0; s < k; s++) { /* the buckets that start inside symbol s's range */
         const uint32_t lo = (cdf[s] + (1u << shift) - 1) >> shift, hi = (cdf[s + 1] + (1u << shift) - 1) >> shift;
@@ -336,22 +343,22 @@ static inline __attribute__((always_inline)) void rans_steps(Lane *const *lanes,
     const uint64_t mask = (1u << RANS_PRECISION) - 1;
     uint64_t state[RANS_LANES];
     const uint8_t *top[RANS_LANES]; /* just past the next word down */
-    uint8_t *out[RANS_LANES];
+    uint16_t *out[RANS_LANES];
     const Lane *lane[RANS_LANES];
     for (int l = 0; l < N; l++) {
         lane[l] = lanes[l];
         state[l] = lanes[l]->state;
         top[l] = lanes[l]->words + 4 * lanes[l]->left;
-        out[l] = lanes[l]->out + lanes[l]->done;
+        out[l] = (uint16_t *)lanes[l]->out + lanes[l]->done;
     }
     for (Py_ssize_t i = 0; i < n; i++)
         _Pragma("GCC unroll 4") for (int l = 0; l < N; l++) {
             const uint64_t quantile = state[l] & mask;
             uint64_t at = lane[l]->first[quantile >> (RANS_PRECISION - RANS_SLOT_BITS)];
-            while (quantile - (at & mask) >= at >> 32)
-                at = lane[l]->symbol[(uint8_t)(at >> 24) + 1];
-            out[l][i] = (uint8_t)(at >> 24);
-            const uint64_t next = (state[l] >> RANS_PRECISION) * (at >> 32) + (quantile - (at & mask));
+            while (quantile - (at & mask) >= at >> RANS_FREQUENCY_SHIFT)
+                at = lane[l]->symbol[((at >> RANS_SYMBOL_SHIFT) & RANS_SYMBOL_MASK) + 1];
+            out[l][i] = (uint16_t)((at >> RANS_SYMBOL_SHIFT) & RANS_SYMBOL_MASK);
+            const uint64_t next = (state[l] >> RANS_PRECISION) * (at >> RANS_FREQUENCY_SHIFT) + (quantile - (at & mask));
             uint64_t refill = !(next >> 32);
             uint32_t word;
             if (guarded) { /* none left: word 0 read again (the stream, or a zero word), and unused */
@@ -393,11 +400,33 @@ static void rans_round(Lane *const *lanes, Py_ssize_t n, int N)
     }
 }
 
-static void map_indices(Job *job, const uint8_t *src, Py_ssize_t g0, Py_ssize_t groups, Scratch *scratch);
+#define DEFINE_GATHER(T)                                                                           \
+    static void gather_##T(const Job *job, const uint16_t *restrict index)                          \
+    {                                                                                              \
+        const T *restrict table = job->table.buf;                                                  \
+        T *restrict out = job->out.buf;                                                            \
+        for (Py_ssize_t i = 0; i < job->count; i++)                                                \
+            out[i] = table[index[i]];                                                              \
+    }
+DEFINE_GATHER(uint8_t)
+DEFINE_GATHER(uint16_t)
+DEFINE_GATHER(uint32_t)
+DEFINE_GATHER(uint64_t)
+
+/* out[i] = table[index i] of a decoded rANS stream: every index is a symbol of the model, < entries. */
+static void gather(const Job *job, const uint16_t *index)
+{
+    switch (job->table.itemsize) {
+    case 1: gather_uint8_t(job, index); break;
+    case 2: gather_uint16_t(job, index); break;
+    case 4: gather_uint32_t(job, index); break;
+    default: gather_uint64_t(job, index); break;
+    }
+}
 
 /* Every rANS job of the batch, RANS_LANES at a time on this thread: a lane whose stream ends maps its indices
  * to values (while they are in cache) and takes the next job. */
-static void run_rans(Work *work, Scratch *scratch, Lane *lanes)
+static void run_rans(Work *work, Lane *lanes)
 {
     Lane *active[RANS_LANES], *idle[RANS_LANES];
     int n_active = 0, n_idle = RANS_LANES;
@@ -426,7 +455,7 @@ static void run_rans(Work *work, Scratch *scratch, Lane *lanes)
             if (lane->state || lane->left)
                 lane->job->status = JOB_RANS_LEFT;
             else
-                map_indices(lane->job, lane->out, 0, lane->job->count / 8, scratch);
+                gather(lane->job, (const uint16_t *)lane->out);
             idle[n_idle++] = lane;
             active[a] = active[--n_active];
         }
@@ -467,7 +496,7 @@ static void *worker(void *arg)
     Lane *lanes = work->n_rans ? calloc(RANS_LANES, sizeof(Lane)) : NULL;
     if (scratch.codes && (lanes || !work->n_rans)) { /* else the other threads take the items this one would have */
         if (lanes)
-            run_rans(work, &scratch, lanes);
+            run_rans(work, lanes);
         for (;;) {
             const Py_ssize_t i = __atomic_fetch_add(&work->next, 1, __ATOMIC_RELAXED);
             if (i >= work->n_items)
@@ -523,10 +552,13 @@ static int take_model(Job *job, PyObject *counts_obj)
     Py_buffer counts;
     if (PyObject_GetBuffer(counts_obj, &counts, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         return -1;
-    const int ok = counts.itemsize == 8 && counts.len == 8 * (Py_ssize_t)job->entries;
+    int ok = counts.itemsize == 8 && counts.len == 8 * (Py_ssize_t)job->entries;
     if (!ok)
         PyErr_SetString(PyExc_ValueError, "a rANS job's counts must be one uint64 per table entry");
-    else if (!rans_model(counts.buf, (int)job->entries, job->cdf))
+    else if (job->entries > 256 && !(job->cdf = PyMem_Malloc((job->entries + 1) * sizeof *job->cdf))) {
+        PyErr_NoMemory();
+        ok = 0;
+    } else if (!rans_model(counts.buf, (int)job->entries, job->cdf))
         job->status = JOB_RANS;
     PyBuffer_Release(&counts);
     return ok ? 0 : -1;
@@ -545,12 +577,18 @@ static int take_job(PyObject *spec, Job *job)
         return -1;
     const Py_ssize_t item = job->table.itemsize;
     const Py_ssize_t entries = item ? job->table.len / item : 0;
-    if (job->bits < 1 || job->bits > 8 || job->count < 0) {
-        PyErr_SetString(PyExc_ValueError, "bits must be in [1, 8] and count >= 0");
+    if (job->frame == FRAME_RANS ? job->bits != 8 && job->bits != 16 : job->bits < 1 || job->bits > 8) {
+        PyErr_SetString(PyExc_ValueError, "bits must be in [1, 8], or 8 or 16 for a rANS job");
         return -1;
     }
-    if ((item != 1 && item != 2 && item != 4 && item != 8) || entries < 1 || entries > (1 << job->bits)) {
-        PyErr_SetString(PyExc_ValueError, "table must hold 1 to 2**bits entries of 1, 2, 4 or 8 bytes");
+    if (job->count < 0) {
+        PyErr_SetString(PyExc_ValueError, "count must be >= 0");
+        return -1;
+    }
+    const Py_ssize_t most = job->bits == 16 ? RANS_MAX_SYMBOLS : 1 << job->bits;
+    if ((item != 1 && item != 2 && item != 4 && item != 8) || entries < 1 || entries > most) {
+        PyErr_SetString(PyExc_ValueError, "table must hold 1 to 2**bits (a rANS job at 16: 4096) entries of 1, 2, 4 "
+                                          "or 8 bytes");
         return -1;
     }
     if (job->frame < FRAME_PACKED || job->frame > FRAME_RANS) {
@@ -561,8 +599,8 @@ static int take_job(PyObject *spec, Job *job)
         PyErr_SetString(PyExc_ValueError, "zstd frames need libzstd, which was not found (HAS_ZSTD)");
         return -1;
     }
-    if (job->frame == FRAME_RANS && (job->bits != 8 || counts_obj == Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "a rANS job decodes to 8-bit indices and needs its counts");
+    if (job->frame == FRAME_RANS && counts_obj == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "a rANS job needs its counts");
         return -1;
     }
     if (job->frame == FRAME_PACKED && job->stream.len != (job->count * job->bits + 7) / 8) {
@@ -573,11 +611,15 @@ static int take_job(PyObject *spec, Job *job)
         PyErr_SetString(PyExc_ValueError, "out must hold count entries of the table's type");
         return -1;
     }
-    memset(job->padded, 0, sizeof job->padded);
-    memcpy(job->padded, job->table.buf, job->table.len);
     job->entries = (uint64_t)entries;
     job->status = JOB_OK;
-    return job->frame == FRAME_RANS ? take_model(job, counts_obj) : 0;
+    if (job->frame == FRAME_RANS) { /* its indices are symbols of the model: gather reads the table itself */
+        job->cdf = job->cdf_inline;
+        return take_model(job, counts_obj);
+    }
+    memset(job->padded, 0, sizeof job->padded);
+    memcpy(job->padded, job->table.buf, job->table.len);
+    return 0;
 }
 
 static PyObject *lookup_many(PyObject *Py_UNUSED(self), PyObject *args)
@@ -661,6 +703,8 @@ done:
             PyBuffer_Release(&jobs[j].table);
         if (jobs[j].out.obj)
             PyBuffer_Release(&jobs[j].out);
+        if (jobs[j].cdf != jobs[j].cdf_inline)
+            PyMem_Free(jobs[j].cdf);
     }
     PyMem_Free(items);
     PyMem_Free(jobs);
@@ -674,6 +718,7 @@ done:
  * lookup of a whole small tensor. Raises ValueError with the reference's message for bytes that break §4.2. */
 #define GRID_MAX_MANTISSA (1LL << 24)
 #define GRID_MAX_REMAINDER_BITS 24
+#define GRID_MAX_ENTRIES 4096
 
 static PyObject *grid_error(const char *what)
 {
@@ -691,8 +736,9 @@ static PyObject *grid_codebook(PyObject *Py_UNUSED(self), PyObject *args)
     const Py_ssize_t size = view.len;
     PyObject *result = NULL;
     float *entries = NULL;
-    if (k < 1 || k > 256) {
-        PyErr_SetString(PyExc_ValueError, "k must be 1..256");
+    int64_t *mantissas = NULL;
+    if (k < 1 || k > GRID_MAX_ENTRIES) {
+        PyErr_SetString(PyExc_ValueError, "k must be 1..4096");
         goto done;
     }
     if (size < 3) {
@@ -728,11 +774,11 @@ static PyObject *grid_codebook(PyObject *Py_UNUSED(self), PyObject *args)
     int64_t m = (int64_t)(zigzag >> 1) ^ -(int64_t)(zigzag & 1);
     const int64_t first = m;
     entries = PyMem_Malloc((size_t)k * sizeof *entries);
-    if (!entries) {
+    mantissas = PyMem_Malloc((size_t)k * sizeof *mantissas);
+    if (!entries || !mantissas) {
         PyErr_NoMemory();
         goto done;
     }
-    int64_t mantissas[256];
     mantissas[0] = m;
     if (k > 1) {
         const Py_ssize_t gaps = k - 1, low_end = at + (gaps * p + 7) / 8;
@@ -791,6 +837,7 @@ static PyObject *grid_codebook(PyObject *Py_UNUSED(self), PyObject *args)
     result = Py_BuildValue("(y#n)", (const char *)entries, (Py_ssize_t)(k * sizeof *entries), at);
 done:
     PyMem_Free(entries);
+    PyMem_Free(mantissas);
     PyBuffer_Release(&view);
     return result;
 }
@@ -805,7 +852,8 @@ static PyMethodDef methods[] = {
      "or 'rans-left' (data left after the last index), and 'memory' (no room to decode the stream).\n"
      "Each job is (stream, count, bits, table, out, frame[, counts]): out[i] = table[index i of the b-bit\n"
      "stream]; frame 1: the stream is a zstd frame of it (only when HAS_ZSTD); frame 2: a rANS stream of\n"
-     "8-bit indices under the model of counts (uint64, one per table entry)."},
+     "indices under the model of counts (uint64, one per table entry), with b = 8 (up to 256 entries) or\n"
+     "16 (up to 4096)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -81,16 +81,27 @@ CODE_BITS = {1: 8, 2: 8, 3: 12, 4: 8, 5: 10, 6: 12, 7: 14, 8: 8}
 GROUP_BYTES = {10: 5, 12: 3, 14: 7}
 """numpy path: unaligned codes come in groups of whole bytes: 4 ten-bit, 2 twelve-bit or 4 fourteen-bit codes."""
 
+WIDE = 16
+"""The width of a stream of little-endian uint16 indices: what a rANS payload of a codebook of more than 256 entries
+(format 2.3) decodes to. No stage stores indices this way; a decoder holds them so in memory."""
+
 FRAME_PACKED, FRAME_ZSTD, FRAME_RANS = 0, 1, 2
 """What a lookup job's stream is: the packed indices; a zstd frame of them, which the C extension decompresses
-itself (NATIVE_ZSTD); or a rANS stream (entropy.rans_frame) of 8-bit indices, which it decodes itself."""
+itself (NATIVE_ZSTD); or a rANS stream (entropy.rans_frame), which it decodes itself."""
 LookupJob = tuple
 """(stream, count, bits, table, out, frame): out[i] = table[index i of the b-bit stream]. A FRAME_RANS job has
-b = 8 and one more item, the model's counts (uint64, one per table entry)."""
+b = 8 (a table of up to 256 entries) or WIDE (up to 4,096) and one more item, the model's counts (uint64, one per
+table entry). A FRAME_PACKED job at WIDE (uint16 indices) is for the numpy path only (`lookup` takes it there)."""
 
 
 def check_stream(data: bytes | memoryview | np.ndarray, count: int, bits: int) -> np.ndarray:
-    """The stream as uint8; ValueError unless it has exactly packed_size bytes and zero padding bits."""
+    """The stream as uint8 (at WIDE: as uint16); ValueError unless it has exactly packed_size bytes and zero padding
+    bits."""
+    if bits == WIDE:
+        wide = np.frombuffer(data, dtype="<u2") if not isinstance(data, np.ndarray) else data.view("<u2")
+        if wide.size != count:
+            raise ValueError(f"index stream has {wide.size} indices, expected {count}")
+        return wide
     _check_bits(bits)
     buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     if buf.size != packed_size(count, bits):
@@ -108,6 +119,8 @@ def lookup(data: bytes | memoryview | np.ndarray, count: int, bits: int, table: 
     index < table.size.
     """
     buf = check_stream(data, count, bits)
+    if bits == WIDE:
+        return _lookup_wide(buf, table)
     out = np.empty(count, dtype=table.dtype)
     if lookup_many([(buf, count, bits, table, out, FRAME_PACKED)]):
         raise ValueError(f"an index is outside the {table.size}-entry codebook")
@@ -130,10 +143,17 @@ def lookup_many(jobs: list[LookupJob], threads: int = 1) -> list[tuple[int, str]
         if frame != FRAME_PACKED:
             raise ValueError("framed jobs need the C extension (zstd frames: with libzstd, NATIVE_ZSTD)")
         try:
-            out[:] = _lookup_numpy(buf, count, bits, table)
+            out[:] = _lookup_wide(buf, table) if bits == WIDE else _lookup_numpy(buf, count, bits, table)
         except ValueError:
             problems.append((n, "index"))
     return problems
+
+
+def _lookup_wide(indices: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """table[indices] of uint16 indices (WIDE); ValueError if one is outside the table."""
+    if indices.size and int(indices.max()) >= table.size:
+        raise ValueError(f"an index is outside the {table.size}-entry codebook")
+    return np.take(table, indices)
 
 
 def _lookup_numpy(buf: np.ndarray, count: int, bits: int, table: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ from .constants import (
     ENTROPY_ZSTD,
     ENTROPY_ZSTD_ALIGNED,
     MAX_BITS,
+    MAX_WIDE_BITS,
     MIN_BITS,
     MIN_VERSION,
     QUANTIZABLE_DTYPES,
@@ -39,6 +40,8 @@ from .constants import (
     ROLE_OTHER,
     VERSION_MAJOR,
     VERSION_MINOR,
+    WIDE_BITS_MIN_VERSION,
+    WIDE_ENTROPY_STAGES,
     WRITABLE_VERSIONS,
 )
 from .dtypes import bits_to_float32, finite_bits, float32_to_bits, itemsize, to_narrowest
@@ -66,7 +69,7 @@ class EncodeOptions:
     bpp: float | None = None  # rate-distortion targets, at most one: all-in file bits per parameter,
     size: int | None = None  # file bytes,
     sqnr: float | None = None  # or the SQNR of ΔW in dB; `bits` is then ignored for paired factors
-    format: str = f"{VERSION_MAJOR}.{VERSION_MINOR}"  # the format version written: 2.2, or 2.1/2.0/1.1 for older readers
+    format: str = f"{VERSION_MAJOR}.{VERSION_MINOR}"  # the format version written: 2.3, or 2.2 down to 1.1 for older readers
 
     @property
     def version(self) -> tuple[int, int]:
@@ -113,6 +116,13 @@ class EncodeOptions:
         if ENTROPY_RANS_COMPACT in stages:
             stages.remove(ENTROPY_RANS)
         return tuple(stages)
+
+    @property
+    def widest_index(self) -> int:
+        """Index bits a rate-controlled tensor may get: MAX_WIDE_BITS where the format (2.3) and a rANS stage allow
+        codebooks of more than 256 entries, else MAX_BITS (-b is always at most MAX_BITS)."""
+        wide = self.version >= WIDE_BITS_MIN_VERSION and any(s in WIDE_ENTROPY_STAGES for s in self.stages)
+        return MAX_WIDE_BITS if wide else MAX_BITS
 
     def to_json(self) -> dict:
         return {**asdict(self), "lossless": list(self.lossless), "quantize": list(self.quantize)}
@@ -164,6 +174,8 @@ def _entropy_coded(q: Quantized, bits: int, stages: tuple[str, ...]) -> tuple[st
     """_smallest of the stages' payloads, the rANS ones coded only where they could pay: where the smallest fast
     payload is not already within their floor (entropy.rans_floor) plus what rANS must save."""
     k, count = int(q.codebook.size), int(q.indices.size)
+    if bits > MAX_BITS:  # 2.3: only rANS codes indices wider than a byte (the plan offers them only where it may)
+        stages = tuple(s for s in stages if s in WIDE_ENTROPY_STAGES)
     fast = tuple(s for s in stages if s not in SLOW_STAGES)
     candidates = entropy.encode_stages(q.indices, bits, k, fast)
     smallest = min((len(p) for p in candidates.values()), default=math.inf)
@@ -580,7 +592,8 @@ def _entropy_stage(record: dict, section: memoryview) -> tuple:
         return ENCODING_KMEANS, frame, count, width, (bitpack.FRAME_ZSTD,), codebook, scales
     if bitpack.native_lookup is not None and k > 1 and stage in SLOW_STAGES:
         stream, counts = entropy.rans_frame(payload, count, k, stage)
-        return ENCODING_KMEANS, stream, count, 8, (bitpack.FRAME_RANS, counts), codebook, scales
+        width = 8 if k <= 256 else bitpack.WIDE  # the C decoder's indices: uint8 or (2.3) uint16
+        return ENCODING_KMEANS, stream, count, width, (bitpack.FRAME_RANS, counts), codebook, scales
     stream, width = entropy.decode_stream(payload, count, record["bits"], k, stage)
     try:
         stream = bitpack.check_stream(stream, count, width)

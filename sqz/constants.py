@@ -5,12 +5,12 @@ MAGIC = b"\x89SQZ\r\n\x1a\n"
 """8 bytes; the PNG-style high byte and CR LF / ^Z / LF catch text-mode and 7-bit transfers."""
 
 VERSION_MAJOR = 2
-VERSION_MINOR = 2
+VERSION_MINOR = 3
 """What the writer writes by default."""
-READABLE_MAJORS = {1: 1, 2: 2}
+READABLE_MAJORS = {1: 1, 2: 3}
 """Major -> newest minor of it this reader implements. A reader of major 2 still reads every 1.x file (§2)."""
-WRITABLE_VERSIONS = ((1, 1), (2, 0), (2, 1), (2, 2))
-"""Versions the writer can produce: 1.1, 2.0 and 2.1 for fleets whose readers predate 2.0, 2.1 or 2.2."""
+WRITABLE_VERSIONS = ((1, 1), (2, 0), (2, 1), (2, 2), (2, 3))
+"""Versions the writer can produce: 1.1 to 2.2 for fleets whose readers predate 2.0, 2.1, 2.2 or 2.3."""
 
 PREAMBLE_SIZE = 20
 """magic (8) + major u16 + minor u16 + header length u32 + header CRC-32 u32, little-endian."""
@@ -51,6 +51,12 @@ or near-constant tensor legitimately codes to a few bytes, but a tiny file must 
 
 MIN_BITS = 1
 MAX_BITS = 8
+"""-b, bit packing and every entropy stage: indices of 1 to 8 bits (codebooks of up to 256 entries)."""
+MAX_WIDE_BITS = 12
+"""2.3: a kmeans record coded with rans or rans-compact may have `bits` up to this (codebooks of up to 4,096
+entries): the entropy-constrained quantizers of a rate-distortion target need more than 256 levels above ~6 bits a
+value. Only rANS stages: no other stage packs indices wider than a byte."""
+WIDE_BITS_MIN_VERSION = (2, 3)
 
 ENCODING_KMEANS = "kmeans"
 ENCODING_RAW = "raw"
@@ -70,6 +76,8 @@ MIN_VERSION = {ENTROPY_ZSTD_ALIGNED: (1, 1), ENTROPY_RANS_COMPACT: (2, 1)}
 MAX_COUNT_WIDTH = 32
 """rans-compact: the bits of each stored count, at most (a count is at most MAX_KMEANS_NUMEL)."""
 RAW_ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD)
+WIDE_ENTROPY_STAGES = (ENTROPY_RANS, ENTROPY_RANS_COMPACT)
+"""2.3: the stages a kmeans record of more than MAX_BITS bits may use."""
 
 ROLE_A = "lora_A"
 ROLE_B = "lora_B"

@@ -55,6 +55,7 @@ from .constants import (
     MAX_NUMEL,
     MAX_PAIR_MAGNITUDE,
     MAX_TENSORS,
+    MAX_WIDE_BITS,
     MIN_BITS,
     MIN_GAMMA_MAGNITUDE,
     PAIR_KINDS,
@@ -67,6 +68,7 @@ from .constants import (
     SCALE_AXES,
     VERSION_MAJOR,
     VERSION_MINOR,
+    WIDE_ENTROPY_STAGES,
     WRITABLE_VERSIONS,
 )
 from .entropy import ZSTD_HEADER_LEVEL, zstd_compress, zstd_decompress
@@ -508,8 +510,11 @@ def _validate_record(r: dict[str, Any], where: str, major: int) -> None:
         if dtype not in QUANTIZABLE_DTYPES:
             _bad(where, f"{name!r}: kmeans needs a float dtype")
         bits, k = get("bits"), get("codebook_size")
-        if not (type(bits) is int and MIN_BITS <= bits <= MAX_BITS):
-            _bad(where, f"{name!r}: bits must be 1..8")
+        if not (type(bits) is int and MIN_BITS <= bits <= MAX_WIDE_BITS):
+            _bad(where, f"{name!r}: bits must be 1..{MAX_WIDE_BITS}")
+        if bits > MAX_BITS and (major == 1 or entropy not in WIDE_ENTROPY_STAGES):
+            _bad(where, f"{name!r}: bits over {MAX_BITS} need format 2.3 and entropy rans or rans-compact, "
+                        f"not {entropy!r}")
         if not (type(k) is int and 1 <= k <= (1 << bits)):
             _bad(where, f"{name!r}: codebook_size must be 1..2**bits")
         if numel <= 0:

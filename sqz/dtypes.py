@@ -16,6 +16,11 @@ def itemsize(dtype: str) -> int:
     return DTYPE_ITEMSIZE[dtype]
 
 
+def index_dtype(codebook_size: int) -> type[np.unsignedinteger]:
+    """What a tensor's indices are held in: uint8 for a codebook of up to 256 entries, uint16 above (format 2.3)."""
+    return np.uint8 if codebook_size <= 256 else np.uint16
+
+
 def to_float64(raw: bytes | memoryview | np.ndarray, dtype: str) -> np.ndarray:
     """Values of a raw float tensor as float64 (what kmeans1d works in)."""
     values = to_narrowest(raw, dtype)

@@ -35,6 +35,7 @@ from .constants import (
     ENTROPY_ZSTD_ALIGNED,
     MAX_COUNT_WIDTH,
 )
+from .dtypes import index_dtype
 from .errors import FormatError, LimitError
 
 ZSTD_LEVEL = 3
@@ -97,7 +98,7 @@ def zstd_decompress(payload: bytes | memoryview, size: int, exact: bool = True,
 
 
 def encode_indices(indices: np.ndarray, bits: int, codebook_size: int, stage: str) -> bytes:
-    """Entropy-code uint8 indices (< codebook_size <= 2**bits) with one stage."""
+    """Entropy-code indices (< codebook_size <= 2**bits; uint8, or uint16 above 8 bits) with one stage."""
     return encode_stages(indices, bits, codebook_size, (stage,))[stage]
 
 
@@ -156,7 +157,8 @@ def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int
                   stage: str) -> tuple[np.ndarray | bytes | memoryview, int]:
     """Undo the entropy stage: (stream, w), the indices packed at w bits, for bitpack.lookup to check and map.
 
-    w is b (none, zstd), the aligned width (zstd-aligned) or 8 (rans). Raises FormatError on a bad payload.
+    w is b (none, zstd), the aligned width (zstd-aligned) or for rans 8, or bitpack.WIDE (uint16 indices) where the
+    codebook has more than 256 entries (2.3). Raises FormatError on a bad payload.
     """
     if codebook_size == 1:
         if len(payload):
@@ -170,7 +172,8 @@ def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int
     if stage in (ENTROPY_RANS, ENTROPY_RANS_COMPACT):
         stream, counts = rans_frame(payload, count, codebook_size, stage)
         words = np.frombuffer(bytes(stream) + b"\0" * (-len(stream) % 4), dtype="<u4")
-        return _decode_rans_stream(words, counts, count), 8
+        indices = _decode_rans_stream(words, counts, count)
+        return indices, 8 if indices.dtype == np.uint8 else bitpack.WIDE
     raise FormatError(f"unknown entropy stage {stage!r}")
 
 
@@ -191,7 +194,7 @@ def decode_indices(payload: memoryview, count: int, bits: int, codebook_size: in
     """The indices themselves (for tests and tools; the decoder maps the stream straight to values)."""
     stream, width = decode_stream(payload, count, bits, codebook_size, stage)
     try:
-        return bitpack.lookup(stream, count, width, np.arange(codebook_size, dtype=np.uint8))
+        return bitpack.lookup(stream, count, width, np.arange(codebook_size, dtype=index_dtype(codebook_size)))
     except ValueError as exc:
         raise FormatError(f"packed indices: {exc}") from None
 
@@ -245,7 +248,7 @@ def _decode_rans_stream(words: np.ndarray, counts: np.ndarray, count: int) -> np
     """The `count` indices of a rANS stream under the model of `counts`; the coder must end empty."""
     words = words.astype(np.uint32)
     model = _rans_model(counts)
-    indices = np.empty(count, dtype=np.uint8)
+    indices = np.empty(count, dtype=index_dtype(counts.size))
     try:  # in chunks: constriction returns int32, and a whole tensor's worth would be 4 bytes per element
         coder = constriction.stream.stack.AnsCoder(words)
         for start in range(0, count, RANS_CHUNK):

@@ -29,14 +29,16 @@ except ImportError:  # no C compiler at install: the rate-distortion targets say
 MAX_ITERATIONS = 100
 """Lloyd iterations at most; the cells usually stop moving within 10-30 (an iteration is O(k log n))."""
 MAX_LEVELS = 256
-"""The most levels a codebook holds (8-bit indices)."""
+"""The most levels a codebook holds by default (8-bit indices); 2.3's rANS-coded records hold up to 4,096
+(`max_levels`)."""
 MAX_START = 4096
 """Levels of the starting grid at most (a grid finer than the bins adds nothing: at most one level per bin)."""
 
 
-def fit(histogram: Histogram, slope: float, level_bits: float = 0.0, start: np.ndarray | None = None) -> Fit:
+def fit(histogram: Histogram, slope: float, level_bits: float = 0.0, start: np.ndarray | None = None,
+        max_levels: int = MAX_LEVELS) -> Fit:
     """The entropy-constrained quantizer at `slope` (λ, in squared value units per bit) where each level costs
-    `level_bits` in the codebook besides its indices, with at most MAX_LEVELS levels. By default it starts from
+    `level_bits` in the codebook besides its indices, with at most `max_levels` levels. By default it starts from
     a uniform grid at the step a uniform quantizer has at this slope at high rate (D = Δ²/12,
     dD/dR = -2·ln 2·D), and the iterations, which only merge and move levels, decide how many to keep. (Measured
     on the bench's LLaMA LoRA r=16 at 2 bits/param, entries priced at 16 bits: ΔW SQNR 23.1 dB and next-token KL
@@ -45,41 +47,41 @@ def fit(histogram: Histogram, slope: float, level_bits: float = 0.0, start: np.n
     adapter 5.7 s against 11.2 s.) Bins are whole: each goes to one cell. The thresholds between cells are the
     cost crossings of the final levels, kept between the cells' bins. Where the grid keeps more levels than a
     codebook holds (heavy tails at 7-8 bits a value), it starts again from the companded grid (`companded`); a
-    given `start` has at most MAX_LEVELS levels, and the iterations never add one."""
-    return _fit(histogram, slope, level_bits, start)[0]
+    given `start` has at most `max_levels` levels, and the iterations never add one."""
+    return _fit(histogram, slope, level_bits, start, max_levels)[0]
 
 
-def ladder(histogram: Histogram, slopes: np.ndarray, level_bits: float = 0.0) -> list[Fit]:
+def ladder(histogram: Histogram, slopes: np.ndarray, level_bits: float = 0.0, max_levels: int = MAX_LEVELS) -> list[Fit]:
     """`fit` at each of `slopes`, steepest first. Once one slope's grid keeps more levels than a codebook holds,
     every finer slope's would too: those start from the companded grid straight away (--bpp 8 of the 28.3M-param
     LLaMA-shaped adapter: 12.5 s, against 14.3 s with each rung trying its grid first and 11.1 s when those rungs
     were given up)."""
     fits, start = [], None
     for slope in slopes:
-        fitted, restart = _fit(histogram, float(slope), level_bits, start)
+        fitted, restart = _fit(histogram, float(slope), level_bits, start, max_levels)
         fits.append(fitted)
         start = restart if restart is not None else start
     return fits
 
 
-def _fit(histogram: Histogram, slope: float, level_bits: float,
-         start: np.ndarray | None) -> tuple[Fit, np.ndarray | None]:
+def _fit(histogram: Histogram, slope: float, level_bits: float, start: np.ndarray | None,
+         max_levels: int) -> tuple[Fit, np.ndarray | None]:
     """`fit`, and the companded grid it started again from (None if it did not)."""
     if native_fit_entropy is None:
         raise InputError("the rate-distortion targets need sqz's C extension sqz._kmeans, which was not built: "
                          "reinstall sqz where a C compiler is at hand, or use -b")
     weight, sums, squares = histogram
     centers = sums / weight
-    if start is not None and len(start) > MAX_LEVELS:
-        raise ValueError(f"a start of {len(start)} levels: a codebook holds at most {MAX_LEVELS}")
+    if start is not None and len(start) > max_levels:
+        raise ValueError(f"a start of {len(start)} levels: a codebook holds at most {max_levels}")
     grid = start is None
     if grid:
         step = math.sqrt(6 * slope / math.log(2))
         count = min(int((centers[-1] - centers[0]) / step) + 1 if step > 0 else MAX_START, MAX_START, centers.size)
         start = np.linspace(centers[0], centers[-1], count) if count > 1 else centers[:1].copy()
     first, restart = _cells(histogram, start, slope, level_bits), None
-    if first.size > MAX_LEVELS and grid:
-        restart = companded(histogram, MAX_LEVELS)
+    if first.size > max_levels and grid:
+        restart = companded(histogram, max_levels)
         first = _cells(histogram, restart, slope, level_bits)
     w, s, q = (np.add.reduceat(a, first) for a in (weight, sums, squares))
     levels, codebook = s / w, as_codebook(s / w)

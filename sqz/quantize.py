@@ -22,7 +22,7 @@ import kmeans1d
 import numpy as np
 
 from .constants import MAX_BITS, MIN_BITS
-from .dtypes import finite_bits
+from .dtypes import finite_bits, index_dtype
 from .errors import InputError
 
 try:
@@ -51,7 +51,7 @@ class Quantized:
     """A tensor as codebook + indices: value i is reconstructed as codebook[indices[i]]."""
 
     codebook: np.ndarray  # float32, strictly increasing, 1 <= len <= 2**bits
-    indices: np.ndarray  # uint8, flat, same count as the tensor
+    indices: np.ndarray  # uint8 (uint16 for more than 256 entries), flat, same count as the tensor
     sample_size: int  # how many values the centroids were fitted on
     seed: int
     counts: np.ndarray  # int64, how many values each entry stands for (the index histogram)
@@ -212,7 +212,7 @@ def assign(values: np.ndarray, codebook: np.ndarray, thresholds: np.ndarray | No
     if thresholds is None:
         cb = codebook.astype(np.float64)
         thresholds = (cb[:-1] + cb[1:]) / 2
-    return np.searchsorted(thresholds, values, side="left").astype(np.uint8)
+    return np.searchsorted(thresholds, values, side="left").astype(index_dtype(codebook.size))
 
 
 def quantize(values: np.ndarray, bits: int, sample: int = DEFAULT_SAMPLE, seed: int = 0,
@@ -243,7 +243,7 @@ def quantize(values: np.ndarray, bits: int, sample: int = DEFAULT_SAMPLE, seed: 
         index_counts = np.bincount(indices, minlength=codebook.size)
     else:
         present = np.flatnonzero(counts)
-        table = np.zeros(1 << 16, dtype=np.uint8)
+        table = np.zeros(1 << 16, dtype=index_dtype(codebook.size))
         table[present] = assign(_pattern_values(present, dtype), codebook, thresholds)
         indices = np.take(table, bit_patterns)
         index_counts = np.bincount(table[present], weights=counts[present], minlength=codebook.size).astype(np.int64)

@@ -41,7 +41,7 @@ from .codec import (
     GRID_MIN_SHARE,
     grid_bit_cost,
 )
-from .constants import PAIR_SINE
+from .constants import MAX_WIDE_BITS, PAIR_SINE
 from .dtypes import itemsize, to_float64, to_narrowest
 from .quantize import Fit, fit_histogram_sizes, histogram
 
@@ -55,6 +55,8 @@ EC_STEP = 0.25
 """Entropy-constrained quantizers are fitted at slopes aimed at index rates from EC_STEP bits a value to the
 widest width, EC_STEP apart (entropy_constrained.slopes)."""
 MAX_WIDTH = 8
+"""Index bits a factor gets at most where the format has only byte-wide indices; 2.3's rANS-coded records take up
+to MAX_WIDE_BITS (prepare's `wide`)."""
 KMEANS_MAX_BINS = 4096
 """A tensor of at most this many distinct values (bins) is also offered its optimal k-means codebooks of 2 to
 2^widest entries (one run of the kernel, at most ~25 ms): on small factors, whose codebooks are a large share
@@ -65,10 +67,11 @@ bits more than the average gives it rarely more, and every rung is one more fit 
 DB_PER_BIT = 6.02
 
 
-def max_width(bpp: float | None = None, sqnr_db: float | None = None) -> int:
-    """The highest index rate worth fitting for a bits/param target, or for an SQNR target (about 6 dB a bit)."""
+def max_width(bpp: float | None = None, sqnr_db: float | None = None, most: int = MAX_WIDTH) -> int:
+    """The highest index rate worth fitting for a bits/param target, or for an SQNR target (about 6 dB a bit), up to
+    `most` bits."""
     average = bpp if bpp is not None else max(sqnr_db or 0.0, 0.0) / DB_PER_BIT
-    return min(MAX_WIDTH, math.ceil(average) + HEADROOM_BITS)
+    return min(most, math.ceil(average) + HEADROOM_BITS)
 
 
 def width_of(k: int) -> int:
@@ -182,7 +185,7 @@ def rate_bits(fit: Fit, width: int, count: int, entry_bits: int = 32, compact: b
         table = COMPACT_FRAME_BITS + (k - 1) * count_bits(int(fit.counts.max())) if compact else FRAME_BITS
         index_bits = min(count * width, ENTROPY_SLACK * count * entropy + table)
     codebook, added = float(entry_bits * k), 0.0
-    if energy is not None and codebook >= GRID_MIN_SHARE * count * max(width, 1):  # as the writer tries it
+    if energy is not None and k <= 256 and codebook >= GRID_MIN_SHARE * count * max(width, 1):  # as the writer tries it
         codebook, added = grid_bits(fit, energy, codebook)
     return index_bits + codebook + SECTION_BITS, added
 
@@ -210,14 +213,15 @@ def count_bits(count: int) -> int:
 
 def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: Callable[[str], bool],
             workers: int, progress: Callable, widest: int = MAX_WIDTH, relative: bool = True,
-            entry_bits: int = 32, scaled: bool = False, compact: bool = False, grid: bool = False) -> Prepared:
+            entry_bits: int = 32, scaled: bool = False, compact: bool = False, grid: bool = False,
+            wide: bool = False) -> Prepared:
     """The candidate table of every factor of every pair whose two factors are both quantized: its mean, and
     entropy-constrained quantizers at index rates up to `widest` bits. Distortion is each pair's squared ΔW error
     divided by ||ΔW||^(2·RELATIVE_POWER), or with `relative` False the plain squared error of ΔW summed over the
     pairs (what --sqnr asks for). With `scaled`, B factors are also offered the ladder on their values divided
     by component_scales (format 2.0), which the plan takes where it serves better. With `compact` the indices
-    are priced with rans-compact's count table (2.1), and with `grid` codebooks as GRID where the writer would store
-    that (2.2). (The fits themselves price a level at its codebook entry alone: adding a table count to it made
+    are priced with rans-compact's count table (2.1), with `grid` codebooks as GRID where the writer would store
+    that (2.2), and with `wide` the entropy-constrained quantizers may keep up to 4,096 levels (2.3, rANS). (The fits themselves price a level at its codebook entry alone: adding a table count to it made
     the --sqnr 40 file of a tiny rank-4 LLaMA 1.7% larger, where small factors at many levels are bit-packed and
     have no table, and changed nothing measurable on a rank-2 MiniLM-shaped adapter at --bpp 1-3.)"""
     pairs = [p for p in pairs if quantized(p.a) and quantized(p.b)]
@@ -249,10 +253,13 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     rates = np.arange(EC_STEP, widest + EC_STEP / 2, EC_STEP)
     first_scaled = MEAN + 1 + rates.size  # columns: RAW, MEAN, the ladder, the ladder on scaled values, k-means
     first_kmeans = first_scaled + (rates.size if scales else 0)
+    kmeans_widest = min(widest, MAX_WIDTH)  # (k-means codebooks past 256 entries would cost seconds a factor)
+    levels = 1 << MAX_WIDE_BITS if wide else entropy_constrained.MAX_LEVELS
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the kernel releases the GIL
         jobs = [(n, to_narrowest(tensors[n].raw, tensors[n].dtype), tensors[n].dtype, False) for n in names]
         jobs += [(n, v, "F64", True) for n, v in scaled_values.items()]  # scaled: not values of the tensor's dtype
-        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, 0 if job[3] else widest), jobs)
+        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, 0 if job[3] else kmeans_widest,
+                                                levels), jobs)
         fits: dict[str, dict[int, Fit]] = {n: {} for n in names}
         for (name, _, _, is_scaled), (mean, ladder, kmeans) in zip(jobs, progress(done, len(jobs), "fit")):
             if not is_scaled:
@@ -260,7 +267,7 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
             first = first_scaled if is_scaled else MEAN + 1
             fits[name].update((first + i, fit) for i, fit in enumerate(ladder))
             fits[name].update((first_kmeans + i, fit) for i, fit in enumerate(kmeans))
-    columns = first_kmeans + widest  # (k-means on scaled values measured no better than on the values)
+    columns = first_kmeans + kmeans_widest  # (k-means on scaled values measured no better than on the values)
     is_scaled = [first_scaled <= column < first_kmeans for column in range(columns)]
     rate = np.full((len(names), columns), np.inf)
     distortion = np.full_like(rate, np.inf)
@@ -277,14 +284,14 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     return Prepared(names, fits, is_scaled, rate, distortion, signal, scales)
 
 
-def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: int,
-                widest: int) -> tuple[Fit, list[Fit], list[Fit]]:
+def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: int, widest: int,
+                max_levels: int) -> tuple[Fit, list[Fit], list[Fit]]:
     """One tensor's mean; its entropy-constrained quantizer at each of `rates`' slopes with each level priced
-    at `level_bits`; and if it has at most KMEANS_MAX_BINS distinct values, its k-means codebooks of 2^1 to
-    2^widest entries."""
+    at `level_bits`, of at most `max_levels` levels; and if it has at most KMEANS_MAX_BINS distinct values, its
+    k-means codebooks of 2^1 to 2^widest entries."""
     hist = histogram(values, dtype)
     slopes = entropy_constrained.slopes(hist, rates)
-    ladder = entropy_constrained.ladder(hist, slopes, level_bits)
+    ladder = entropy_constrained.ladder(hist, slopes, level_bits, max_levels)
     sizes = tuple(1 << w for w in range(1, widest + 1)) if hist[0].size <= KMEANS_MAX_BINS else ()
     kmeans = fit_histogram_sizes(hist, sizes) if sizes else {}
     return entropy_constrained.mean(hist), ladder, [kmeans[k] for k in sizes]

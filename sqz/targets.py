@@ -16,7 +16,7 @@ import numpy as np
 from . import container, gauge, ratecontrol
 from .adapter import Adapter
 from .codec import EncodeOptions, decode_tensors, should_quantize
-from .constants import CODEBOOK_GRID, CODEBOOK_MIN_VERSION, ENTROPY_RANS_COMPACT, QUANTIZABLE_DTYPES
+from .constants import CODEBOOK_GRID, CODEBOOK_MIN_VERSION, ENTROPY_RANS_COMPACT, MAX_BITS, QUANTIZABLE_DTYPES
 from .dtypes import to_float64
 from .errors import InputError
 
@@ -37,12 +37,14 @@ def encode(adapter: Adapter, options: EncodeOptions, builder: Callable[[Adapter]
     build = builder(gauged)
     params = sum(t.numel for t in adapter.tensors.values())
     target_bytes = options.size if options.size is not None else (options.bpp or 0.0) * params / 8
-    widest = ratecontrol.max_width(sqnr_db=options.sqnr) if options.sqnr is not None else ratecontrol.max_width(
-        bpp=8 * target_bytes / max(params, 1))
+    most = options.widest_index
+    widest = ratecontrol.max_width(sqnr_db=options.sqnr, most=most) if options.sqnr is not None else (
+        ratecontrol.max_width(bpp=8 * target_bytes / max(params, 1), most=most))
     prepared = ratecontrol.prepare(gauged.tensors, allocated, quantized, workers, progress, widest,
                                    relative=options.sqnr is None, entry_bits=32 if options.version[0] == 1 else 16,
                                    scaled=options.version[0] >= 2, compact=ENTROPY_RANS_COMPACT in options.stages,
-                                   grid=CODEBOOK_MIN_VERSION[CODEBOOK_GRID] <= options.version)
+                                   grid=CODEBOOK_MIN_VERSION[CODEBOOK_GRID] <= options.version,
+                                   wide=most > MAX_BITS)
     reference = _values(adapter, prepared.names)  # ΔW is measured against the trained factors, not the gauged
 
     def make(picks: np.ndarray) -> tuple[dict[str, Any], list[bytes], int]:

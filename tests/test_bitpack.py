@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sqz import bitpack, entropy
+from sqz.dtypes import index_dtype
 from sqz.errors import FormatError
 
 IMPLEMENTATIONS = ["native", "numpy"]
@@ -193,21 +194,26 @@ def test_without_an_openmp_runtime_the_extension_runs_its_own_threads():
 @st.composite
 def rans_cases(draw):
     """A rANS stream and its counts: either an encoded one (indices of any skew, either rANS stage) or any
-    bytes under any counts at all (zero, huge, summing to anything), as a forged file may hold."""
-    k = draw(st.integers(2, 256))
+    bytes under any counts at all (zero, huge, summing to anything), as a forged file may hold. Codebooks of up
+    to 256 entries or (2.3) of 257 to 4,096, whose indices are 16 bits wide."""
+    k = draw(st.one_of(st.integers(2, 256), st.integers(257, 4096)))
+    bits = 8 if k <= 256 else 12
     if draw(st.booleans()):
         skew = draw(st.floats(0.0, 1.0))
         count = draw(st.integers(1, 3000))
         rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
         indices = rng.integers(0, k, count)
-        indices = np.where(rng.random(count) < skew, indices % 3, indices).astype(np.uint8)
+        indices = np.where(rng.random(count) < skew, indices % 3, indices).astype(index_dtype(k))
         stage = draw(st.sampled_from(["rans", "rans-compact"]))
-        payload = memoryview(entropy.encode_indices(indices, 8, k, stage))
+        payload = memoryview(entropy.encode_indices(indices, bits, k, stage))
         stream, counts = entropy.rans_frame(payload, count, k, stage)
         return bytes(stream), counts, count, indices
-    counts = np.array(draw(st.lists(st.one_of(st.integers(0, 3), st.integers(0, 2**32)), min_size=k, max_size=k)),
-                      dtype=np.uint64)
-    return draw(st.binary(max_size=40)), counts, draw(st.integers(0, 300)), None
+    if k <= 256:
+        counts = draw(st.lists(st.one_of(st.integers(0, 3), st.integers(0, 2**32)), min_size=k, max_size=k))
+    else:  # as many counts as a hypothesis list would be slow: small or huge, from a drawn seed
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        counts = np.where(rng.random(k) < draw(st.floats(0.0, 1.0)), rng.integers(0, 4, k), rng.integers(0, 2**32, k))
+    return draw(st.binary(max_size=40)), np.array(counts, dtype=np.uint64), draw(st.integers(0, 300)), None
 
 
 @pytest.mark.skipif(bitpack.native_lookup is None, reason="sqz._lookup was not built (no C compiler at install)")
@@ -222,7 +228,8 @@ def test_rans_jobs_decode_exactly_as_constriction_does(cases, packed_at, threads
     for stream, counts, count, indices in cases:
         k = counts.size
         table = np.arange(1000, 1000 + k, dtype=np.uint16)
-        jobs.append((stream, count, 8, table, np.empty(count, np.uint16), bitpack.FRAME_RANS, counts))
+        width = 8 if k <= 256 else bitpack.WIDE
+        jobs.append((stream, count, width, table, np.empty(count, np.uint16), bitpack.FRAME_RANS, counts))
         words = np.frombuffer(stream + b"\0" * (-len(stream) % 4), dtype="<u4")
         try:
             reference = entropy._decode_rans_stream(words, counts, count)
@@ -240,3 +247,45 @@ def test_rans_jobs_decode_exactly_as_constriction_does(cases, packed_at, threads
     for job, values in zip(jobs, expected):
         if values is not None:
             assert np.array_equal(job[4], values)
+
+
+def test_wide_indices_are_looked_up_in_numpy_and_checked():
+    """2.3's rANS-coded codebooks of more than 256 entries decode to uint16 indices (bitpack.WIDE): the numpy path
+    (decoders without the C extension, and entropy.decode_indices) maps them and refuses one outside the table or a
+    stream of the wrong length."""
+    indices = np.array([0, 4095, 300, 7, 4095], dtype="<u2")
+    table = np.arange(4096, dtype=np.float32) * 0.5
+    assert np.array_equal(bitpack.lookup(indices.tobytes(), 5, bitpack.WIDE, table), table[indices])
+    with pytest.raises(ValueError, match="outside the 4095-entry codebook"):
+        bitpack.lookup(indices.tobytes(), 5, bitpack.WIDE, table[:4095])
+    with pytest.raises(ValueError, match="expected 4"):
+        bitpack.lookup(indices.tobytes(), 4, bitpack.WIDE, table)
+    out = np.empty(5, np.float32)
+    saved, bitpack.native_lookup = bitpack.native_lookup, None
+    try:
+        assert bitpack.lookup_many([(indices, 5, bitpack.WIDE, table, out, bitpack.FRAME_PACKED)]) == []
+        assert bitpack.lookup_many([(indices, 5, bitpack.WIDE, table[:10], out, bitpack.FRAME_PACKED)]) == [(0, "index")]
+    finally:
+        bitpack.native_lookup = saved
+    assert np.array_equal(out, table[indices])
+
+
+@pytest.mark.skipif(bitpack.native_lookup is None, reason="sqz._lookup was not built (no C compiler at install)")
+@pytest.mark.parametrize("width,entries,frame,ok", [
+    (bitpack.WIDE, 4096, bitpack.FRAME_RANS, True), (bitpack.WIDE, 4097, bitpack.FRAME_RANS, False),
+    (8, 256, bitpack.FRAME_RANS, True), (8, 257, bitpack.FRAME_RANS, False), (12, 300, bitpack.FRAME_RANS, False),
+    (bitpack.WIDE, 300, bitpack.FRAME_PACKED, False), (9, 300, bitpack.FRAME_PACKED, False)])
+def test_the_c_extension_takes_wide_tables_only_in_rans_jobs(width, entries, frame, ok):
+    """A table of up to 4,096 entries only with a rANS stream decoded to 16-bit indices; the table of a packed job
+    still has at most 2^b <= 256 entries."""
+    counts = np.ones(entries, dtype=np.uint64)
+    indices = np.arange(entries, dtype=index_dtype(entries))
+    stream = entropy.encode_indices(indices, 12 if entries > 256 else 8, entries, "rans")[4 * entries:]
+    table = np.arange(entries, dtype=np.uint32)
+    job = (stream if frame == bitpack.FRAME_RANS else b"\0" * bitpack.packed_size(entries, min(width, 8)),
+           entries, width, table, np.empty(entries, np.uint32), frame, counts)
+    if ok:
+        assert bitpack.lookup_many([job]) == [] and np.array_equal(job[4], table)
+    else:
+        with pytest.raises(ValueError):
+            bitpack.lookup_many([job])

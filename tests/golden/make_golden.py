@@ -44,6 +44,10 @@ CASES = {  # per version: the stages and widths that version added, and auto as 
              "size3000-auto": {"size": 3000, "sample": 0},
              "large-size80000-auto": {"size": 80_000, "sample": 0, "source": "large"},
              "large-sqnr40-auto": {"sqnr": 40.0, "sample": 0, "source": "large"}},
+    # 2.3: codebooks of more than 256 entries (bits 9-12), rANS-coded in both its forms (GRID codebooks among them)
+    (2, 3): {"b3-auto": {"bits": 3, "sample": 0},
+             "large-sqnr70-auto": {"sqnr": 70.0, "sample": 0, "source": "large"},
+             "large-size100000-rans": {"size": 100_000, "sample": 0, "entropy": "rans", "source": "large"}},
 }
 SAMPLE = 64
 """The sample 1.x's golden files were fitted on (2.0 cases say their own)."""
