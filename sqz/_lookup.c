@@ -316,7 +316,8 @@ static int rans_start(Lane *lane, Job *job)
     const uint32_t *cdf = job->cdf;
     const int k = (int)job->entries;
     for (int s = 0; s < k; s++)
-        lane->symbol[s] = cdf[s] | (uint64_t)s << RANS_SYMBOL_SHIFT | (uint64_t)(cdf[s + 1] - cdf[s]) << RANS_FREQUENCY_SHIFT;
+        lane->symbol[s] = cdf[s] | (uint64_t)s << RANS_SYMBOL_SHIFT
+                          | (uint64_t)(cdf[s + 1] - cdf[s]) << RANS_FREQUENCY_SHIFT;
     const int shift = RANS_PRECISION - RANS_SLOT_BITS; /* bucket j starts at quantile j << shift */
     for (int s = 0; s < k; s++) { /* the buckets that start inside symbol s's range */
         const uint32_t lo = (cdf[s] + (1u << shift) - 1) >> shift, hi = (cdf[s + 1] + (1u << shift) - 1) >> shift;
@@ -358,7 +359,8 @@ static inline __attribute__((always_inline)) void rans_steps(Lane *const *lanes,
             while (quantile - (at & mask) >= at >> RANS_FREQUENCY_SHIFT)
                 at = lane[l]->symbol[((at >> RANS_SYMBOL_SHIFT) & RANS_SYMBOL_MASK) + 1];
             out[l][i] = (uint16_t)((at >> RANS_SYMBOL_SHIFT) & RANS_SYMBOL_MASK);
-            const uint64_t next = (state[l] >> RANS_PRECISION) * (at >> RANS_FREQUENCY_SHIFT) + (quantile - (at & mask));
+            const uint64_t next =
+                (state[l] >> RANS_PRECISION) * (at >> RANS_FREQUENCY_SHIFT) + (quantile - (at & mask));
             uint64_t refill = !(next >> 32);
             uint32_t word;
             if (guarded) { /* none left: word 0 read again (the stream, or a zero word), and unused */
@@ -413,7 +415,8 @@ DEFINE_GATHER(uint16_t)
 DEFINE_GATHER(uint32_t)
 DEFINE_GATHER(uint64_t)
 
-/* out[i] = table[index i] of a decoded rANS stream: every index is a symbol of the model, < entries. */
+/* out[i] = table[index i] of a decoded rANS stream. No check: every index is a symbol of the model, < entries (the
+ * buckets of rans_start cover every quantile below 2^24 = cdf[entries], so the search never passes the last). */
 static void gather(const Job *job, const uint16_t *index)
 {
     switch (job->table.itemsize) {
