@@ -39,6 +39,7 @@ from .codec import (
     CODEBOOK_TOLERANCE,
     GRID_DECODE_NS,
     GRID_MIN_SHARE,
+    GRID_PRICED_ENTRIES,
     grid_bit_cost,
 )
 from .constants import MAX_WIDE_BITS, PAIR_SINE
@@ -61,6 +62,13 @@ KMEANS_MAX_BINS = 4096
 """A tensor of at most this many distinct values (bins) is also offered its optimal k-means codebooks of 2 to
 2^widest entries (one run of the kernel, at most ~25 ms): on small factors, whose codebooks are a large share
 of their bits, they beat the entropy-constrained fits at high rates."""
+WIDE_FROM_RATE = 7.0
+"""Only rungs aimed at index rates above this may keep more than 256 levels (2.3). Below it a 256-level codebook
+costs next to nothing (on the trained-statistics LLaMA-shaped adapter's scaled B factors at 5.5 bits: 33.3 dB at 3.89
+bits an index with 212 levels, 33.3 at 3.85 with 312), but only such a codebook can go to zstd, which codes a scaled
+B factor's indices below their entropy (its columns' levels differ: 3.45 bits a value at 4.59 bits of entropy), which
+the plan's entropy estimate does not see: with every rung free to widen, --bpp 4 of that adapter took rANS-coded
+300-450-level codebooks everywhere and lost 2.3 dB (33.8 against 36.0)."""
 HEADROOM_BITS = 3
 """The ladder reaches this many bits a value above the target's average (a global slope that gives one factor 3
 bits more than the average gives it rarely more, and every rung is one more fit of every factor)."""
@@ -167,12 +175,6 @@ def component_scales(a: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         exponents = np.round(np.log2(np.where(norms > 0, top / np.where(norms > 0, norms, 1.0), np.inf)))
     return np.exp2(np.clip(exponents, 0, MAX_SCALE_EXPONENT)).astype(np.float32)
-
-
-GRID_PRICED_ENTRIES = 256
-"""Codebooks of more entries (2.3) are priced at `entry_bits` an entry, not as GRID: pricing the GRID of every rung
-of 300-3,000 levels took 1.9 of the 6.4 s of --bpp 8 of the bench's LLaMA-shaped adapter, for 0.01 dB. The writer
-still stores GRID there where it is smaller (a slightly smaller file than planned, which the search corrects)."""
 
 
 def rate_bits(fit: Fit, width: int, count: int, entry_bits: int = 32, compact: bool = False,
@@ -299,7 +301,9 @@ def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: i
     k-means codebooks of 2^1 to 2^widest entries."""
     hist = histogram(values, dtype)
     slopes = entropy_constrained.slopes(hist, rates)
-    ladder = entropy_constrained.ladder(hist, slopes, level_bits, max_levels)
+    narrow = rates <= WIDE_FROM_RATE  # these rungs keep at most 256 levels whatever max_levels says
+    ladder = entropy_constrained.ladder(hist, slopes[narrow], level_bits) + entropy_constrained.ladder(
+        hist, slopes[~narrow], level_bits, max_levels)
     sizes = tuple(1 << w for w in range(1, widest + 1)) if hist[0].size <= KMEANS_MAX_BINS else ()
     kmeans = fit_histogram_sizes(hist, sizes) if sizes else {}
     return entropy_constrained.mean(hist), ladder, [kmeans[k] for k in sizes]
