@@ -600,7 +600,7 @@ def _entropy_stage(record: dict, section: memoryview) -> tuple:
         return ENCODING_KMEANS, frame, count, width, (bitpack.FRAME_ZSTD,), codebook, scales
     if bitpack.native_lookup is not None and k > 1 and stage in SLOW_STAGES:
         stream, counts = entropy.rans_frame(payload, count, k, stage)
-        width = 8 if k <= 256 else bitpack.WIDE  # the C decoder's indices: uint8 or (2.3) uint16
+        width = 8 if k <= 1 << MAX_BITS else bitpack.WIDE  # the C decoder's indices: uint8 or (2.3) uint16
         return ENCODING_KMEANS, stream, count, width, (bitpack.FRAME_RANS, counts), codebook, scales
     stream, width = entropy.decode_stream(payload, count, record["bits"], k, stage)
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .constants import DTYPE_ITEMSIZE
+from .constants import DTYPE_ITEMSIZE, MAX_BITS
 
 _FLOAT_VIEWS = {"F64": ("<f8", "<u8"), "F32": ("<f4", "<u4"), "F16": ("<f2", "<u2")}
 
@@ -18,7 +18,7 @@ def itemsize(dtype: str) -> int:
 
 def index_dtype(codebook_size: int) -> type[np.unsignedinteger]:
     """What a tensor's indices are held in: uint8 for a codebook of up to 256 entries, uint16 above (format 2.3)."""
-    return np.uint8 if codebook_size <= 256 else np.uint16
+    return np.uint8 if codebook_size <= 1 << MAX_BITS else np.uint16
 
 
 def to_float64(raw: bytes | memoryview | np.ndarray, dtype: str) -> np.ndarray:

@@ -35,10 +35,9 @@ MAX_START = 4096
 """Levels of the starting grid at most (a grid finer than the bins adds nothing: at most one level per bin)."""
 
 
-def fit(histogram: Histogram, slope: float, level_bits: float = 0.0, start: np.ndarray | None = None,
-        max_levels: int = MAX_LEVELS) -> Fit:
+def fit(histogram: Histogram, slope: float, level_bits: float = 0.0, start: np.ndarray | None = None) -> Fit:
     """The entropy-constrained quantizer at `slope` (λ, in squared value units per bit) where each level costs
-    `level_bits` in the codebook besides its indices, with at most `max_levels` levels. By default it starts from
+    `level_bits` in the codebook besides its indices, with at most MAX_LEVELS levels. By default it starts from
     a uniform grid at the step a uniform quantizer has at this slope at high rate (D = Δ²/12,
     dD/dR = -2·ln 2·D), and the iterations, which only merge and move levels, decide how many to keep. (Measured
     on the bench's LLaMA LoRA r=16 at 2 bits/param, entries priced at 16 bits: ΔW SQNR 23.1 dB and next-token KL
@@ -47,8 +46,8 @@ def fit(histogram: Histogram, slope: float, level_bits: float = 0.0, start: np.n
     adapter 5.7 s against 11.2 s.) Bins are whole: each goes to one cell. The thresholds between cells are the
     cost crossings of the final levels, kept between the cells' bins. Where the grid keeps more levels than a
     codebook holds (heavy tails at 7-8 bits a value), it starts again from the companded grid (`companded`); a
-    given `start` has at most `max_levels` levels, and the iterations never add one."""
-    return _fit(histogram, slope, level_bits, start, max_levels)[0]
+    given `start` has at most MAX_LEVELS levels, and the iterations never add one."""
+    return _fit(histogram, slope, level_bits, start, MAX_LEVELS)[0]
 
 
 def ladder(histogram: Histogram, slopes: np.ndarray, level_bits: float = 0.0, max_levels: int = MAX_LEVELS) -> list[Fit]:
