@@ -203,10 +203,12 @@ a process's first encode is its slowest."""
 
 
 def encode_modes(src: Path, workdir: Path, params: int, repeat: int) -> list[dict]:
-    """Encode time of the modes the issue sets targets for: -b 8 (the widest codebooks) and --bpp 2 (search
-    included), best of `repeat` runs each, on every core, from the same source."""
+    """Encode time of the modes the issue sets targets for: -b 8 (the widest codebooks), and --bpp (search
+    included) at 2 and at 8 bits/param, its slowest (a ladder of up to 11 bits a value, codebooks of up to 4,096
+    entries), best of `repeat` runs each, on every core, from the same source."""
     rows, out = [], workdir / "mode.sqz"
-    for label, options in (("-b 8", sqz.EncodeOptions(bits=8)), ("--bpp 2", sqz.EncodeOptions(bpp=2.0))):
+    for label, options in (("-b 8", sqz.EncodeOptions(bits=8)), ("--bpp 2", sqz.EncodeOptions(bpp=2.0)),
+                           ("--bpp 8", sqz.EncodeOptions(bpp=8.0))):
         encode_s, = best_of(repeat, lambda options=options: sqz.encode(src, out, options, force=True, progress=False))
         rows.append({"mode": label, "encode_s": encode_s, "file_bytes": out.stat().st_size,
                      "bits_per_param": 8 * out.stat().st_size / params})

@@ -2,6 +2,7 @@
 None of it imports torch at import time; decode does when it runs with `delta` or `dtype`, through the loader."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from . import __version__, container, targets
 from .adapter import CONFIG_NAME, PEFT_PREFIX, Adapter, SineOptions, read_adapter
-from .atomic import atomic_file, atomic_path, check_writable, make_folder
+from .atomic import atomic_file, atomic_path, check_writable, output_folder
 from .bitpack import packed_size
 from .codec import EncodeOptions, decode_tensors, encode_tensor, float_side_extent, read_side
 from .constants import CODEBOOK_GRID, ENCODING_KMEANS, PAIR_SINE
@@ -151,18 +152,18 @@ def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = 
     f = container.Container(src)
     try:  # the config first: a file it cannot be made for leaves nothing behind
         config = (f.header.get("config") or synthesize_config(f.header)) if as_folder else None
-        if as_folder:
-            make_folder(dst)
-        check_writable(targets[0], force)
-        if delta or dtype is not None:
-            _write_through_torch(src, targets[0], force, delta, dtype, progress)
-        else:
-            _write_decoded(f, targets[0], force, progress)
+        with output_folder(dst) if as_folder else contextlib.nullcontext(), contextlib.ExitStack() as outputs:
+            check_writable(targets[0], force)
+            weights = outputs.enter_context(atomic_path(targets[0], force))
+            if config is not None:  # both written before either replaces its destination
+                outputs.enter_context(atomic_path(targets[1], force)).write_bytes(
+                    json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
+            if delta or dtype is not None:
+                _write_through_torch(src, weights, delta, dtype, progress)
+            else:
+                _write_decoded(f, weights, progress)
     finally:
         f.close()
-    if config is not None:
-        with atomic_file(targets[1], force) as out:
-            out.write(json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
     return targets
 
 
@@ -170,12 +171,11 @@ DECODE_BATCH_BYTES = 16 << 20
 """Decoded bytes `sqz decode` asks the decoder for at a time (one batch runs on every core)."""
 
 
-def _write_decoded(f: container.Container, target: Path, force: bool, progress: bool | None) -> None:
+def _write_decoded(f: container.Container, target: Path, progress: bool | None) -> None:
     """Every tensor of `f` as it was encoded, written to `target`."""
     tensors = {record["name"]: (record["dtype"], record["shape"], data)
                for record, data in _progress(_decoded(f), len(f.records), "decode", progress)}
-    with atomic_path(target, force) as tmp:
-        save_bytes(tensors, tmp, f.header.get("metadata"))
+    save_bytes(tensors, target, f.header.get("metadata"))
 
 
 def _decoded(f: container.Container) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
@@ -194,7 +194,7 @@ def _decoded(f: container.Container) -> Iterator[tuple[dict[str, Any], np.ndarra
             batch, size = [], 0
 
 
-def _write_through_torch(src: str | Path, target: Path, force: bool, delta: bool, dtype: torch.dtype | None,
+def _write_through_torch(src: str | Path, target: Path, delta: bool, dtype: torch.dtype | None,
                          progress: bool | None) -> None:
     """The tensors cast to `dtype`, or each module's ΔW (`delta`), written to `target`."""
     import torch
@@ -210,8 +210,7 @@ def _write_through_torch(src: str | Path, target: Path, force: bool, delta: bool
             tensors = {name: adapter[name] for name in _progress(adapter, len(adapter), "decode", progress)}
         as_bytes = {name: (DTYPE_NAMES[t.dtype], list(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy())
                     for name, t in tensors.items()}
-        with atomic_path(target, force) as tmp:
-            save_bytes(as_bytes, tmp, adapter.metadata)
+        save_bytes(as_bytes, target, adapter.metadata)
 
 
 def synthesize_config(header: dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,21 @@ def make_folder(path: Path) -> None:
         raise OutputError(f"{path}: cannot create the output folder: {exc.strerror or exc}") from None
 
 
+@contextlib.contextmanager
+def output_folder(path: Path) -> Iterator[None]:
+    """make_folder for the body's outputs; if the body fails, the folders it made are removed again (only empty
+    ones: the body's atomic outputs leave nothing in them), so a failed decode leaves no empty folder behind."""
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    make_folder(path)
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
 def _cannot_write(dest: Path, exc: OSError) -> OutputError:
     return OutputError(f"{dest}: cannot write: {exc.strerror or exc}")
 

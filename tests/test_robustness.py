@@ -182,6 +182,46 @@ def test_sigkill_midway_leaves_no_partial_output(tmp_path):
     assert len(sqz.load(out)) == 20
 
 
+def _with_file_size_limit(limit: int):
+    """A child process whose writes past `limit` bytes fail with EFBIG, as writes to a full disk fail with ENOSPC
+    (SIGXFSZ ignored, so the write returns the error rather than killing the process)."""
+    def set_limit() -> None:
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return set_limit
+
+
+@pytest.mark.parametrize("command,output", [
+    (["encode", "{src}", "-b", "8"], "a.sqz"),
+    (["decode", "{packed}"], "r.safetensors"),
+    (["decode", "{packed}"], "restored/"),
+])
+def test_a_full_disk_leaves_no_partial_output_and_keeps_the_old_file(tmp_path, command, output):
+    """A write that fails midway (a full disk; here a file-size limit, 16 KB of the bundled adapter's 100-660 KB
+    outputs) is one line and exit status 1, and leaves neither the output nor a temporary file; with --force over
+    an existing output, that output is untouched."""
+    src, packed = ROOT / "examples" / "minilm-lora", tmp_path / "packed.sqz"
+    sqz.encode(src, packed, sqz.EncodeOptions(bits=3))
+    work = tmp_path / "out"
+    work.mkdir()
+    dest = work / output
+    args = [a.format(src=src, packed=packed) for a in command] + ["-o", f"{work}/{output}"]
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "sqz.cli", *args, *extra], capture_output=True,
+                                        text=True, preexec_fn=_with_file_size_limit(16_384), cwd=ROOT, check=False)
+    failed = run()
+    assert failed.returncode == 1 and failed.stderr.count("\n") == 1, failed.stderr
+    assert "sqz: error:" in failed.stderr and "File too large" in failed.stderr
+    assert list(work.iterdir()) == []  # a folder output is not left behind, empty, either
+    previous = [dest / "adapter_model.safetensors", dest / "adapter_config.json"] if output.endswith("/") else [dest]
+    dest.mkdir(exist_ok=True) if output.endswith("/") else None
+    for path in previous:
+        path.write_bytes(b"the previous output")
+    assert run("--force").returncode == 1
+    assert all(path.read_bytes() == b"the previous output" for path in previous)
+    assert sorted(work.rglob("*")) == sorted({dest, *previous})  # no temporary file either
+
+
 def test_many_threads_share_one_file_and_read_several(tmp_path, sweep_files):
     paths = []
     for stage, data in sweep_files.items():
