@@ -245,8 +245,9 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
         rank = a.shape[0]
         weights[pair.a], weights[pair.b] = e * float(np.square(b).sum()) / rank, e * float(np.square(a).sum()) / rank
         values[pair.a], values[pair.b] = a, b
-        if scaled:  # B's error in ΔW, per scaled element: its column's scale² x ||A'_i||², on average over columns
-            s_b = component_scales(a)
+        s_b = component_scales(a) if scaled else None
+        if s_b is not None and (s_b != 1).any():  # all ones: the same ladder again plus the scales' bytes, never taken
+            # B's error in ΔW, per scaled element: its column's scale² x ||A'_i||², on average over columns
             scales[pair.b] = s_b
             scaled_values[pair.b] = (b.reshape(b.shape[0], rank) / s_b[None, :]).ravel()
             rows = np.square(a.reshape(rank, -1)).sum(axis=1)
