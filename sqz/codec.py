@@ -170,14 +170,14 @@ def _rans_pays(saved_bytes: float, count: int) -> bool:
     return saved_bytes * BYTE_WORTH_NS >= RANS_DECODE_NS * count
 
 
-def _entropy_coded(q: Quantized, bits: int, stages: tuple[str, ...]) -> tuple[str, bytes]:
+def _entropy_coded(q: Quantized, bits: int, stages: tuple[str, ...], row: int) -> tuple[str, bytes]:
     """_smallest of the stages' payloads, the rANS ones coded only where they could pay: where the smallest fast
-    payload is not already within their floor (entropy.rans_floor) plus what rANS must save."""
+    payload is not already within their floor (entropy.rans_floor) plus what rANS must save. `row`: indices a row."""
     k, count = int(q.codebook.size), int(q.indices.size)
     if bits > MAX_BITS:  # 2.3: only rANS codes indices wider than a byte (the plan offers them only where it may)
         stages = tuple(s for s in stages if s in WIDE_ENTROPY_STAGES)
     fast = tuple(s for s in stages if s not in SLOW_STAGES)
-    candidates = entropy.encode_stages(q.indices, bits, k, fast)
+    candidates = entropy.encode_stages(q.indices, bits, k, fast, row)
     smallest = min((len(p) for p in candidates.values()), default=math.inf)
     slow = tuple(s for s in stages if s in SLOW_STAGES and _rans_pays(smallest - entropy.rans_floor(q.counts, s), count))
     candidates.update(entropy.encode_stages(q.indices, bits, k, slow))
@@ -207,7 +207,7 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
     codebook_dtype, side = stored_side(values, q, t.dtype, options.version, scales,
                                        math.inf if priced else GRID_LIMIT)
     k = int(q.codebook.size)
-    stage, payload = _entropy_coded(q, bits, options.stages)
+    stage, payload = _entropy_coded(q, bits, options.stages, matrix_shape(t.shape)[1])
     if k == 1:
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
     record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=bits, codebook_size=k, codebook_dtype=codebook_dtype,

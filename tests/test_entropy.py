@@ -36,6 +36,42 @@ def test_no_rans_payload_is_under_its_floor(case, stage, skew):
     assert entropy.rans_floor(counts, stage) < len(entropy.encode_indices(indices, bits, k, stage))
 
 
+def rows_of_decreasing_spread(rows: int, row: int, k: int, seed: int = 0) -> np.ndarray:
+    """Indices of a factor like A' in the SVD gauge: row i's values spread as σ_i (here halving every two rows)
+    around the middle level, all rows under one codebook of k levels."""
+    rng = np.random.default_rng(seed)
+    spread = (k / 6) * 0.5 ** (np.arange(rows) / 2)
+    values = np.round((k - 1) / 2 + rng.normal(size=(rows, row)) * spread[:, None])
+    return np.clip(values, 0, k - 1).astype(np.uint8).ravel()
+
+
+@settings(max_examples=120, deadline=None)
+@given(index_streams(), st.sampled_from(["zstd", "zstd-aligned"]), st.integers(1, 400))
+def test_zstd_frames_cut_at_rows_round_trip_and_are_never_larger(case, stage, row):
+    """A zstd stage given the row length tries a frame whose blocks end at row boundaries: it decodes to the same
+    indices (an ordinary frame, content size declared) and is kept only where smaller."""
+    bits, k, indices = case
+    indices = np.tile(indices, 1 + 4000 // indices.size)  # enough bytes for blocks of ROW_BLOCK_BYTES
+    payload = entropy.encode_indices(indices, bits, k, stage, row=row)
+    assert len(payload) <= len(entropy.encode_indices(indices, bits, k, stage))
+    assert zstandard.get_frame_parameters(payload).content_size > 0
+    assert np.array_equal(entropy.decode_indices(memoryview(payload), indices.size, bits, k, stage), indices)
+
+
+@pytest.mark.parametrize("bits,stage,ratio", [(4, "zstd-aligned", 0.96), (5, "zstd", 0.95), (8, "zstd-aligned", 0.92)])
+def test_rows_of_different_spread_code_smaller_with_a_block_a_row(bits, stage, ratio):
+    """Each block gets zstd's own literal table, so rows that differ in spread (A' in the SVD gauge) cost less than
+    under one table for all of them. (Huffman codes take a whole bit a symbol at least, so rows of under a bit of
+    entropy keep most of their excess: measured 4-11% here, 11-12% on the A' factors of the trained-statistics
+    LLaMA-shaped adapter at 3 bits/param.)"""
+    k = 1 << bits
+    indices = rows_of_decreasing_spread(16, 4096, k)
+    whole = entropy.encode_indices(indices, bits, k, stage)
+    by_rows = entropy.encode_indices(indices, bits, k, stage, row=4096)
+    assert len(by_rows) < ratio * len(whole)
+    assert np.array_equal(entropy.decode_indices(memoryview(by_rows), indices.size, bits, k, stage), indices)
+
+
 def test_rans_reaches_the_entropy_and_beats_zstd_on_skewed_indices():
     rng = np.random.default_rng(0)
     p = np.array([0.02, 0.08, 0.2, 0.4, 0.2, 0.08, 0.015, 0.005])

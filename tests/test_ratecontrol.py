@@ -476,3 +476,34 @@ def test_a_scaled_tensor_whose_float32_buffer_does_not_fit_is_a_limit_error_of_i
         else:
             assert np.array_equal(result, want), record["name"]
     assert any("scale_axis" in record for record, _ in items)
+
+
+def test_a_factors_rows_get_zstd_blocks_of_their_own_and_decode_on_every_path(tmp_path, decoder):
+    """In the SVD gauge the rows of A' are the components, σ_i apart: their zstd frames end a block at row
+    boundaries where that is smaller (each block has its own literal table), and every decoder reads them."""
+    from sqz.codec import read_side
+    from sqz.entropy import decode_indices, encode_indices
+
+    g = torch.Generator().manual_seed(5)
+    decay = 0.6 ** torch.arange(8.0)[:, None]  # components falling off gradually, as trained ones do
+    tensors = {}
+    for m in ("q", "v"):
+        tensors[f"base_model.model.{m}.lora_A.weight"] = (torch.randn(8, 2048, generator=g) * decay).half()
+        tensors[f"base_model.model.{m}.lora_B.weight"] = (torch.randn(256, 8, generator=g) * 0.05).half()
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    sqz.encode(tmp_path / "a.safetensors", tmp_path / "a.sqz", sqz.EncodeOptions(bpp=3.0))
+    f = container.Container(tmp_path / "a.sqz")
+    saved = 0
+    for i, record in enumerate(f.records):
+        if "lora_A" not in record["name"] or record["entropy"] not in ("zstd", "zstd-aligned"):
+            continue
+        section = f.section(i)
+        side = read_side(record, section)
+        payload = section[side.size:]
+        indices = decode_indices(payload, 8 * 2048, record["bits"], record["codebook_size"], record["entropy"])
+        one_frame = encode_indices(indices, record["bits"], record["codebook_size"], record["entropy"])
+        assert len(payload) <= len(one_frame)
+        saved += len(one_frame) - len(payload)
+        loaded = sqz.load(tmp_path / "a.sqz")[record["name"]]
+        assert torch.equal(loaded, torch.from_numpy(side.codebook[indices].reshape(8, 2048)).half())
+    assert saved > 0
