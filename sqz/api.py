@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -70,6 +71,18 @@ great deal on a busy one: beside two busy processes on the 2 cores, --bpp 2 of t
 way). The same file either way."""
 
 
+@contextlib.contextmanager
+def _blas_held() -> Iterator[None]:
+    """BLAS at BLAS_THREADS while an encode runs in the main thread. The limit is process-wide and only the main
+    thread sets it: numpy's OpenBLAS ignores the call from any other (measured: the count read back unchanged), and
+    an encode in another thread, which cannot set it, must not restore it under one in the main thread either."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with threadpool_limits(BLAS_THREADS, user_api="blas"):
+        yield
+
+
 def encode(src: str | Path, dst: str | Path, options: EncodeOptions = DEFAULT_OPTIONS,
            sine: SineOptions = NO_SINE, force: bool = False, progress: bool | None = None,
            workers: int | None = None, measure: bool = False) -> EncodeReport:
@@ -82,7 +95,7 @@ def encode(src: str | Path, dst: str | Path, options: EncodeOptions = DEFAULT_OP
         warnings.warn(message, SqzWarning, stacklevel=2)
     workers = workers or os.cpu_count() or 1
     sqnr = None
-    with threadpool_limits(BLAS_THREADS, user_api="blas"):
+    with _blas_held():
         if options.target is None:
             header, sections = _encode_adapter(adapter, options, progress, workers)
             if measure:

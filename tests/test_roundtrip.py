@@ -279,3 +279,46 @@ def test_encode_refuses_to_overwrite_and_leaves_no_temp_files(tmp_path, peft_dir
     sqz.encode(peft_dir, out, force=True)
     assert out.read_bytes()[:4] == b"\x89SQZ"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sqz", "peft"]
+
+
+def test_encode_holds_blas_to_one_thread_and_one_in_another_thread_does_not_lift_it(tmp_path, peft_dir, monkeypatch):
+    """sqz.encode holds numpy's BLAS to one thread while it runs (its own workers use the cores). The limit is
+    process-wide and set from the main thread only, so an encode in another thread, overlapping one in the main
+    thread, neither lifts it when it ends nor changes what the caller had."""
+    import threading
+
+    import numpy  # noqa: F401 - its BLAS is what the limit is on
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from sqz.api import _blas_held
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    if not blas_threads():
+        pytest.skip("threadpoolctl sees no BLAS library")
+    seen = {}
+    gauge = sqz.targets.gauge.in_svd_gauge  # the gauge's QR is BLAS work: record the limit it runs under
+
+    def in_svd_gauge(*args):
+        if threading.current_thread() is threading.main_thread():
+            seen["main thread, in the gauge"] = blas_threads()
+        return gauge(*args)
+
+    monkeypatch.setattr(sqz.targets.gauge, "in_svd_gauge", in_svd_gauge)
+
+    def other() -> None:
+        sqz.encode(peft_dir, tmp_path / "other.sqz", sqz.EncodeOptions(bpp=3.0))
+        seen["after the other thread's encode"] = blas_threads()
+
+    with threadpool_limits(2, user_api="blas"):
+        with _blas_held():  # what sqz.encode does in the main thread, held open while the other thread encodes
+            seen["main thread, encoding"] = blas_threads()
+            worker = threading.Thread(target=other)
+            worker.start()
+            worker.join()
+        seen["after both"] = blas_threads()
+        sqz.encode(peft_dir, tmp_path / "main.sqz", sqz.EncodeOptions(bpp=3.0))
+        seen["after an encode in the main thread"] = blas_threads()
+    assert seen == {"main thread, encoding": {1}, "after the other thread's encode": {1}, "after both": {2},
+                    "main thread, in the gauge": {1}, "after an encode in the main thread": {2}}
