@@ -174,8 +174,7 @@ def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = 
     try:  # the config first: a file it cannot be made for leaves nothing behind
         config = (f.header.get("config") or synthesize_config(f.header)) if as_folder else None
         with output_folder(dst) if as_folder else contextlib.nullcontext(), contextlib.ExitStack() as outputs:
-            check_writable(targets[0], force)
-            weights = outputs.enter_context(atomic_path(targets[0], force))
+            weights = outputs.enter_context(atomic_path(targets[0], force))  # (checks targets[0] is writable)
             if config is not None:  # both written before either replaces its destination
                 outputs.enter_context(atomic_path(targets[1], force)).write_bytes(
                     json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))

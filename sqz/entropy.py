@@ -65,8 +65,14 @@ def _decompressor(dictionary: zstandard.ZstdCompressionDict | None = None) -> zs
     return contexts[key]
 
 
+def zstd_compressor(level: int = ZSTD_LEVEL,
+                    dictionary: zstandard.ZstdCompressionDict | None = None) -> zstandard.ZstdCompressor:
+    """A compressor whose frames declare their content size (every reader of sqz's frames requires it)."""
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, dict_data=dictionary)
+
+
 def zstd_compress(data: bytes, level: int = ZSTD_LEVEL, dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
-    return zstandard.ZstdCompressor(level=level, write_content_size=True, dict_data=dictionary).compress(data)
+    return zstd_compressor(level, dictionary).compress(data)
 
 
 def check_frame(payload: bytes | memoryview, size: int, exact: bool = True) -> int:
@@ -131,7 +137,7 @@ def encode_stages(indices: np.ndarray, bits: int, codebook_size: int, stages: tu
         if stage == ENTROPY_NONE:
             return packed_at(bits)
         if stage == ENTROPY_ZSTD:
-            return zstd_frame(zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True), bits)
+            return zstd_frame(zstd_compressor(), bits)
         if stage == ENTROPY_ZSTD_ALIGNED:
             return zstd_frame(zstandard.ZstdCompressor(compression_params=ZSTD_ALIGNED_PARAMS),
                               bitpack.aligned_width(bits))
