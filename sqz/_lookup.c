@@ -7,8 +7,9 @@
  * framed job is first decoded by the worker thread into its own scratch, still in cache when the lookup
  * reads it: a zstd frame of the packed stream (entropy stages zstd and zstd-aligned), or a rANS stream of
  * indices under the model of `counts` (rans and rans-compact, see run_rans; up to RANS_MAX_SYMBOLS entries, the
- * wide codebooks of format 2.3). It returns (job, problem) for each job that failed; that job's `out` is then
- * garbage.
+ * wide codebooks of format 2.3), or (rans-grouped, 2.4) a job (..., frame, None, params, axis): the stream codes the
+ * matrix's rows (axis 0) or columns (axis 1) in turn, each group under the discrete Gaussian of its 3 bytes of
+ * params. It returns (job, problem) for each job that failed; that job's `out` is then garbage.
  *
  * All buffers are taken with the GIL held; the work runs without it, in chunks over `threads` threads
  * (the caller's thread is one of them), so one call decodes a batch of tensors on every core with a
@@ -52,7 +53,10 @@ typedef struct {
     uint64_t padded[256]; /* packed jobs: the table, zero past its entries: any lane reads inside it */
     int frame;            /* FRAME_ZSTD, FRAME_RANS: the worker decodes the stream to indices first */
     uint32_t *cdf;        /* FRAME_RANS: the model's cumulative frequencies, cdf[entries] = 2^RANS_PRECISION: */
-    uint32_t cdf_inline[257]; /* here for up to 256 entries, else on the heap */
+    uint32_t cdf_inline[257]; /* here for up to 256 entries, else on the heap (not used by a grouped job) */
+    Py_buffer params;     /* a grouped job's parameters, 3 bytes a group (spec §4.2 rans-grouped), else none */
+    Py_ssize_t groups;    /* of the stream, each count / groups indices under one model: 1 unless grouped */
+    int transposed;       /* grouped by columns: the stream holds the matrix's columns, one after the other */
     int status;           /* a JOB_* code */
 } Job;
 
@@ -276,16 +280,19 @@ static inline uint64_t rans_word(const uint8_t *bytes, Py_ssize_t len, Py_ssize_
 /* One rANS stream being decoded. Each symbol is one word, its start | symbol << 24 | frequency << 32, and each
  * quantile bucket holds the word of the symbol its first quantile falls in: one load finds the symbol, its start
  * and its frequency, unless the bucket holds a symbol boundary (k of the buckets at most), where the next
- * symbols are tried. */
+ * symbols are tried. A grouped job's model changes from one run of groups to the next (rans_next_run). */
 typedef struct {
     Job *job;
     const uint8_t *words;  /* the stream, or a zero word if it is shorter than a word (then none is read) */
     Py_ssize_t left, done; /* words not yet read (the top of the stack is the last); indices decoded */
+    Py_ssize_t end;        /* where the run of indices under the current model ends */
     uint64_t state;
     uint8_t *out;          /* the lane's own buffer of the job's indices, 16 bits each */
     size_t out_size;
     uint64_t symbol[RANS_MAX_SYMBOLS];
     uint64_t first[1 << RANS_SLOT_BITS];
+    uint64_t counts[RANS_MAX_SYMBOLS]; /* a grouped job's model of the current run */
+    uint32_t cdf[RANS_MAX_SYMBOLS + 1];
 } Lane;
 
 #define RANS_LANES 4
@@ -293,6 +300,63 @@ typedef struct {
  * state comes from the last: ~15 cycles a symbol), and interleaved chains overlap: measured over batches of
  * LLaMA-shaped tensors on one core, 4.9-6.2 ns an index against 7.2-7.7 one stream at a time. Each tensor's
  * stream is its own, so this needs no change of format; a batch of one tensor still decodes at ~7.5 ns. */
+
+/* E[i] = 2^30 * 2^(-i/256) (spec §4.2 rans-grouped), made at import by the spec's integer recurrence. */
+#define GAUSS_RATIO 1070838486u
+static uint64_t exp2_table[256];
+
+static void make_exp2_table(void)
+{
+    exp2_table[0] = 1u << 30;
+    for (int i = 1; i < 256; i++)
+        exp2_table[i] = (exp2_table[i - 1] * GAUSS_RATIO + (1u << 29)) >> 30;
+}
+
+/* A group's model counts (spec §4.2 rans-grouped): centre M (u16, sixteenths of an index) and width code S (u8). */
+static void gauss_counts(const uint8_t *param, int k, uint64_t *counts)
+{
+    const int64_t centre = param[0] | param[1] << 8;
+    const uint64_t lambda = exp2_table[32 * (param[2] % 8)];
+    const int shift = 23 + param[2] / 8;
+    for (int j = 0; j < k; j++) {
+        const int64_t d = 16 * (int64_t)j - centre; /* |d| < 2^16 and lambda <= 2^30: d^2 * lambda < 2^62 */
+        const uint64_t x = ((uint64_t)(d * d) * lambda) >> shift, octaves = x >> 8;
+        counts[j] = (octaves < 64 ? exp2_table[x & 255] >> octaves : 0) + 1;
+    }
+}
+
+/* The lane's model (symbol words and buckets) from cumulative frequencies. */
+static void rans_tables(Lane *lane, const uint32_t *cdf, int k)
+{
+    for (int s = 0; s < k; s++)
+        lane->symbol[s] = cdf[s] | (uint64_t)s << RANS_SYMBOL_SHIFT
+                          | (uint64_t)(cdf[s + 1] - cdf[s]) << RANS_FREQUENCY_SHIFT;
+    const int shift = RANS_PRECISION - RANS_SLOT_BITS; /* bucket j starts at quantile j << shift */
+    for (int s = 0; s < k; s++) { /* the buckets that start inside symbol s's range */
+        const uint32_t lo = (cdf[s] + (1u << shift) - 1) >> shift, hi = (cdf[s + 1] + (1u << shift) - 1) >> shift;
+        for (uint32_t j = lo; j < hi; j++)
+            lane->first[j] = lane->symbol[s];
+    }
+}
+
+/* A grouped job: the model of the run of groups with the same parameters that starts at the lane's next index, and
+ * where that run ends. 0 if the parameters make no model (they always do: every count is at least 1). */
+static int rans_next_run(Lane *lane)
+{
+    const Job *job = lane->job;
+    const Py_ssize_t length = job->count / job->groups;
+    const uint8_t *params = job->params.buf;
+    const Py_ssize_t g = lane->done / length;
+    Py_ssize_t last = g;
+    while (last + 1 < job->groups && !memcmp(params + 3 * (last + 1), params + 3 * g, 3))
+        last++;
+    lane->end = (last + 1) * length;
+    gauss_counts(params + 3 * g, (int)job->entries, lane->counts);
+    if (!rans_model(lane->counts, (int)job->entries, lane->cdf))
+        return 0;
+    rans_tables(lane, lane->cdf, (int)job->entries);
+    return 1;
+}
 
 static int rans_start(Lane *lane, Job *job)
 {
@@ -313,23 +377,19 @@ static int rans_start(Lane *lane, Job *job)
         if (left)
             state = state << 32 | rans_word(bytes, len, --left);
     }
-    const uint32_t *cdf = job->cdf;
-    const int k = (int)job->entries;
-    for (int s = 0; s < k; s++)
-        lane->symbol[s] = cdf[s] | (uint64_t)s << RANS_SYMBOL_SHIFT
-                          | (uint64_t)(cdf[s + 1] - cdf[s]) << RANS_FREQUENCY_SHIFT;
-    const int shift = RANS_PRECISION - RANS_SLOT_BITS; /* bucket j starts at quantile j << shift */
-    for (int s = 0; s < k; s++) { /* the buckets that start inside symbol s's range */
-        const uint32_t lo = (cdf[s] + (1u << shift) - 1) >> shift, hi = (cdf[s + 1] + (1u << shift) - 1) >> shift;
-        for (uint32_t j = lo; j < hi; j++)
-            lane->first[j] = lane->symbol[s];
-    }
     static const uint32_t zero_word = 0;
     lane->job = job;
     lane->words = len >= 4 ? bytes : (const uint8_t *)&zero_word;
     lane->left = left;
     lane->done = 0;
     lane->state = state;
+    lane->end = job->count;
+    if (!job->params.obj) {
+        rans_tables(lane, job->cdf, (int)job->entries);
+    } else if (job->count && !rans_next_run(lane)) {
+        job->status = JOB_RANS;
+        return 0;
+    }
     return 1;
 }
 
@@ -415,10 +475,35 @@ DEFINE_GATHER(uint16_t)
 DEFINE_GATHER(uint32_t)
 DEFINE_GATHER(uint64_t)
 
+/* The same from a stream of the matrix's columns (grouped by columns): column x's rows are a run of the stream. */
+#define DEFINE_GATHER_COLUMNS(T)                                                                   \
+    static void gather_columns_##T(const Job *job, const uint16_t *restrict index)                  \
+    {                                                                                              \
+        const T *restrict table = job->table.buf;                                                  \
+        T *restrict out = job->out.buf;                                                            \
+        const Py_ssize_t columns = job->groups, rows = job->count / columns;                       \
+        for (Py_ssize_t y = 0; y < rows; y++)                                                      \
+            for (Py_ssize_t x = 0; x < columns; x++)                                               \
+                out[y * columns + x] = table[index[x * rows + y]];                                 \
+    }
+DEFINE_GATHER_COLUMNS(uint8_t)
+DEFINE_GATHER_COLUMNS(uint16_t)
+DEFINE_GATHER_COLUMNS(uint32_t)
+DEFINE_GATHER_COLUMNS(uint64_t)
+
 /* out[i] = table[index i] of a decoded rANS stream. No check: every index is a symbol of the model, < entries (the
  * buckets of rans_start cover every quantile below 2^24 = cdf[entries], so the search never passes the last). */
 static void gather(const Job *job, const uint16_t *index)
 {
+    if (job->transposed) {
+        switch (job->table.itemsize) {
+        case 1: gather_columns_uint8_t(job, index); break;
+        case 2: gather_columns_uint16_t(job, index); break;
+        case 4: gather_columns_uint32_t(job, index); break;
+        default: gather_columns_uint64_t(job, index); break;
+        }
+        return;
+    }
     switch (job->table.itemsize) {
     case 1: gather_uint8_t(job, index); break;
     case 2: gather_uint16_t(job, index); break;
@@ -448,14 +533,16 @@ static void run_rans(Work *work, Lane *lanes)
             return;
         Py_ssize_t n = PY_SSIZE_T_MAX;
         for (int a = 0; a < n_active; a++)
-            if (active[a]->job->count - active[a]->done < n)
-                n = active[a]->job->count - active[a]->done;
+            if (active[a]->end - active[a]->done < n)
+                n = active[a]->end - active[a]->done;
         rans_round(active, n, n_active);
         for (int a = n_active - 1; a >= 0; a--) {
             Lane *lane = active[a];
-            if (lane->done < lane->job->count)
-                continue;
-            if (lane->state || lane->left)
+            if (lane->done < lane->job->count) {
+                if (lane->done < lane->end || rans_next_run(lane))
+                    continue;
+                lane->job->status = JOB_RANS;
+            } else if (lane->state || lane->left)
                 lane->job->status = JOB_RANS_LEFT;
             else
                 gather(lane->job, (const uint16_t *)lane->out);
@@ -550,6 +637,28 @@ static gomp_parallel_fn openmp_parallel(void)
 
 static void openmp_worker(void *work) { worker(work); }
 
+/* A grouped job's parameters (3 bytes a group, the groups dividing its count) and axis; each group's centre must lie
+ * within the codebook (spec §4.2). */
+static int take_params(Job *job, PyObject *params_obj, int axis)
+{
+    if (PyObject_GetBuffer(params_obj, &job->params, PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    job->groups = job->params.len / 3;
+    if (job->params.len % 3 || job->groups < 1 || job->count % job->groups || (axis != 0 && axis != 1)) {
+        PyErr_SetString(PyExc_ValueError, "a grouped rANS job needs 3 bytes of params for each of 1 or more groups "
+                                          "that divide its count, and an axis of 0 or 1");
+        return -1;
+    }
+    const uint8_t *params = job->params.buf;
+    for (Py_ssize_t g = 0; g < job->groups; g++)
+        if ((params[3 * g] | params[3 * g + 1] << 8) > 16 * ((int)job->entries - 1)) {
+            PyErr_SetString(PyExc_ValueError, "a grouped rANS job's centre lies past its last table entry");
+            return -1;
+        }
+    job->transposed = axis;
+    return 0;
+}
+
 static int take_model(Job *job, PyObject *counts_obj)
 {
     Py_buffer counts;
@@ -569,10 +678,13 @@ static int take_model(Job *job, PyObject *counts_obj)
 
 static int take_job(PyObject *spec, Job *job)
 {
-    PyObject *table_obj, *out_obj, *counts_obj = Py_None;
-    if (!PyArg_ParseTuple(spec, "y*niOOi|O;a job is (stream, count, bits, table, out, frame[, counts])",
-                          &job->stream, &job->count, &job->bits, &table_obj, &out_obj, &job->frame, &counts_obj))
+    PyObject *table_obj, *out_obj, *counts_obj = Py_None, *params_obj = Py_None;
+    int axis = 0;
+    if (!PyArg_ParseTuple(spec, "y*niOOi|OOi;a job is (stream, count, bits, table, out, frame[, counts[, params, axis]])",
+                          &job->stream, &job->count, &job->bits, &table_obj, &out_obj, &job->frame, &counts_obj,
+                          &params_obj, &axis))
         return -1;
+    job->groups = 1;
     /* FORMAT so that itemsize is the element size, not 1 */
     if (PyObject_GetBuffer(table_obj, &job->table, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         return -1;
@@ -602,8 +714,8 @@ static int take_job(PyObject *spec, Job *job)
         PyErr_SetString(PyExc_ValueError, "zstd frames need libzstd, which was not found (HAS_ZSTD)");
         return -1;
     }
-    if (job->frame == FRAME_RANS && counts_obj == Py_None) {
-        PyErr_SetString(PyExc_ValueError, "a rANS job needs its counts");
+    if (job->frame == FRAME_RANS && (counts_obj == Py_None) == (params_obj == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "a rANS job needs its counts, or (grouped) its params");
         return -1;
     }
     if (job->frame == FRAME_PACKED && job->stream.len != (job->count * job->bits + 7) / 8) {
@@ -618,7 +730,7 @@ static int take_job(PyObject *spec, Job *job)
     job->status = JOB_OK;
     if (job->frame == FRAME_RANS) { /* its indices are symbols of the model: gather reads the table itself */
         job->cdf = job->cdf_inline;
-        return take_model(job, counts_obj);
+        return params_obj != Py_None ? take_params(job, params_obj, axis) : take_model(job, counts_obj);
     }
     memset(job->padded, 0, sizeof job->padded);
     memcpy(job->padded, job->table.buf, job->table.len);
@@ -706,6 +818,8 @@ done:
             PyBuffer_Release(&jobs[j].table);
         if (jobs[j].out.obj)
             PyBuffer_Release(&jobs[j].out);
+        if (jobs[j].params.obj)
+            PyBuffer_Release(&jobs[j].params);
         if (jobs[j].cdf != jobs[j].cdf_inline)
             PyMem_Free(jobs[j].cdf);
     }
@@ -853,7 +967,7 @@ static PyMethodDef methods[] = {
      "for zstd frames 'frame' (not one good zstd frame), 'size' (wrong content size), 'padding' (unused\n"
      "bits of the last byte set), for rANS streams 'rans' (a last word of zero, or counts with no model)\n"
      "or 'rans-left' (data left after the last index), and 'memory' (no room to decode the stream).\n"
-     "Each job is (stream, count, bits, table, out, frame[, counts]): out[i] = table[index i of the b-bit\n"
+     "Each job is (stream, count, bits, table, out, frame[, counts[, params, axis]]): out[i] = table[index i of the b-bit\n"
      "stream]; frame 1: the stream is a zstd frame of it (only when HAS_ZSTD); frame 2: a rANS stream of\n"
      "indices under the model of counts (uint64, one per table entry), with b = 8 (up to 256 entries) or\n"
      "16 (up to 4096)."},
@@ -886,6 +1000,7 @@ static void find_zstd(void)
 PyMODINIT_FUNC PyInit__lookup(void)
 {
     find_zstd();
+    make_exp2_table();
     PyObject *m = PyModule_Create(&module);
     if (m && PyModule_AddIntConstant(m, "HAS_ZSTD", zstd.decompress != NULL) < 0)
         Py_CLEAR(m);

@@ -71,7 +71,7 @@ def encode_options(command):
                      help="Also quantize non-factor float tensors matching GLOB."),
         click.option("--format", "format_version", default=EncodeOptions.format, show_default=True,
                      type=click.Choice([f"{a}.{b}" for a, b in WRITABLE_VERSIONS]),
-                     help="Format version to write: 2.2 for readers older than sqz 2.3 (codebooks of at most 256 entries), 2.1 for readers older than sqz 2.2 (F16 codebooks), 2.0 for readers older than sqz 2.1 (rANS count tables 4 bytes a level), 1.1 for readers older than sqz 2.0 (larger headers, F32 codebooks)."),
+                     help="Format version to write: 2.3 for readers older than sqz 2.4 (no rans-grouped), 2.2 for readers older than sqz 2.3 (codebooks of at most 256 entries), 2.1 for readers older than sqz 2.2 (F16 codebooks), 2.0 for readers older than sqz 2.1 (rANS count tables 4 bytes a level), 1.1 for readers older than sqz 2.0 (larger headers, F32 codebooks)."),
     ]
     for option in reversed(options):
         command = option(command)

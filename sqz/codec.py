@@ -27,6 +27,7 @@ from .constants import (
     ENTROPY_NONE,
     ENTROPY_RANS,
     ENTROPY_RANS_COMPACT,
+    ENTROPY_RANS_GROUPED,
     ENTROPY_STAGES,
     ENTROPY_ZSTD,
     ENTROPY_ZSTD_ALIGNED,
@@ -63,13 +64,13 @@ class EncodeOptions:
     bits: int = 3
     sample: int = DEFAULT_SAMPLE  # values the centroids are fitted on; 0 = all
     seed: int = 0
-    entropy: str = ENTROPY_AUTO  # auto | none | zstd | zstd-aligned | rans | rans-compact
+    entropy: str = ENTROPY_AUTO  # auto | none | zstd | zstd-aligned | rans | rans-compact | rans-grouped
     lossless: tuple[str, ...] = ()  # name globs kept exact even if they are LoRA factors
     quantize: tuple[str, ...] = ()  # name globs of non-factor float tensors to quantize as well
     bpp: float | None = None  # rate-distortion targets, at most one: all-in file bits per parameter,
     size: int | None = None  # file bytes,
     sqnr: float | None = None  # or the SQNR of ΔW in dB; `bits` is then ignored for paired factors
-    format: str = f"{VERSION_MAJOR}.{VERSION_MINOR}"  # the format version written: 2.3, or 2.2 down to 1.1 for older readers
+    format: str = f"{VERSION_MAJOR}.{VERSION_MINOR}"  # the format version written: 2.4, or 2.3 down to 1.1 for older readers
 
     @property
     def version(self) -> tuple[int, int]:
@@ -152,7 +153,8 @@ time at this rate: about 0.035 bits per index saved, where zstd-aligned usually 
 def _smallest(candidates: dict[str, bytes], count: int = 0) -> tuple[str, bytes]:
     """Smallest payload of `count` indices, rANS only where it pays for its decode time; ties go to the stage
     that decodes fastest."""
-    order = {ENTROPY_NONE: 0, ENTROPY_ZSTD_ALIGNED: 1, ENTROPY_ZSTD: 2, ENTROPY_RANS_COMPACT: 3, ENTROPY_RANS: 4}
+    order = {ENTROPY_NONE: 0, ENTROPY_ZSTD_ALIGNED: 1, ENTROPY_ZSTD: 2, ENTROPY_RANS_COMPACT: 3, ENTROPY_RANS: 4,
+             ENTROPY_RANS_GROUPED: 5}
     slow = [s for s in candidates if s in SLOW_STAGES]
     fast = [s for s in candidates if s not in slow]
     stage = min(fast or candidates, key=lambda s: (len(candidates[s]), order[s]))
@@ -163,7 +165,7 @@ def _smallest(candidates: dict[str, bytes], count: int = 0) -> tuple[str, bytes]
     return stage, candidates[stage]
 
 
-SLOW_STAGES = (ENTROPY_RANS, ENTROPY_RANS_COMPACT)
+SLOW_STAGES = (ENTROPY_RANS, ENTROPY_RANS_COMPACT, ENTROPY_RANS_GROUPED)
 
 
 def _rans_pays(saved_bytes: float, count: int) -> bool:
@@ -179,8 +181,18 @@ def _entropy_coded(q: Quantized, bits: int, stages: tuple[str, ...], row: int) -
     fast = tuple(s for s in stages if s not in SLOW_STAGES)
     candidates = entropy.encode_stages(q.indices, bits, k, fast, row)
     smallest = min((len(p) for p in candidates.values()), default=math.inf)
-    slow = tuple(s for s in stages if s in SLOW_STAGES and _rans_pays(smallest - entropy.rans_floor(q.counts, s), count))
+    slow = tuple(s for s in stages if s in (ENTROPY_RANS, ENTROPY_RANS_COMPACT)
+                 and _rans_pays(smallest - entropy.rans_floor(q.counts, s), count))
     candidates.update(entropy.encode_stages(q.indices, bits, k, slow))
+    if ENTROPY_RANS_GROUPED in stages and k == 1:
+        candidates[ENTROPY_RANS_GROUPED] = b""  # every index is 0: as every stage, no payload
+    elif ENTROPY_RANS_GROUPED in stages:
+        axis = entropy.group_axis(count, row)
+        centres, widths, bits = entropy.fit_gauss(entropy.group_counts(q.indices, k, row, axis))
+        smallest = min((len(p) for p in candidates.values()), default=math.inf)
+        estimate = entropy.grouped_bytes(centres.size, bits)
+        if len(stages) == 1 or _rans_pays(smallest - estimate + entropy.RANS_FLOOR_SLACK, count):
+            candidates[ENTROPY_RANS_GROUPED] = entropy.rans_grouped_payload(q.indices, k, row, axis, centres, widths)
     return _smallest(candidates, count)
 
 
@@ -599,10 +611,15 @@ def _entropy_stage(record: dict, section: memoryview) -> tuple:
         frame, width = entropy.index_frame(payload, count, record["bits"], stage)
         return ENCODING_KMEANS, frame, count, width, (bitpack.FRAME_ZSTD,), codebook, scales
     if bitpack.native_lookup is not None and k > 1 and stage in SLOW_STAGES:
-        stream, counts = entropy.rans_frame(payload, count, k, stage)
         width = 8 if k <= 1 << MAX_BITS else bitpack.WIDE  # the C decoder's indices: uint8 or (2.3) uint16
-        return ENCODING_KMEANS, stream, count, width, (bitpack.FRAME_RANS, counts), codebook, scales
-    stream, width = entropy.decode_stream(payload, count, record["bits"], k, stage)
+        if stage == ENTROPY_RANS_GROUPED:
+            stream, params, axis = entropy.rans_grouped_frame(payload, count, k, matrix_shape(record["shape"])[1])
+            frame = (bitpack.FRAME_RANS, None, params, axis)
+        else:
+            stream, counts = entropy.rans_frame(payload, count, k, stage)
+            frame = (bitpack.FRAME_RANS, counts)
+        return ENCODING_KMEANS, stream, count, width, frame, codebook, scales
+    stream, width = entropy.decode_stream(payload, count, record["bits"], k, stage, matrix_shape(record["shape"])[1])
     try:
         stream = bitpack.check_stream(stream, count, width)
     except ValueError as exc:

@@ -5,12 +5,12 @@ MAGIC = b"\x89SQZ\r\n\x1a\n"
 """8 bytes; the PNG-style high byte and CR LF / ^Z / LF catch text-mode and 7-bit transfers."""
 
 VERSION_MAJOR = 2
-VERSION_MINOR = 3
+VERSION_MINOR = 4
 """What the writer writes by default."""
-READABLE_MAJORS = {1: 1, 2: 3}
+READABLE_MAJORS = {1: 1, 2: 4}
 """Major -> newest minor of it this reader implements. A reader of major 2 still reads every 1.x file (§2)."""
-WRITABLE_VERSIONS = ((1, 1), (2, 0), (2, 1), (2, 2), (2, 3))
-"""Versions the writer can produce: 1.1 to 2.2 for fleets whose readers predate 2.0, 2.1, 2.2 or 2.3."""
+WRITABLE_VERSIONS = ((1, 1), (2, 0), (2, 1), (2, 2), (2, 3), (2, 4))
+"""Versions the writer can produce: 1.1 to 2.3 for fleets whose readers predate 2.0, 2.1, 2.2, 2.3 or 2.4."""
 
 PREAMBLE_SIZE = 20
 """magic (8) + major u16 + minor u16 + header length u32 + header CRC-32 u32, little-endian."""
@@ -70,14 +70,23 @@ ENTROPY_ZSTD_ALIGNED = "zstd-aligned"
 ENTROPY_RANS_COMPACT = "rans-compact"
 """Since 2.1: rANS as `rans`, with its count table bit-packed (the last count implied) and its last word's zero high
 bytes left out: 5-8 bytes of table for a small tensor's 20-32."""
-ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD, ENTROPY_RANS, ENTROPY_ZSTD_ALIGNED, ENTROPY_RANS_COMPACT)
-MIN_VERSION = {ENTROPY_ZSTD_ALIGNED: (1, 1), ENTROPY_RANS_COMPACT: (2, 1)}
+ENTROPY_RANS_GROUPED = "rans-grouped"
+"""Since 2.4: one rANS stream of the tensor's rows (or columns) in turn, each under its own discrete Gaussian (3 bytes
+of parameters): the components of a factor in the SVD gauge differ in spread, which one count table pools."""
+ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD, ENTROPY_RANS, ENTROPY_ZSTD_ALIGNED, ENTROPY_RANS_COMPACT,
+                  ENTROPY_RANS_GROUPED)
+MIN_VERSION = {ENTROPY_ZSTD_ALIGNED: (1, 1), ENTROPY_RANS_COMPACT: (2, 1), ENTROPY_RANS_GROUPED: (2, 4)}
 """The first format version of each entropy stage that 1.0 did not have (a writer of an older version cannot use it)."""
 MAX_COUNT_WIDTH = 32
 """rans-compact: the bits of each stored count, at most (a count is at most MAX_KMEANS_NUMEL)."""
+GAUSS_RATIO = 1070838486
+"""rans-grouped: round(2^30 * 2^(-1/256)), the step of the recurrence that makes the table E[i] = 2^30 * 2^(-i/256)
+(E[0] = 2^30, E[i+1] = (E[i] * GAUSS_RATIO + 2^29) >> 30) from which every group's model is computed in integers."""
+GROUP_AXES = (0, 1)
+"""rans-grouped: the groups are the rows (0) or the columns (1) of the tensor viewed as a matrix (as scale_axis)."""
 RAW_ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD)
-WIDE_ENTROPY_STAGES = (ENTROPY_RANS, ENTROPY_RANS_COMPACT)
-"""2.3: the stages a kmeans record of more than MAX_BITS bits may use."""
+WIDE_ENTROPY_STAGES = (ENTROPY_RANS, ENTROPY_RANS_COMPACT, ENTROPY_RANS_GROUPED)
+"""2.3: the stages a kmeans record of more than MAX_BITS bits may use (and rans-grouped, 2.4)."""
 
 ROLE_A = "lora_A"
 ROLE_B = "lora_B"

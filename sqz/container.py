@@ -513,8 +513,8 @@ def _validate_record(r: dict[str, Any], where: str, major: int) -> None:
         if not (type(bits) is int and MIN_BITS <= bits <= MAX_WIDE_BITS):
             _bad(where, f"{name!r}: bits must be 1..{MAX_WIDE_BITS}")
         if bits > MAX_BITS and (major == 1 or entropy not in WIDE_ENTROPY_STAGES):
-            _bad(where, f"{name!r}: bits over {MAX_BITS} need format 2.3 and entropy rans or rans-compact, "
-                        f"not {entropy!r}")
+            _bad(where, f"{name!r}: bits over {MAX_BITS} need format 2.3 and entropy rans, rans-compact or "
+                        f"rans-grouped, not {entropy!r}")
         if not (type(k) is int and 1 <= k <= (1 << bits)):
             _bad(where, f"{name!r}: codebook_size must be 1..2**bits")
         if numel <= 0:

@@ -12,6 +12,10 @@
   bit-packed at w bits (the last is n minus their sum), and the stream's last word without its zero high
   bytes. A small tensor's table was most of its side information: 4 bytes a level against 2 for its codebook
   entry (a rank-2 MiniLM factor, 768 values at 5 levels: 20 bytes of table, now 6).
+- rans-grouped (2.4): one rANS stream over the tensor's rows (or columns), group after group, each group under its own
+  discrete Gaussian over the indices, 3 bytes of parameters a group (fit_gauss). In the SVD gauge a factor's
+  components (A' rows, B' columns) differ in spread by their singular values, which one table pools; a count table a
+  group costs more than it saves, where 3 bytes do not.
 
 The probability model (counts -> Categorical) is built by one function used by both directions here, so
 encoder and decoder can never disagree on it. The C extension decodes rANS too (bitpack's FRAME_RANS jobs, 4x
@@ -31,8 +35,11 @@ from .constants import (
     ENTROPY_NONE,
     ENTROPY_RANS,
     ENTROPY_RANS_COMPACT,
+    ENTROPY_RANS_GROUPED,
     ENTROPY_ZSTD,
     ENTROPY_ZSTD_ALIGNED,
+    GAUSS_RATIO,
+    GROUP_AXES,
     MAX_COUNT_WIDTH,
 )
 from .dtypes import index_dtype
@@ -117,7 +124,7 @@ def encode_stages(indices: np.ndarray, bits: int, codebook_size: int, stages: tu
                   row: int = 0) -> dict[str, bytes]:
     """The payload of each stage; auto tries them all, and each packed width is packed once. With `row` (indices
     a row of the tensor, 0 for none), a zstd stage's frame is the smaller of one frame as zstd cuts it and one whose
-    blocks end at row boundaries (_zstd_rows)."""
+    blocks end at row boundaries (_zstd_rows). rans-grouped needs `row` (the tensor as a matrix of rows that long)."""
     if codebook_size == 1:
         return dict.fromkeys(stages, b"")  # every index is 0: the codebook alone says it all
     packed: dict[int, bytes] = {}
@@ -149,6 +156,10 @@ def encode_stages(indices: np.ndarray, bits: int, codebook_size: int, stages: tu
             if stage == ENTROPY_RANS:
                 return counts.tobytes() + words
             return _count_table(counts[:-1]) + words[:len(words) - _zero_top_bytes(words)]
+        if stage == ENTROPY_RANS_GROUPED:
+            axis = group_axis(indices.size, row)
+            centres, widths, _ = fit_gauss(group_counts(indices, codebook_size, row, axis))
+            return rans_grouped_payload(indices, codebook_size, row, axis, centres, widths)
         raise ValueError(f"unknown entropy stage {stage!r}")
 
     return {stage: encode(stage) for stage in stages}
@@ -171,6 +182,113 @@ def _zstd_rows(compressor: zstandard.ZstdCompressor, data: bytes, row_bits: int,
     return b"".join(chunks) + writer.flush()
 
 
+def group_axis(count: int, row: int) -> int:
+    """The axis rans-grouped groups along: the one with fewer groups (a LoRA factor's components: A's rows, B's
+    columns), rows on a tie. `row`: the matrix's row length (its column count)."""
+    return 0 if count // row <= row else 1
+
+
+def _in_groups(indices: np.ndarray, row: int, axis: int) -> np.ndarray:
+    """The indices as [groups, group length]: the matrix (axis 0) or its transpose (axis 1), the stream's order."""
+    matrix = indices.reshape(-1, row)
+    return matrix if axis == 0 else matrix.T
+
+
+def group_counts(indices: np.ndarray, k: int, row: int, axis: int) -> np.ndarray:
+    """[groups, k] counts of each index in each group."""
+    grouped = _in_groups(indices, row, axis)
+    keys = np.arange(grouped.shape[0], dtype=np.int64)[:, None] * k + grouped
+    return np.bincount(keys.ravel(), minlength=grouped.shape[0] * k).reshape(grouped.shape[0], k)
+
+
+def _exp2_table() -> np.ndarray:
+    """E[i] = 2^30 * 2^(-i/256), i < 256, by spec §4.2's integer recurrence (so every reader has the same table)."""
+    table = [1 << 30]
+    for _ in range(255):
+        table.append((table[-1] * GAUSS_RATIO + (1 << 29)) >> 30)
+    return np.array(table, dtype=np.uint64)
+
+
+EXP2 = _exp2_table()
+
+
+def gauss_counts(centres: np.ndarray, widths: np.ndarray, k: int) -> np.ndarray:
+    """[groups, k] model counts of spec §4.2's discrete Gaussian of each group: count_j = (E[x mod 256] >> x div 256)
+    + 1, x = ((16j - M)^2 * E[32 (S mod 8)]) >> (23 + S div 8), for the group's centre M (sixteenths of an index)
+    and width code S (the model is 2^-(λ d^2), d = j - M/16 and λ = 2^(7 - S/8))."""
+    centres, widths = centres.astype(np.int64)[:, None], widths.astype(np.int64)[:, None]
+    distance = 16 * np.arange(k, dtype=np.int64)[None, :] - centres
+    x = (distance * distance).astype(np.uint64) * EXP2[32 * (widths % 8)] >> (23 + widths // 8).astype(np.uint64)
+    octaves = x >> np.uint64(8)
+    return np.where(octaves < 64, EXP2[x & np.uint64(255)] >> np.minimum(octaves, np.uint64(63)), 0) + np.uint64(1)
+
+
+def _model_bits(counts: np.ndarray) -> np.ndarray:
+    """-log2 of each symbol's probability under the model of each row of counts (spec §4.2's leaky quantization, to
+    within the floor that makes it an integer)."""
+    k = counts.shape[-1]
+    total = counts.sum(axis=-1, keepdims=True).astype(np.float64)
+    return 24 - np.log2(counts * ((2 ** 24 - k) / total) + 1)
+
+
+GAUSS_SEARCH = (3, 2)
+"""fit_gauss: width codes tried either side of the moments' value (a step is 2^(1/8) in λ), then centre sixteenths
+either side of the mean at the best width."""
+
+
+def fit_gauss(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(centres M, width codes S, code bits) of the discrete Gaussians that code each group's counts shortest: from
+    the group's mean and variance, the neighbouring width codes, then the neighbouring centres (GAUSS_SEARCH)."""
+    k = hist.shape[1]
+    levels = np.arange(k, dtype=np.float64)
+    size = np.maximum(hist.sum(axis=1), 1)
+    mean = hist @ levels / size
+    variance = np.maximum((hist * (levels[None, :] - mean[:, None]) ** 2).sum(axis=1) / size, 1e-6)
+    centres = np.clip(np.rint(16 * mean), 0, 16 * (k - 1)).astype(np.int64)
+    widths = np.clip(np.rint(8 * (7 - np.log2(np.log2(np.e) / (2 * variance)))), 0, 255).astype(np.int64)
+    best = np.full(hist.shape[0], np.inf)
+    for step, (reach, moving) in enumerate(((GAUSS_SEARCH[0], widths), (GAUSS_SEARCH[1], centres))):
+        start, limit = moving.copy(), 255 if step == 0 else 16 * (k - 1)
+        for delta in range(-reach, reach + 1):
+            if step == 1 and delta == 0:
+                continue  # the width search already coded this one
+            tried = np.clip(start + delta, 0, limit)
+            c, w = (centres, tried) if step == 0 else (tried, widths)
+            bits = (hist * _model_bits(gauss_counts(c, w, k))).sum(axis=1)
+            better = bits < best
+            best[better], moving[better] = bits[better], tried[better]
+    return centres, widths, float(best.sum())
+
+
+def grouped_bytes(groups: int, bits: float) -> float:
+    """Estimated rans-grouped payload bytes: the axis byte, 3 bytes a group, the code (the stream's last words
+    excepted)."""
+    return 1 + 3 * groups + bits / 8
+
+
+def _runs(centres: np.ndarray, widths: np.ndarray) -> list[tuple[int, int]]:
+    """(first group, end group) of each run of consecutive groups with the same model."""
+    change = (np.diff(centres) != 0) | (np.diff(widths) != 0)
+    cuts = np.flatnonzero(change) + 1
+    starts, ends = np.concatenate(([0], cuts)), np.concatenate((cuts, [centres.size]))
+    return [(int(a), int(b)) for a, b in zip(starts, ends)]
+
+
+def rans_grouped_payload(indices: np.ndarray, k: int, row: int, axis: int, centres: np.ndarray,
+                         widths: np.ndarray) -> bytes:
+    """A rans-grouped payload (spec §4.2): the axis, each group's centre (u16) and width code (u8), then one rANS
+    stream of the groups in order, each under its discrete Gaussian."""
+    grouped = _in_groups(indices, row, axis)
+    params = np.empty(centres.size, dtype=[("centre", "<u2"), ("width", "u1")])
+    params["centre"], params["width"] = centres, widths
+    coder = constriction.stream.stack.AnsCoder()
+    for first, end in reversed(_runs(centres, widths)):  # a stack: the last run first, so that runs decode in order
+        model = _rans_model(gauss_counts(centres[first:first + 1], widths[first:first + 1], k)[0])
+        coder.encode_reverse(grouped[first:end].ravel().astype(np.int32), model)
+    words = coder.get_compressed().astype("<u4").tobytes()
+    return bytes([axis]) + params.tobytes() + words[:len(words) - _zero_top_bytes(words)]
+
+
 RANS_FLOOR_SLACK = 8
 """Bytes a rANS stream may come in under its indices' empirical entropy: its final state's words carry the last
 few bits (measured: every rans/rans-compact payload of the bench's adapters and a LLaMA-shaped one at 1-8 bits
@@ -191,11 +309,12 @@ def rans_floor(counts: np.ndarray, stage: str) -> float:
 
 
 def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int,
-                  stage: str) -> tuple[np.ndarray | bytes | memoryview, int]:
+                  stage: str, row: int = 0) -> tuple[np.ndarray | bytes | memoryview, int]:
     """Undo the entropy stage: (stream, w), the indices packed at w bits, for bitpack.lookup to check and map.
 
     w is b (none, zstd), the aligned width (zstd-aligned) or for rans 8, or bitpack.WIDE (uint16 indices) where the
-    codebook has more than 256 entries (2.3). Raises FormatError on a bad payload.
+    codebook has more than 256 entries (2.3). rans-grouped needs `row`, the length of the tensor's rows as a matrix.
+    Raises FormatError on a bad payload.
     """
     if codebook_size == 1:
         if len(payload):
@@ -210,6 +329,12 @@ def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int
         stream, counts = rans_frame(payload, count, codebook_size, stage)
         words = np.frombuffer(bytes(stream) + b"\0" * (-len(stream) % 4), dtype="<u4")
         indices = _decode_rans_stream(words, counts, count)
+        return indices, 8 if indices.dtype == np.uint8 else bitpack.WIDE
+    if stage == ENTROPY_RANS_GROUPED:
+        stream, params, axis = rans_grouped_frame(payload, count, codebook_size, row)
+        words = np.frombuffer(bytes(stream) + b"\0" * (-len(stream) % 4), dtype="<u4")
+        grouped = _decode_rans_grouped(words, params, codebook_size, count)
+        indices = np.ascontiguousarray(grouped.reshape(len(params) // 3, -1).T if axis else grouped).ravel()
         return indices, 8 if indices.dtype == np.uint8 else bitpack.WIDE
     raise FormatError(f"unknown entropy stage {stage!r}")
 
@@ -227,9 +352,10 @@ def _frame_width(bits: int, stage: str) -> int:
     return bitpack.aligned_width(bits) if stage == ENTROPY_ZSTD_ALIGNED else bits
 
 
-def decode_indices(payload: memoryview, count: int, bits: int, codebook_size: int, stage: str) -> np.ndarray:
+def decode_indices(payload: memoryview, count: int, bits: int, codebook_size: int, stage: str,
+                   row: int = 0) -> np.ndarray:
     """The indices themselves (for tests and tools; the decoder maps the stream straight to values)."""
-    stream, width = decode_stream(payload, count, bits, codebook_size, stage)
+    stream, width = decode_stream(payload, count, bits, codebook_size, stage, row)
     try:
         return bitpack.lookup(stream, count, width, np.arange(codebook_size, dtype=index_dtype(codebook_size)))
     except ValueError as exc:
@@ -264,21 +390,54 @@ def rans_frame(payload: memoryview, count: int, codebook_size: int, stage: str) 
         if int(counts.sum(dtype=np.uint64)) != count:
             raise FormatError(f"rANS frequency table sums to {int(counts.sum(dtype=np.uint64))}, expected {count}")
         return payload[table_bytes:], counts
+    counts, used = _compact_table(payload, count, codebook_size, stage)
+    return payload[used:], counts
+
+
+def _compact_table(payload: memoryview, count: int, codebook_size: int, stage: str) -> tuple[np.ndarray, int]:
+    """(counts, bytes read) of a rans-compact count table of `count` indices at the start of `payload`."""
     if not len(payload) or payload[0] > MAX_COUNT_WIDTH:
-        raise FormatError(f"rans-compact payload must start with a count width of 0..{MAX_COUNT_WIDTH}")
+        raise FormatError(f"{stage} count table must start with a count width of 0..{MAX_COUNT_WIDTH}")
     width, stored = payload[0], codebook_size - 1
     table_bytes = -(-stored * width // 8)
     if len(payload) < 1 + table_bytes:
-        raise FormatError("rans-compact payload is shorter than its count table")
+        raise FormatError(f"{stage} payload is shorter than its count table")
     bits = np.unpackbits(np.frombuffer(payload[1:1 + table_bytes], dtype=np.uint8), bitorder="little")
     if bits[stored * width:].any():
-        raise FormatError("rans-compact count table: unused bits of its last byte are not zero")
+        raise FormatError(f"{stage} count table: unused bits of its last byte are not zero")
     head = (bits[:stored * width].reshape(stored, width).astype(np.uint64) << np.arange(width, dtype=np.uint64)).sum(
         axis=1, dtype=np.uint64)
     total = int(head.sum(dtype=np.uint64))
     if total > count:
         raise FormatError(f"rANS frequency table sums to more than {count}")
-    return payload[1 + table_bytes:], np.append(head, np.uint64(count - total))
+    return np.append(head, np.uint64(count - total)), 1 + table_bytes
+
+
+def rans_grouped_frame(payload: memoryview, count: int, codebook_size: int,
+                       row: int) -> tuple[memoryview, memoryview, int]:
+    """(stream, params, axis) of a rans-grouped payload, checked against §4.2: the rANS words, the groups' 3-byte
+    parameters (u16 centre, u8 width code) and the axis the groups run along. `row`: the length of the tensor's rows
+    viewed as a matrix (codec.matrix_shape), which the groups depend on."""
+    if row < 1 or count % row:
+        raise ValueError(f"rans-grouped needs the length of the tensor's rows, a divisor of {count}, not {row}")
+    if not len(payload) or payload[0] not in GROUP_AXES:
+        raise FormatError("rans-grouped payload must start with an axis of 0 or 1")
+    axis = payload[0]
+    groups = count // row if axis == 0 else row
+    end = 1 + 3 * groups
+    if len(payload) < end:
+        raise FormatError(f"rans-grouped payload is shorter than its {groups} groups' parameters")
+    params = payload[1:end]
+    centres = np.frombuffer(params, dtype=[("centre", "<u2"), ("width", "u1")])["centre"]
+    if int(centres.max()) > 16 * (codebook_size - 1):
+        raise FormatError(f"rans-grouped payload: a group's centre {int(centres.max())}/16 is past the codebook's last "
+                          f"index, {codebook_size - 1}")
+    return payload[end:], params, axis
+
+
+def _group_params(params: memoryview) -> tuple[np.ndarray, np.ndarray]:
+    fields = np.frombuffer(params, dtype=[("centre", "<u2"), ("width", "u1")])
+    return fields["centre"].astype(np.int64), fields["width"].astype(np.int64)
 
 
 def _decode_rans_stream(words: np.ndarray, counts: np.ndarray, count: int) -> np.ndarray:
@@ -291,6 +450,25 @@ def _decode_rans_stream(words: np.ndarray, counts: np.ndarray, count: int) -> np
         for start in range(0, count, RANS_CHUNK):
             stop = min(count, start + RANS_CHUNK)
             indices[start:stop] = coder.decode(model, stop - start)
+    except Exception as exc:  # noqa: BLE001 - constriction raises plain Python errors on malformed streams
+        raise FormatError(f"bad rANS stream: {exc}") from None
+    if not coder.is_empty():
+        raise FormatError("rANS stream has data left after the last symbol")
+    return indices
+
+
+def _decode_rans_grouped(words: np.ndarray, params: memoryview, k: int, count: int) -> np.ndarray:
+    """The `count` indices of a rans-grouped stream, in the stream's (groups') order; the coder must end empty."""
+    centres, widths = _group_params(params)
+    length = count // centres.size
+    indices = np.empty(count, dtype=index_dtype(k))
+    try:
+        coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32))
+        for first, end in _runs(centres, widths):
+            model = _rans_model(gauss_counts(centres[first:first + 1], widths[first:first + 1], k)[0])
+            for start in range(first * length, end * length, RANS_CHUNK):
+                stop = min(end * length, start + RANS_CHUNK)
+                indices[start:stop] = coder.decode(model, stop - start)
     except Exception as exc:  # noqa: BLE001 - constriction raises plain Python errors on malformed streams
         raise FormatError(f"bad rANS stream: {exc}") from None
     if not coder.is_empty():

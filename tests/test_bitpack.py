@@ -249,6 +249,78 @@ def test_rans_jobs_decode_exactly_as_constriction_does(cases, packed_at, threads
             assert np.array_equal(job[4], values)
 
 
+@st.composite
+def grouped_rans_cases(draw):
+    """A rans-grouped job: an encoded one (indices whose groups differ in spread, the encoder's parameters or any)
+    or any bytes under any valid parameters (centres within the codebook, any width), as a forged file may hold;
+    grouped by rows or columns, of codebooks of up to 256 or (wide) 4,096 entries."""
+    k = draw(st.one_of(st.integers(2, 256), st.integers(257, 4096)))
+    rows, row = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    axis = draw(st.sampled_from([0, 1]))
+    groups = rows if axis == 0 else row
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    centres, widths = rng.integers(0, 16 * (k - 1) + 1, groups), rng.integers(0, 256, groups)
+    if draw(st.booleans()):
+        spread = (k / 4) * rng.random((rows, 1)) * rng.random((1, row))
+        values = np.clip(np.round(rng.random() * (k - 1) + rng.normal(size=(rows, row)) * spread), 0, k - 1)
+        indices = values.astype(index_dtype(k)).ravel()
+        if draw(st.booleans()):
+            centres, widths, _ = entropy.fit_gauss(entropy.group_counts(indices, k, row, axis))
+        payload = entropy.rans_grouped_payload(indices, k, row, axis, centres, widths)
+        stream = payload[1 + 3 * groups:]
+    else:
+        indices, stream = None, draw(st.binary(max_size=40))
+    params = np.empty(groups, dtype=[("centre", "<u2"), ("width", "u1")])
+    params["centre"], params["width"] = centres, widths
+    return stream, params.tobytes(), k, rows, row, axis, indices
+
+
+@pytest.mark.skipif(bitpack.native_lookup is None, reason="sqz._lookup was not built (no C compiler at install)")
+@settings(max_examples=300, deadline=None)
+@given(st.lists(grouped_rans_cases(), min_size=1, max_size=6), st.sampled_from([1, 2]))
+def test_grouped_rans_jobs_decode_exactly_as_constriction_does(cases, threads):
+    """2.4's rans-grouped in C against constriction (entropy's numpy path), in one batch with a plain rANS job: an
+    encoded stream gives its indices back in the matrix's order (a column-grouped stream is transposed); any bytes
+    under any parameters give the same indices or fail in both, and only the jobs that fail are reported."""
+    jobs, expected = [], []
+    for stream, params, k, rows, row, axis, indices in cases:
+        table = np.arange(1000, 1000 + k, dtype=np.uint16)
+        width = 8 if k <= 256 else bitpack.WIDE
+        count = rows * row
+        jobs.append((stream, count, width, table, np.empty(count, np.uint16), bitpack.FRAME_RANS, None, params, axis))
+        words = np.frombuffer(stream + b"\0" * (-len(stream) % 4), dtype="<u4")
+        try:
+            grouped = entropy._decode_rans_grouped(words, memoryview(params), k, count)
+            reference = grouped.reshape(row, rows).T.ravel() if axis else grouped
+        except FormatError:
+            reference = None
+        expected.append(None if reference is None else table[reference])
+        if indices is not None:
+            assert reference is not None and np.array_equal(reference, indices)
+    plain = np.arange(300, dtype=np.uint8) % 5
+    jobs.append((entropy.encode_indices(plain, 3, 5, "rans")[4 * 5:], plain.size, 8, np.arange(5, dtype=np.uint8),
+                 np.empty(plain.size, np.uint8), bitpack.FRAME_RANS, np.bincount(plain).astype(np.uint64)))
+    expected.append(plain)
+    problems = bitpack.lookup_many(jobs, threads)
+    assert {j for j, _ in problems} == {j for j, e in enumerate(expected) if e is None}, problems
+    for job, values in zip(jobs, expected):
+        if values is not None:
+            assert np.array_equal(job[4], values)
+
+
+@pytest.mark.skipif(bitpack.native_lookup is None, reason="sqz._lookup was not built (no C compiler at install)")
+@pytest.mark.parametrize("params, axis, count, message", [
+    (b"\0\0\0\0", 0, 4, "3 bytes of params"), (b"", 0, 4, "3 bytes of params"), (b"\0\0\0" * 3, 0, 4, "divide"),
+    (b"\0\0\0", 2, 4, "axis of 0 or 1"), ((16 * 4 + 1).to_bytes(2, "little") + b"\0", 0, 4, "past its last"),
+])
+def test_the_c_extension_refuses_grouped_jobs_it_cannot_run(params, axis, count, message):
+    """Parameters the Python side never passes (entropy.rans_grouped_frame checks them) are refused, not read."""
+    job = (b"\1\0\0\0", count, 8, np.arange(5, dtype=np.uint8), np.empty(count, np.uint8), bitpack.FRAME_RANS, None,
+           params, axis)
+    with pytest.raises(ValueError, match=message):
+        bitpack.lookup_many([job])
+
+
 def test_wide_indices_are_looked_up_in_numpy_and_checked():
     """2.3's rANS-coded codebooks of more than 256 entries decode to uint16 indices (bitpack.WIDE): the numpy path
     (decoders without the C extension, and entropy.decode_indices) maps them and refuses one outside the table or a

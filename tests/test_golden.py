@@ -48,7 +48,8 @@ def test_the_sampled_fit_still_writes_what_1_1_wrote(tmp_path):
 @pytest.mark.parametrize("version, case, options", [
     ("2.0", "b3-auto", {"bits": 3}), ("2.0", "b4-rans", {"bits": 4, "entropy": "rans"}),
     ("2.1", "b3-auto", {"bits": 3, "sample": 0}), ("2.1", "b4-rans-compact", {"bits": 4, "sample": 0,
-                                                                             "entropy": "rans-compact"})])
+                                                                             "entropy": "rans-compact"}),
+    ("2.3", "b3-auto", {"bits": 3, "sample": 0})])
 def test_an_older_format_is_still_written_as_it_was(tmp_path, version, case, options):
     """`--format 2.0` is for readers older than 2.1 (auto keeps `rans`), `--format 2.1` for readers older than 2.2
     (no GRID codebooks): at -b, the same records and data bytes as that sqz wrote; only the generator string
@@ -73,3 +74,12 @@ def test_rans_compact_needs_format_2_1_and_auto_uses_it_there(tmp_path):
         format="2.0").stages
     assert "rans-compact" in sqz.EncodeOptions().stages and "rans" not in sqz.EncodeOptions().stages
     assert sqz.EncodeOptions(entropy="rans").stages == ("rans",)
+
+
+def test_rans_grouped_needs_format_2_4_and_auto_uses_it_there(tmp_path):
+    """`--format 2.3` is for readers older than 2.4: auto never writes rans-grouped there, and asking for it is an
+    input error; 2.4's auto offers it."""
+    with pytest.raises(sqz.InputError, match="rans-grouped needs --format 2.4"):
+        sqz.EncodeOptions(entropy="rans-grouped", format="2.3")
+    assert "rans-grouped" not in sqz.EncodeOptions(format="2.3").stages
+    assert "rans-grouped" in sqz.EncodeOptions().stages

@@ -47,13 +47,13 @@ def sweep_files(tmp_path_factory) -> dict[str, bytes]:
     torch.manual_seed(0)
     save_file(sweep_tensors(), str(src), metadata={"k": "v"})
     files = {}
-    for stage in ("none", "zstd", "rans", "zstd-aligned", "rans-compact"):
+    for stage in ("none", "zstd", "rans", "zstd-aligned", "rans-compact", "rans-grouped"):
         out = folder / f"{stage}.sqz"
         sqz.encode(src, out, sqz.EncodeOptions(bits=3, entropy=stage))
         files[stage] = out.read_bytes()
     stages = {(r["encoding"], r["entropy"]) for data in files.values() for r in sqz.load(data).header["tensors"]}
     assert {("kmeans", "none"), ("kmeans", "zstd"), ("kmeans", "rans"), ("kmeans", "zstd-aligned"),
-            ("kmeans", "rans-compact"), ("raw", "none"), ("raw", "zstd")} <= stages
+            ("kmeans", "rans-compact"), ("kmeans", "rans-grouped"), ("raw", "none"), ("raw", "zstd")} <= stages
     return files
 
 
@@ -121,7 +121,7 @@ def test_random_mutations_decode_exactly_or_raise_sqz_error(sweep_files, data):
     outcome(bytes(mutated), decode_all(original))
 
 
-@pytest.mark.parametrize("stage", ["rans", "rans-compact"])
+@pytest.mark.parametrize("stage", ["rans", "rans-compact", "rans-grouped"])
 def test_crafted_rans_counts_are_capped_and_decoded_in_bounded_memory(tmp_path, stage, decoder):
     """A rANS record can claim many symbols in a few bytes: a fixed cap refuses absurd claims at open,
     and claims under it decode into one byte an index (constriction's in chunks, with no 4-bytes-per-element
@@ -134,7 +134,8 @@ def test_crafted_rans_counts_are_capped_and_decoded_in_bounded_memory(tmp_path, 
 
     from sqz.constants import MAGIC
 
-    counts = struct.pack("<II", (1 << 24) - 1, 1) if stage == "rans" else bytes([24]) + ((1 << 24) - 1).to_bytes(3, "little")
+    counts = {"rans": struct.pack("<II", (1 << 24) - 1, 1), "rans-compact": bytes([24]) + ((1 << 24) - 1).to_bytes(3, "little"),
+              "rans-grouped": bytes([0]) + b"\0\0\x38" * (1 << 12)}[stage]  # a Gaussian a row: centre 0, λ = 1
     section = struct.pack("<ff", -1.0, 1.0) + counts + struct.pack("<I", 1 << 31)
     record = {"name": "x", "shape": [1 << 12, 1 << 12], "dtype": "F32", "role": "lora_A", "encoding": "kmeans",
               "entropy": stage, "bits": 1, "codebook_size": 2, "sample_size": 1, "seed": 0, "offset": 0,

@@ -14,7 +14,7 @@ from sqz.adapter import read_adapter
 LOSSY_ROLES = {"lora_A", "lora_B"}
 
 
-@pytest.mark.parametrize("entropy", ["auto", "none", "zstd", "rans", "zstd-aligned", "rans-compact"])
+@pytest.mark.parametrize("entropy", ["auto", "none", "zstd", "rans", "zstd-aligned", "rans-compact", "rans-grouped"])
 def test_every_dtype_and_role_round_trips(tmp_path, mixed_file, entropy):
     out = tmp_path / "m.sqz"
     sqz.encode(mixed_file, out, sqz.EncodeOptions(bits=4, entropy=entropy))

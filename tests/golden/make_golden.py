@@ -48,6 +48,11 @@ CASES = {  # per version: the stages and widths that version added, and auto as 
     (2, 3): {"b3-auto": {"bits": 3, "sample": 0},
              "large-sqnr70-auto": {"sqnr": 70.0, "sample": 0, "source": "large"},
              "large-size100000-rans": {"size": 100_000, "sample": 0, "entropy": "rans", "source": "large"}},
+    # 2.4: rans-grouped (a discrete Gaussian a row or column), forced at -b and as a target's auto picks it, wide
+    # codebooks (bits 9-12) among them
+    (2, 4): {"b3-auto": {"bits": 3, "sample": 0}, "b3-rans-grouped": {"bits": 3, "sample": 0, "entropy": "rans-grouped"},
+             "large-size80000-auto": {"size": 80_000, "sample": 0, "source": "large"},
+             "large-sqnr70-rans-grouped": {"sqnr": 70.0, "sample": 0, "entropy": "rans-grouped", "source": "large"}},
 }
 SAMPLE = 64
 """The sample 1.x's golden files were fitted on (2.0 cases say their own)."""
