@@ -186,13 +186,17 @@ def _entropy_coded(q: Quantized, bits: int, stages: tuple[str, ...], row: int) -
     candidates.update(entropy.encode_stages(q.indices, bits, k, slow))
     if ENTROPY_RANS_GROUPED in stages and k == 1:
         candidates[ENTROPY_RANS_GROUPED] = b""  # every index is 0: as every stage, no payload
-    elif ENTROPY_RANS_GROUPED in stages:
+    elif ENTROPY_RANS_GROUPED in stages:  # fitted only where the groups' entropies could pay, coded where the fit could
         axis = entropy.group_axis(count, row)
-        centres, widths, bits = entropy.fit_gauss(entropy.group_counts(q.indices, k, row, axis))
+        hist = entropy.group_counts(q.indices, k, row, axis)
         smallest = min((len(p) for p in candidates.values()), default=math.inf)
-        estimate = entropy.grouped_bytes(centres.size, bits)
-        if len(stages) == 1 or _rans_pays(smallest - estimate + entropy.RANS_FLOOR_SLACK, count):
-            candidates[ENTROPY_RANS_GROUPED] = entropy.rans_grouped_payload(q.indices, k, row, axis, centres, widths)
+        forced = len(stages) == 1
+        if forced or _rans_pays(smallest - entropy.grouped_floor(hist), count):
+            centres, widths, code_bits = entropy.fit_gauss(hist)
+            estimate = entropy.grouped_bytes(centres.size, code_bits)
+            if forced or _rans_pays(smallest - estimate + entropy.RANS_FLOOR_SLACK, count):
+                candidates[ENTROPY_RANS_GROUPED] = entropy.rans_grouped_payload(q.indices, k, row, axis, centres,
+                                                                                widths)
     return _smallest(candidates, count)
 
 
