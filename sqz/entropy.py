@@ -244,7 +244,7 @@ def fit_gauss(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     k = hist.shape[1]
     levels = np.arange(k, dtype=np.float64)
     size = np.maximum(hist.sum(axis=1), 1)
-    mean = hist @ levels / size
+    mean = (hist * levels).sum(axis=1) / size  # not a matrix product: BLAS may sum in another order on more threads
     variance = np.maximum((hist * (levels[None, :] - mean[:, None]) ** 2).sum(axis=1) / size, 1e-6)
     centres = np.clip(np.rint(16 * mean), 0, 16 * (k - 1)).astype(np.int64)
     widths = np.clip(np.rint(8 * (7 - np.log2(np.log2(np.e) / (2 * variance)))), 0, 255).astype(np.int64)
