@@ -970,7 +970,8 @@ static PyMethodDef methods[] = {
      "Each job is (stream, count, bits, table, out, frame[, counts[, params, axis]]): out[i] = table[index i of the b-bit\n"
      "stream]; frame 1: the stream is a zstd frame of it (only when HAS_ZSTD); frame 2: a rANS stream of\n"
      "indices under the model of counts (uint64, one per table entry), with b = 8 (up to 256 entries) or\n"
-     "16 (up to 4096)."},
+     "16 (up to 4096); or, counts None, a rans-grouped stream (format 2.4) of the matrix's rows (axis 0) or\n"
+     "columns (axis 1) in turn, each under the discrete Gaussian of its 3 bytes of params."},
     {NULL, NULL, 0, NULL},
 };
 
