@@ -402,27 +402,21 @@ def rans_frame(payload: memoryview, count: int, codebook_size: int, stage: str) 
         if int(counts.sum(dtype=np.uint64)) != count:
             raise FormatError(f"rANS frequency table sums to {int(counts.sum(dtype=np.uint64))}, expected {count}")
         return payload[table_bytes:], counts
-    counts, used = _compact_table(payload, count, codebook_size, stage)
-    return payload[used:], counts
-
-
-def _compact_table(payload: memoryview, count: int, codebook_size: int, stage: str) -> tuple[np.ndarray, int]:
-    """(counts, bytes read) of a rans-compact count table of `count` indices at the start of `payload`."""
     if not len(payload) or payload[0] > MAX_COUNT_WIDTH:
-        raise FormatError(f"{stage} count table must start with a count width of 0..{MAX_COUNT_WIDTH}")
+        raise FormatError(f"rans-compact payload must start with a count width of 0..{MAX_COUNT_WIDTH}")
     width, stored = payload[0], codebook_size - 1
     table_bytes = -(-stored * width // 8)
     if len(payload) < 1 + table_bytes:
-        raise FormatError(f"{stage} payload is shorter than its count table")
+        raise FormatError("rans-compact payload is shorter than its count table")
     bits = np.unpackbits(np.frombuffer(payload[1:1 + table_bytes], dtype=np.uint8), bitorder="little")
     if bits[stored * width:].any():
-        raise FormatError(f"{stage} count table: unused bits of its last byte are not zero")
+        raise FormatError("rans-compact count table: unused bits of its last byte are not zero")
     head = (bits[:stored * width].reshape(stored, width).astype(np.uint64) << np.arange(width, dtype=np.uint64)).sum(
         axis=1, dtype=np.uint64)
     total = int(head.sum(dtype=np.uint64))
     if total > count:
         raise FormatError(f"rANS frequency table sums to more than {count}")
-    return np.append(head, np.uint64(count - total)), 1 + table_bytes
+    return payload[1 + table_bytes:], np.append(head, np.uint64(count - total))
 
 
 def rans_grouped_frame(payload: memoryview, count: int, codebook_size: int,
