@@ -644,9 +644,11 @@ static int take_params(Job *job, PyObject *params_obj, int axis)
     if (PyObject_GetBuffer(params_obj, &job->params, PyBUF_C_CONTIGUOUS) < 0)
         return -1;
     job->groups = job->params.len / 3;
-    if (job->params.len % 3 || job->groups < 1 || job->count % job->groups || (axis != 0 && axis != 1)) {
+    if (job->params.len % 3 || job->groups < 1 || job->count % job->groups || job->groups > job->count / job->groups
+        || (axis != 0 && axis != 1)) {
         PyErr_SetString(PyExc_ValueError, "a grouped rANS job needs 3 bytes of params for each of 1 or more groups "
-                                          "that divide its count, and an axis of 0 or 1");
+                                          "that divide its count, no more groups than indices in each (spec §4.2), "
+                                          "and an axis of 0 or 1");
         return -1;
     }
     const uint8_t *params = job->params.buf;

@@ -430,6 +430,9 @@ def rans_grouped_frame(payload: memoryview, count: int, codebook_size: int,
         raise FormatError("rans-grouped payload must start with an axis of 0 or 1")
     axis = payload[0]
     groups = count // row if axis == 0 else row
+    if groups * groups > count:  # spec: G <= L, so a reader builds at most sqrt(n) models whatever the file says
+        raise FormatError(f"rans-grouped payload: axis {axis} makes {groups} groups of {count // groups} indices; "
+                          f"a writer groups along the shorter side")
     end = 1 + 3 * groups
     if len(payload) < end:
         raise FormatError(f"rans-grouped payload is shorter than its {groups} groups' parameters")

@@ -253,10 +253,12 @@ def test_rans_jobs_decode_exactly_as_constriction_does(cases, packed_at, threads
 def grouped_rans_cases(draw):
     """A rans-grouped job: an encoded one (indices whose groups differ in spread, the encoder's parameters or any)
     or any bytes under any valid parameters (centres within the codebook, any width), as a forged file may hold;
-    grouped by rows or columns, of codebooks of up to 256 or (wide) 4,096 entries."""
+    grouped by rows or columns, whichever are fewer, of codebooks of up to 256 or (wide) 4,096 entries."""
     k = draw(st.one_of(st.integers(2, 256), st.integers(257, 4096)))
     rows, row = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     axis = draw(st.sampled_from([0, 1]))
+    if (rows if axis == 0 else row) > (row if axis == 0 else rows):
+        axis = 1 - axis  # spec §4.2: no more groups than indices in each
     groups = rows if axis == 0 else row
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     centres, widths = rng.integers(0, 16 * (k - 1) + 1, groups), rng.integers(0, 256, groups)
@@ -312,6 +314,7 @@ def test_grouped_rans_jobs_decode_exactly_as_constriction_does(cases, threads):
 @pytest.mark.parametrize("params, axis, count, message", [
     (b"\0\0\0\0", 0, 4, "3 bytes of params"), (b"", 0, 4, "3 bytes of params"), (b"\0\0\0" * 3, 0, 4, "divide"),
     (b"\0\0\0", 2, 4, "axis of 0 or 1"), ((16 * 4 + 1).to_bytes(2, "little") + b"\0", 0, 4, "past its last"),
+    (b"\0\0\0" * 4, 1, 12, "no more groups than indices"),
 ])
 def test_the_c_extension_refuses_grouped_jobs_it_cannot_run(params, axis, count, message):
     """Parameters the Python side never passes (entropy.rans_grouped_frame checks them) are refused, not read."""

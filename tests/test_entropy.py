@@ -261,6 +261,7 @@ def test_rans_grouped_codes_components_of_different_spread_near_their_own_entrop
 @pytest.mark.parametrize("damage, message", [
     (lambda p: b"", "axis of 0 or 1"),
     (lambda p: bytes([2]) + p[1:], "axis of 0 or 1"),
+    (lambda p: bytes([1]) + p[1:], "axis 1 makes 64 groups of 4 indices"),  # the longer side: 64 models of 4 values
     (lambda p: p[:1 + 3 * 4 - 1], "shorter than its 4 groups' parameters"),
     (lambda p: p[:1] + (16 * 9 + 1).to_bytes(2, "little") + p[3:], r"centre 145/16 is past the codebook's last index"),
     (lambda p: p + b"\0\0\0\1", "bad rANS|data left"),
