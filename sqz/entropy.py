@@ -278,6 +278,10 @@ def grouped_bytes(groups: int, bits: float) -> float:
     return 1 + 3 * groups + bits / 8
 
 
+GROUP_PARAMS = np.dtype([("centre", "<u2"), ("width", "u1")])
+"""rans-grouped: a group's 3 bytes of parameters (spec §4.2), its centre M and width code S."""
+
+
 def _runs(centres: np.ndarray, widths: np.ndarray) -> list[tuple[int, int]]:
     """(first group, end group) of each run of consecutive groups with the same model."""
     change = (np.diff(centres) != 0) | (np.diff(widths) != 0)
@@ -291,7 +295,7 @@ def rans_grouped_payload(indices: np.ndarray, k: int, row: int, axis: int, centr
     """A rans-grouped payload (spec §4.2): the axis, each group's centre (u16) and width code (u8), then one rANS
     stream of the groups in order, each under its discrete Gaussian."""
     grouped = _in_groups(indices, row, axis)
-    params = np.empty(centres.size, dtype=[("centre", "<u2"), ("width", "u1")])
+    params = np.empty(centres.size, dtype=GROUP_PARAMS)
     params["centre"], params["width"] = centres, widths
     coder = constriction.stream.stack.AnsCoder()
     for first, end in reversed(_runs(centres, widths)):  # a stack: the last run first, so that runs decode in order
@@ -339,13 +343,11 @@ def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int
         return zstd_decompress(payload, bitpack.packed_size(count, width)), width
     if stage in (ENTROPY_RANS, ENTROPY_RANS_COMPACT):
         stream, counts = rans_frame(payload, count, codebook_size, stage)
-        words = np.frombuffer(bytes(stream) + b"\0" * (-len(stream) % 4), dtype="<u4")
-        indices = _decode_rans_stream(words, counts, count)
+        indices = _decode_rans_stream(_words(stream), counts, count)
         return indices, 8 if indices.dtype == np.uint8 else bitpack.WIDE
     if stage == ENTROPY_RANS_GROUPED:
         stream, params, axis = rans_grouped_frame(payload, count, codebook_size, row)
-        words = np.frombuffer(bytes(stream) + b"\0" * (-len(stream) % 4), dtype="<u4")
-        grouped = _decode_rans_grouped(words, params, codebook_size, count)
+        grouped = _decode_rans_grouped(_words(stream), params, codebook_size, count)
         indices = np.ascontiguousarray(grouped.reshape(len(params) // 3, -1).T if axis else grouped).ravel()
         return indices, 8 if indices.dtype == np.uint8 else bitpack.WIDE
     raise FormatError(f"unknown entropy stage {stage!r}")
@@ -437,7 +439,7 @@ def rans_grouped_frame(payload: memoryview, count: int, codebook_size: int,
     if len(payload) < end:
         raise FormatError(f"rans-grouped payload is shorter than its {groups} groups' parameters")
     params = payload[1:end]
-    centres = np.frombuffer(params, dtype=[("centre", "<u2"), ("width", "u1")])["centre"]
+    centres, _ = _group_params(params)
     if int(centres.max()) > 16 * (codebook_size - 1):
         raise FormatError(f"rans-grouped payload: a group's centre {int(centres.max())}/16 is past the codebook's last "
                           f"index, {codebook_size - 1}")
@@ -445,8 +447,14 @@ def rans_grouped_frame(payload: memoryview, count: int, codebook_size: int,
 
 
 def _group_params(params: memoryview) -> tuple[np.ndarray, np.ndarray]:
-    fields = np.frombuffer(params, dtype=[("centre", "<u2"), ("width", "u1")])
+    """(centres, width codes) of rans-grouped's parameters, as int64."""
+    fields = np.frombuffer(params, dtype=GROUP_PARAMS)
     return fields["centre"].astype(np.int64), fields["width"].astype(np.int64)
+
+
+def _words(stream: memoryview) -> np.ndarray:
+    """A rANS stream's little-endian u32 words, a short last word (rans-compact, rans-grouped) zero-padded."""
+    return np.frombuffer(bytes(stream) + b"\0" * (-len(stream) % 4), dtype="<u4")
 
 
 def _decode_rans_stream(words: np.ndarray, counts: np.ndarray, count: int) -> np.ndarray:
