@@ -1,14 +1,18 @@
 """Writing tensors' bytes as a safetensors file, without torch. The decoder gives each tensor as its little-endian
 bytes, which safetensors' framework-free serializer (`serialize_file`, 0.8) takes by address: `sqz decode` then
 never imports torch, whose import (~2.6 s) was most of the command's run. The serializer is the one
-`safetensors.torch.save_file` calls, so the file is the one it writes (the order of `__metadata__`'s keys is a
-hash map's in both); `--dtype` and `--delta`, which make their tensors with torch, write through here as well."""
+`safetensors.torch.save_file` calls, so the file is the one it writes, except that `__metadata__`'s keys are in
+sorted order: safetensors 0.8 writes them in a hash map's order, different at each save (safetensors issue 584),
+and a decoded file should hash the same every time. `--dtype` and `--delta`, which make their tensors with torch,
+write through here as well."""
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, TensorSpec, serialize_file
+from safetensors import TensorSpec, serialize
 
 from .errors import OutputError
 
@@ -29,7 +33,18 @@ def save_bytes(tensors: dict[str, tuple[str, list[int], np.ndarray]], path: Path
     specs = {name: TensorSpec(dtype=SPEC_DTYPES[dtype], shape=shape, data_ptr=alive[name].ctypes.data,
                               data_len=alive[name].nbytes)
              for name, (dtype, shape, _) in tensors.items()}
+    data = memoryview(serialize(specs, metadata=metadata))
+    (size,) = struct.unpack_from("<Q", data)
+    header = data[8:8 + size]
+    if metadata and len(metadata) > 1:  # the same JSON with __metadata__ sorted, padded to 8 bytes as safetensors pads
+        fields = json.loads(bytes(header))
+        fields["__metadata__"] = dict(sorted(fields["__metadata__"].items()))
+        text = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        header = memoryview(text + b" " * (-len(text) % 8))
     try:
-        serialize_file(specs, str(path), metadata=metadata)
-    except SafetensorError as exc:  # what it raises for an I/O error (a full disk)
-        raise OutputError(f"{path}: cannot write: {exc}") from None
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            f.write(data[8 + size:])
+    except OSError as exc:  # a full disk
+        raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None

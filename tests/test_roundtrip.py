@@ -239,7 +239,8 @@ def _safetensors_parts(path) -> tuple[dict, bytes]:
 def test_decode_without_torch_writes_what_torch_would(tmp_path):
     """sqz.decode hands the decoder's bytes to safetensors' framework-free serializer: every dtype (bool, ints,
     F8, BF16, F64, empty) comes back as sqz.load gives it, and the file is what safetensors.torch.save_file
-    writes from sqz.load's tensors (header and data; the order of __metadata__'s keys is a hash map's in both)."""
+    writes from sqz.load's tensors (header and data; __metadata__ as a mapping: its keys' order is a hash map's in
+    safetensors' file, sorted in sqz's)."""
     tensors = {**mixed_tensors(), "extra.e4m3": (torch.randn(7) * 3).to(torch.float8_e4m3fn),
                "extra.e5m2": torch.randn(2, 3).to(torch.float8_e5m2), "extra.u16": torch.arange(5, dtype=torch.int32).to(torch.uint16)}
     src, out = tmp_path / "src.safetensors", tmp_path / "a.sqz"
@@ -255,6 +256,24 @@ def test_decode_without_torch_writes_what_torch_would(tmp_path):
     save_file(dict(adapter), str(tmp_path / "torch.safetensors"), metadata=adapter.metadata)
     assert _safetensors_parts(written) == _safetensors_parts(tmp_path / "torch.safetensors")
     assert _safetensors_parts(written)[0]["__metadata__"] == {"format": "pt", "note": "every dtype"}
+
+
+@pytest.mark.parametrize("options", [{}, {"dtype": torch.float16}])
+def test_a_decoded_file_is_the_same_bytes_every_time(tmp_path, options):
+    """A kohya adapter carries dozens of ss_* metadata keys; safetensors 0.8 writes __metadata__ in a hash map's
+    order, different at each save, so two decodes of one file differed and a decoded file's hash meant nothing.
+    sqz writes the keys sorted (either writer path: straight from the decoder, or through torch for --dtype)."""
+    metadata = {f"ss_{key}": str(i) for i, key in enumerate(("network_dim", "lr", "seed", "epoch", "network_alpha",
+                                                              "base_model", "steps", "resolution", "é ü \"q\" \n"))}
+    src, out = tmp_path / "src.safetensors", tmp_path / "a.sqz"
+    save_file(mixed_tensors(), str(src), metadata=metadata)
+    sqz.encode(src, out, sqz.EncodeOptions(bits=3))
+    first, second = (sqz.decode(out, tmp_path / f"r{i}.safetensors", **options)[0].read_bytes() for i in range(2))
+    assert first == second
+    header = json.loads(first[8:8 + int.from_bytes(first[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(metadata) and header["__metadata__"] == metadata
+    assert (8 + int.from_bytes(first[:8], "little")) % 8 == 0
+    assert load_file(str(tmp_path / "r0.safetensors")).keys() == mixed_tensors().keys()
 
 
 def test_decode_to_a_folder_needs_a_config_and_leaves_nothing_without_one(tmp_path):
