@@ -41,20 +41,28 @@ def _search(rate: np.ndarray, distortion: np.ndarray, fits, fits_when_steep: boo
     return best
 
 
-def for_rate(rate: np.ndarray, distortion: np.ndarray, budget: float) -> np.ndarray:
-    """The least-distortion plan found whose total rate is at most `budget` (the cheapest plan if none is)."""
+def for_rate(rate: np.ndarray, distortion: np.ndarray, budget: float,
+             uniform: list[np.ndarray] | None = None) -> np.ndarray:
+    """The least-distortion plan found whose total rate is at most `budget` (the cheapest plan if none is), and
+    never worse than any of the `uniform` plans (by default one column for every row, where every row has it)."""
     picks = _fill(rate, distortion, _search(rate, distortion, lambda r, _: r <= budget, fits_when_steep=True), budget)
-    return _best(rate, distortion, [picks, *_uniform(rate)], lambda r, d: (r > budget, d if r <= budget else r))
+    return _best(rate, distortion, [picks, *_uniform(rate, uniform)],
+                 lambda r, d: (r > budget, d if r <= budget else r))
 
 
-def for_distortion(rate: np.ndarray, distortion: np.ndarray, limit: float) -> np.ndarray:
-    """The smallest-rate plan found whose total distortion is at most `limit` (the best plan if none is)."""
+def for_distortion(rate: np.ndarray, distortion: np.ndarray, limit: float,
+                   uniform: list[np.ndarray] | None = None) -> np.ndarray:
+    """The smallest-rate plan found whose total distortion is at most `limit` (the best plan if none is), and
+    never worse than any of the `uniform` plans (as for_rate's)."""
     picks = _trim(rate, distortion, _search(rate, distortion, lambda _, d: d <= limit, fits_when_steep=False), limit)
-    return _best(rate, distortion, [picks, *_uniform(rate)], lambda r, d: (d > limit, r if d <= limit else d))
+    return _best(rate, distortion, [picks, *_uniform(rate, uniform)],
+                 lambda r, d: (d > limit, r if d <= limit else d))
 
 
-def _uniform(rate: np.ndarray) -> list[np.ndarray]:
-    """One width for every tensor, as -b gives (where every tensor has it)."""
+def _uniform(rate: np.ndarray, given: list[np.ndarray] | None) -> list[np.ndarray]:
+    """One width for every tensor, as -b gives: `given`, or each column that every row has."""
+    if given is not None:
+        return given
     return [np.full(rate.shape[0], c) for c in range(rate.shape[1]) if np.isfinite(rate[:, c]).all()]
 
 

@@ -105,8 +105,26 @@ def histogram(values: np.ndarray, dtype: str) -> Histogram:
     tensors of at most MAX_BINS values (exact), else one per float32 pattern with its low mantissa bits dropped
     (BIN_MANTISSA_BITS kept), so each bin is a narrow interval of values.
     """
+    return _binned(values, dtype, False)[0]
+
+
+def histogram_bins(values: np.ndarray, dtype: str) -> tuple[Histogram, np.ndarray]:
+    """histogram(), and the bin each value fell into (int64, in the values' order): what a statistic of a subset
+    of the values (a component of a factor) needs to follow a fit's cells, which are runs of whole bins."""
+    hist, bins = _binned(values, dtype, True)
+    assert bins is not None
+    return hist, bins
+
+
+def _binned(values: np.ndarray, dtype: str, with_bins: bool) -> tuple[Histogram, np.ndarray | None]:
     if dtype in SIXTEEN_BIT:
-        return pattern_histogram(pattern_counts(patterns(values, dtype)), dtype)
+        bit_patterns = patterns(values, dtype)
+        hist, order, ids = _pattern_bins(pattern_counts(bit_patterns), dtype)
+        if not with_bins:
+            return hist, None
+        table = np.zeros(1 << 16, dtype=np.int64)
+        table[order] = ids
+        return hist, table[bit_patterns]
     values = np.asarray(values, dtype=np.float64)
     keys32 = values.astype(np.float32).view(np.uint32)
     first = 0 if values.size <= MAX_BINS else 23 - BIN_MANTISSA_BITS  # a small tensor: one bin per value, exact
@@ -117,7 +135,12 @@ def histogram(values: np.ndarray, dtype: str) -> Histogram:
     weight = np.bincount(inverse, minlength=keys.size).astype(np.float64)
     sums, squares = np.bincount(inverse, values, keys.size), np.bincount(inverse, values * values, keys.size)
     order = np.argsort(sums / weight, kind="stable")  # bins are disjoint intervals: their means sort like them
-    return weight[order], sums[order], squares[order]
+    hist = weight[order], sums[order], squares[order]
+    if not with_bins:
+        return hist, None
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return hist, rank[inverse.ravel()]
 
 
 SIXTEEN_BIT = ("F16", "BF16")
@@ -140,11 +163,17 @@ def pattern_counts(bit_patterns: np.ndarray) -> np.ndarray:
 
 def pattern_histogram(counts: np.ndarray, dtype: str) -> Histogram:
     """histogram() of a 16-bit tensor from its pattern counts."""
+    return _pattern_bins(counts, dtype)[0]
+
+
+def _pattern_bins(counts: np.ndarray, dtype: str) -> tuple[Histogram, np.ndarray, np.ndarray]:
+    """pattern_histogram(), the patterns present in increasing order of value, and the bin of each."""
     present = np.flatnonzero(counts)
     bin_values = _pattern_values(present, dtype)
     order = np.argsort(bin_values, kind="stable")
     weight, value = counts[present][order].astype(np.float64), bin_values[order]
-    return _merge_equal(weight, weight * value, weight * value * value, value)
+    first = np.concatenate(([True], value[1:] != value[:-1]))
+    return _merge_equal(weight, weight * value, weight * value * value, first), present[order], np.cumsum(first) - 1
 
 
 def _pattern_values(patterns: np.ndarray, dtype: str) -> np.ndarray:
@@ -154,9 +183,9 @@ def _pattern_values(patterns: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _merge_equal(weight: np.ndarray, sums: np.ndarray, squares: np.ndarray,
-                 value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-0.0 and +0.0 are two patterns of one value: one bin, so that no cluster boundary falls between them."""
-    first = np.concatenate(([True], value[1:] != value[:-1]))
+                 first: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-0.0 and +0.0 are two patterns of one value: one bin, so that no cluster boundary falls between them
+    (`first` marks each value's first pattern)."""
     if first.all():
         return weight, sums, squares
     starts = np.flatnonzero(first)

@@ -4,13 +4,20 @@ For every pair whose factors are both quantized, each factor is offered entropy-
 of slopes (entropy_constrained.py: the index rate falls in steps of about a quarter bit, and for the same index
 entropy the error is up to 6 dB below k-means' on heavy-tailed factors), its mean (a zero-bit group), its exact
 bytes, and where it is small (KMEANS_MAX_BINS) its k-means codebooks of every width. Each candidate's rate is
-estimated from its index entropy (what the entropy stage approaches) plus its codebook; its distortion is its
-contribution to the error of its pair's ΔW: an error δA reaches ΔW as s·B·δA, so the factor's squared error is
-weighted by s²·||B||²/r (s·ω/γ and the mean of cos²(ω·B@A), the sine's slope, for sine pairs), and likewise for B,
-each pair's error then divided by ||ΔW||^1.5 (not for --sqnr, which asks for the SQNR of all of ΔW). One slope
-over all tensors (allocate.py) picks the candidates; the caller encodes them, checks the real file against the
-target, and plans again with the budget corrected by what the estimate missed. The factors come here in the SVD
-gauge (gauge.py).
+estimated from its index entropy (what the entropy stage approaches) plus its codebook. A pair's options are its
+A's candidates paired with its B's, each priced by the error of the pair's ΔW it leaves: in the SVD gauge (gauge.py;
+every pair the gauge takes) exactly, from each candidate's moments per component (component_moments), since where
+both factors are coarse their errors compound to less than their sum; else by that sum to first order (an error
+δA reaches ΔW as s·B·δA, so A's squared error is weighted by s²·||B||²/r, and likewise B's). Sine pairs are weighted
+by s·ω/γ and the mean of cos²(ω·B@A), the sine's slope. Each pair's error is then divided by ||ΔW||^1.5 (not for
+--sqnr, which asks for the SQNR of all of ΔW). One slope over all pairs (allocate.py) picks the options; the caller
+encodes them, checks the real file against the target, and plans again with the budget corrected by what the
+estimate missed.
+
+Why pairs and not tensors, measured on the bench's MiniLM adapters: at 0.5-1.5 bits/param the first-order sum
+overstated a coarse pair's error by up to a third, and with each pair's options priced exactly the plans leave
+5-12% less error at 0.5-1 bits/param (the same files' ΔW SQNR +0.2 to +1.1 dB at 0.5-2 bits/param) and the same
+above 3 bits/param, where the product of two factors' errors is negligible.
 
 Why divided by a power of ||ΔW||, measured on the bench's LLaMA (bench/llm.py): the next-token KL caused by an
 error in one module falls off with that module's ||ΔW||, so the summed absolute error starved the small modules
@@ -44,7 +51,7 @@ from .codec import (
 )
 from .constants import MAX_WIDE_BITS, PAIR_SINE
 from .dtypes import itemsize, to_float64, to_narrowest
-from .quantize import Fit, fit_histogram_sizes, histogram
+from .quantize import Fit, Histogram, fit_histogram_sizes, histogram_bins
 
 RAW = 0
 """The column of the lossless candidate; then MEAN, the one-level quantizer (a zero-bit group: the factor's mean),
@@ -119,17 +126,25 @@ class Choice:
 
 @dataclass
 class Prepared:
-    """Everything the plan is searched over: one row per allocated tensor, one column per candidate."""
+    """Everything the plan is searched over: one row per allocated pair, one column per option, an option being a
+    candidate for its A (a column of the candidate table, RAW, MEAN, ...) with one for its B."""
 
-    names: list[str]
-    fits: dict[str, dict[int, Fit]]  # each tensor's fit in each column it has (not RAW)
-    scaled: list[bool]  # per column: fitted on the values divided by their column scales (B factors)
-    rate: np.ndarray  # bits, [tensors, candidates]
+    names: list[str]  # the allocated tensors, each pair's A then its B
+    fits: dict[str, dict[int, Fit]]  # each tensor's fit in each candidate column it has (not RAW)
+    scaled: list[bool]  # per candidate column: fitted on the values divided by their column scales (B factors)
+    rate: np.ndarray  # bits, [pairs, options] (inf: no option)
     distortion: np.ndarray  # squared error of ΔW, each pair's divided by a power of its ||ΔW|| or not
+    options: np.ndarray  # [pairs, options, 2]: the candidate columns of A and of B
+    uniform: list[np.ndarray]  # the plans that give every tensor one candidate column, as -b gives one width
     signal: float  # the same measure of ΔW itself
     scales: dict[str, np.ndarray]  # B factors' column scales (component_scales), float32
 
+    def tensor_picks(self, picks: np.ndarray) -> np.ndarray:
+        """The candidate column of each of `names` under a plan's option for each pair."""
+        return self.options[np.arange(picks.size), picks].reshape(-1)
+
     def choices(self, picks: np.ndarray) -> dict[str, Choice]:
+        """What each of `names` is encoded as, given its candidate column in `picks`."""
         return {name: self._choice(name, int(c)) for name, c in zip(self.names, picks)}
 
     def _choice(self, name: str, column: int) -> Choice:
@@ -236,6 +251,7 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     have no table, and changed nothing measurable on a rank-2 MiniLM-shaped adapter at --bpp 1-3.)"""
     pairs = [p for p in pairs if quantized(p.a) and quantized(p.b)]
     values, weights, energies, scales, scaled_values, scaled_weights = {}, {}, [], {}, {}, {}
+    layout, component_norms, products = {}, {}, []
     for pair in pairs:
         a_src, b_src = tensors[pair.a], tensors[pair.b]
         a = to_float64(a_src.raw, a_src.dtype).reshape(a_src.shape)
@@ -245,6 +261,10 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
         rank = a.shape[0]
         weights[pair.a], weights[pair.b] = e * float(np.square(b).sum()) / rank, e * float(np.square(a).sum()) / rank
         values[pair.a], values[pair.b] = a, b
+        a2, b2 = a.reshape(rank, -1), b.reshape(-1, rank)
+        layout[pair.a], layout[pair.b] = (rank, True), (rank, False)
+        component_norms[pair.a], component_norms[pair.b] = np.square(a2).sum(axis=1), np.square(b2).sum(axis=0)
+        products.append(e if _orthogonal(a2 @ a2.T) and _orthogonal(b2.T @ b2) else None)
         s_b = component_scales(a) if scaled else None
         if s_b is not None and (s_b != 1).any():  # all ones: the same ladder again plus the scales' bytes, never taken
             # B's error in ΔW, per scaled element: its column's scale² x ||A'_i||², on average over columns
@@ -260,6 +280,7 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
         if pair.b in scaled_weights:
             scaled_weights[pair.b] /= norm
     signal = sum(energy / norm for energy, norm in zip(energies, norms))
+    pair_weights = [None if e is None else e / norm for e, norm in zip(products, norms)]
     names = [n for p in pairs for n in (p.a, p.b)]
     rates = np.arange(EC_STEP, widest + EC_STEP / 2, EC_STEP)
     first_scaled = MEAN + 1 + rates.size  # columns: RAW, MEAN, the ladder, the ladder on scaled values, k-means
@@ -270,53 +291,156 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
         jobs = [(n, to_narrowest(tensors[n].raw, tensors[n].dtype), tensors[n].dtype, False) for n in names]
         jobs += [(n, v, "F64", True) for n, v in scaled_values.items()]  # scaled: not values of the tensor's dtype
         done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, 0 if job[3] else kmeans_widest,
-                                                levels), jobs)
+                                                levels, *layout[job[0]]), jobs)
         fits: dict[str, dict[int, Fit]] = {n: {} for n in names}
-        for (name, _, _, is_scaled), (mean, ladder, kmeans) in zip(jobs, progress(done, len(jobs), "fit")):
-            if not is_scaled:
-                fits[name][MEAN] = mean
+        moments: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {n: {} for n in names}
+        for (name, _, _, is_scaled), (mean, ladder, kmeans, coarse) in zip(jobs, progress(done, len(jobs), "fit")):
             first = first_scaled if is_scaled else MEAN + 1
-            fits[name].update((first + i, fit) for i, fit in enumerate(ladder))
-            fits[name].update((first_kmeans + i, fit) for i, fit in enumerate(kmeans))
+            columns_of = [MEAN] + [first + i for i in range(len(ladder))] + [first_kmeans + i for i in range(len(kmeans))]
+            # a scaled B's component i decodes as scale_i times its codebook's values (its mean is not a candidate)
+            square = np.square(scales[name].astype(np.float64)) if is_scaled else 1.0
+            fits[name].update(zip(columns_of[is_scaled:], ([] if is_scaled else [mean]) + ladder + kmeans))
+            moments[name].update((columns_of[i], (g * square, h * square)) for i, (g, h) in coarse.items()
+                                 if i or not is_scaled)
     columns = first_kmeans + kmeans_widest  # (k-means on scaled values measured no better than on the values)
     is_scaled = [first_scaled <= column < first_kmeans for column in range(columns)]
     rate = np.full((len(names), columns), np.inf)
     distortion = np.full_like(rate, np.inf)
+    stored = np.zeros_like(rate)  # what storing a codebook (as GRID) adds to a candidate's distortion
     for row, name in enumerate(names):
         count = values[name].size
         energy = float(np.square(values[name]).sum()) if grid else None
+        moments[name][RAW] = (component_norms[name], component_norms[name])
         for column, fit in fits[name].items():
             weight, extra = (scaled_weights[name], entry_bits * scales[name].size) if is_scaled[column] else (
                 weights[name], 0)  # the scales are stored after the codebook
             bits, added = rate_bits(fit, max(width_of(fit.codebook.size), 1), count, entry_bits, compact, energy)
             rate[row, column] = bits + extra
             distortion[row, column] = weight * (fit.sse + added)
+            stored[row, column] = weight * added
         rate[row, RAW], distortion[row, RAW] = 8 * count * itemsize(tensors[name].dtype) + SECTION_BITS, 0.0
-    return Prepared(names, fits, is_scaled, rate, distortion, signal, scales)
+    uniform_columns = [c for c in range(columns) if np.isfinite(rate[:, c]).all()]
+    tables = [_pair_options(rate[2 * k:2 * k + 2], distortion[2 * k:2 * k + 2], stored[2 * k:2 * k + 2], moments[pair.a],
+                            moments[pair.b], pair_weights[k], uniform_columns) for k, pair in enumerate(pairs)]
+    width = max((len(t[0]) for t in tables), default=1)
+    pair_rate = np.full((len(pairs), width), np.inf)
+    pair_distortion = np.full_like(pair_rate, np.inf)
+    options = np.zeros((len(pairs), width, 2), dtype=np.int64)
+    uniform = [np.zeros(len(pairs), dtype=np.int64) for _ in uniform_columns]
+    for k, (r, d, o, where) in enumerate(tables):
+        pair_rate[k, :r.size], pair_distortion[k, :d.size], options[k, :len(o)] = r, d, o
+        for plan, at in zip(uniform, where):
+            plan[k] = at
+    return Prepared(names, fits, is_scaled, pair_rate, pair_distortion, options, uniform, signal, scales)
 
 
-def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: int, widest: int,
-                max_levels: int) -> tuple[Fit, list[Fit], list[Fit]]:
+def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: int, widest: int, max_levels: int,
+                rank: int, by_row: bool) -> tuple[Fit, list[Fit], list[Fit], dict[int, tuple[np.ndarray, np.ndarray]]]:
     """One tensor's mean; its entropy-constrained quantizer at each of `rates`' slopes with each level priced
-    at `level_bits`, of at most `max_levels` levels; and if it has at most KMEANS_MAX_BINS distinct values, its
-    k-means codebooks of 2^1 to 2^widest entries."""
-    hist = histogram(values, dtype)
+    at `level_bits`, of at most `max_levels` levels; if it has at most KMEANS_MAX_BINS distinct values, its
+    k-means codebooks of 2^1 to 2^widest entries; and the component_moments of those of at most MOMENTS_MAX_LEVELS
+    levels, by their place in that order."""
+    hist, bins = histogram_bins(values, dtype)
     slopes = entropy_constrained.slopes(hist, rates)
     narrow = rates <= WIDE_FROM_RATE  # these rungs keep at most 256 levels whatever max_levels says
     ladder = entropy_constrained.ladder(hist, slopes[narrow], level_bits) + entropy_constrained.ladder(
         hist, slopes[~narrow], level_bits, max_levels)
     sizes = tuple(1 << w for w in range(1, widest + 1)) if hist[0].size <= KMEANS_MAX_BINS else ()
     kmeans = fit_histogram_sizes(hist, sizes) if sizes else {}
-    return entropy_constrained.mean(hist), ladder, [kmeans[k] for k in sizes]
+    mean = entropy_constrained.mean(hist)
+    fits = [mean, *ladder, *(kmeans[k] for k in sizes)]
+    coarse = [i for i, fit in enumerate(fits) if fit.counts.size <= MOMENTS_MAX_LEVELS]
+    g, h = component_moments(hist, bins, values, rank, by_row, [fits[i] for i in coarse])
+    return mean, ladder, [kmeans[k] for k in sizes], dict(zip(coarse, zip(g, h)))
+
+
+MOMENTS_MAX_LEVELS = 64
+"""Fits of more levels are priced with a partner by the first-order sum of errors (their error, relative to the
+factor's, is about 1e-3 or less, and what it compounds with the partner's is that much smaller again); their
+moments would cost passes over the factor for nothing (--bpp 8 of the 28.3M-param adapter: 7.5 s with every fit's
+moments, 6.6 s with these, 5.8 s pricing every option to first order)."""
+ORTHOGONAL = 1e-2
+"""A pair's components count as orthogonal (component_moments applies) where no two of A's rows, nor two of B's
+columns, have a cosine above this: every pair in the SVD gauge (stored in float16, ~1e-3), no trained one."""
+
+
+def _orthogonal(gram: np.ndarray) -> bool:
+    """No two components of this Gram matrix have a cosine above ORTHOGONAL."""
+    scale = np.sqrt(np.diag(gram))
+    cosines = np.abs(gram) / np.maximum(np.outer(scale, scale), np.finfo(np.float64).tiny)
+    return bool((cosines[~np.eye(len(gram), dtype=bool)] <= ORTHOGONAL).all())
+
+
+def _pair_options(rate: np.ndarray, distortion: np.ndarray, stored: np.ndarray, moments_a: dict, moments_b: dict,
+                  weight: float | None, uniform_columns: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """(rate, distortion, candidate columns of A and B, the index of each uniform column's option) of the options
+    of one pair worth planning with: those that no other option beats on both rate and distortion, and each
+    uniform column's. Its ΔW error from its components' moments where they are orthogonal (`weight` the pair's
+    factor on ||B'A' - BA||²; see component_moments) where both candidates have them, plus what storing their
+    codebooks adds (`stored`), else the sum of its factors' first-order errors (`distortion`, rows A and B)."""
+    col_a, col_b = (np.flatnonzero(np.isfinite(row)) for row in rate)
+    total_rate = (rate[0, col_a][:, None] + rate[1, col_b][None, :]).ravel()
+    total = distortion[0, col_a][:, None] + distortion[1, col_b][None, :]
+    if weight is not None:
+        in_a, in_b = (np.array([c in m for c in cols]) for m, cols in ((moments_a, col_a), (moments_b, col_b)))
+        g_a, h_a = (np.stack([moments_a[c][i] for c in col_a[in_a]]) for i in (0, 1))
+        g_b, h_b = (np.stack([moments_b[c][i] for c in col_b[in_b]]) for i in (0, 1))
+        norms_a, norms_b = moments_a[RAW][0], moments_b[RAW][0]
+        exact = g_a @ g_b.T - 2 * (h_a @ h_b.T) + float(norms_a @ norms_b)
+        added = stored[0, col_a[in_a]][:, None] + stored[1, col_b[in_b]][None, :]
+        total[np.ix_(in_a, in_b)] = weight * np.maximum(exact, 0.0) + added
+    total = total.ravel()
+    order = np.lexsort((total, total_rate))
+    best_before = np.minimum.accumulate(total[order])
+    kept = order[np.concatenate(([True], total[order][1:] < best_before[:-1]))]
+    diagonal = [int(np.searchsorted(col_a, c)) * col_b.size + int(np.searchsorted(col_b, c)) for c in uniform_columns]
+    kept = np.union1d(kept, diagonal)
+    columns = np.stack([col_a[kept // col_b.size], col_b[kept % col_b.size]], axis=1)
+    return total_rate[kept], total[kept], columns, [int(np.searchsorted(kept, d)) for d in diagonal]
+
+
+def component_moments(hist: Histogram, bins: np.ndarray, values: np.ndarray, rank: int, by_row: bool,
+                      fits: list[Fit]) -> tuple[np.ndarray, np.ndarray]:
+    """(||Q(X)_i||², <Q(X)_i, X_i>) of each component i of a factor X (A's rows where `by_row`, B's columns) under
+    each of `fits`, [fits, rank] each. For a pair whose components are orthogonal (the SVD gauge) its error is
+    ||B'A' - BA||² = Σ_i ||B'_i||²·||A'_i||² - 2<B'_i, B_i><A'_i, A_i> + ||B_i||²·||A_i||², up to products of the
+    two factors' errors' correlations across components, which is what a plan needs to price A's candidates with
+    B's: where both are coarse their errors compound less than their sum (the centroid condition makes each
+    decoded factor's error orthogonal to it), which the first-order sum overstates, by up to a third at 0.5-1
+    bits/param. A fit's cells are runs of whole bins of the factor's histogram (`bins`: each value's), so
+    per-component prefix sums over the bins give each fit's moments in O(rank x levels)."""
+    weight, sums, _ = hist
+    cum_weight = np.cumsum(weight)
+    ends = [np.where(c > 0, np.searchsorted(cum_weight, c - 0.5) + 1, 0) for c in
+            (np.cumsum(np.asarray(f.counts, np.float64)) for f in fits)]  # each cell's end, exclusive, in bins
+    starts = np.concatenate([np.concatenate(([0], e[:-1])) for e in ends])
+    segments = np.cumsum([0] + [e.size for e in ends[:-1]])
+    ends = np.concatenate(ends)
+    cuts = np.unique(np.concatenate((starts, ends)))  # the bins where some cell starts or ends: pieces between
+    piece = np.searchsorted(cuts, np.arange(weight.size), side="right")[bins]  # each value's piece, 1..cuts.size-1
+    shape = (rank, -1) if by_row else (-1, rank)
+    offsets = np.arange(rank) * (cuts.size + 1)
+    key = (piece.reshape(shape) + (offsets[:, None] if by_row else offsets[None, :])).ravel()
+    length = offsets.size * (cuts.size + 1)
+    counts = np.cumsum(np.bincount(key, minlength=length).reshape(rank, -1), axis=1)  # [:, j]: values below cut j
+    totals = np.cumsum(np.bincount(key, np.asarray(values, np.float64).ravel(), length).reshape(rank, -1), axis=1)
+    first, last = np.searchsorted(cuts, starts), np.searchsorted(cuts, ends)
+    all_weight, all_sums = np.concatenate(([0.0], cum_weight)), np.concatenate(([0.0], np.cumsum(sums)))
+    cell = all_weight[ends] - all_weight[starts]
+    level = np.divide(all_sums[ends] - all_sums[starts], cell, out=np.zeros_like(cell), where=cell > 0)
+    g = np.add.reduceat((counts[:, last] - counts[:, first]) * np.square(level), segments, axis=1)
+    h = np.add.reduceat((totals[:, last] - totals[:, first]) * level, segments, axis=1)
+    return g.T, h.T
 
 
 def plan_for_rate(prepared: Prepared, budget_bits: float) -> np.ndarray:
-    return allocate.for_rate(prepared.rate, prepared.distortion, budget_bits)
+    """Each tensor's candidate column in the least-distortion plan within `budget_bits`."""
+    return prepared.tensor_picks(allocate.for_rate(prepared.rate, prepared.distortion, budget_bits, prepared.uniform))
 
 
 def plan_for_sqnr(prepared: Prepared, sqnr_db: float) -> np.ndarray:
     limit = prepared.signal / 10 ** (sqnr_db / 10) if math.isfinite(sqnr_db) else 0.0
-    return allocate.for_distortion(prepared.rate, prepared.distortion, limit)
+    return prepared.tensor_picks(allocate.for_distortion(prepared.rate, prepared.distortion, limit, prepared.uniform))
 
 
 def _sine_rows(count: int) -> np.ndarray:

@@ -130,21 +130,24 @@ def test_bpp_keeps_each_module_about_as_close_as_fixed_width(tmp_path, lora_refe
 
 @pytest.mark.parametrize("folder", [LORA, SINE])
 def test_a_module_with_little_delta_is_not_starved(tmp_path, folder):
-    """Each module's squared error counts divided by its own ||ΔW||^1.5: one whose ΔW has 1,000x less energy than
-    the others' still gets bits (with the summed error it got none: its ΔW decoded as nothing), at a relative error
-    about 1000^0.25 = 5.6x theirs (0.52 against a median of 0.10 measured on LoRA). Sine pairs too: their ΔW is
-    sin(ω·B@A) scaled, measured through the sine."""
+    """Each module's squared error counts divided by its own ||ΔW||^1.5: one whose ΔW has 100x less energy than the
+    others' still gets bits (with the summed error it got none: its ΔW decoded as nothing), at a relative error
+    about 100^0.25 = 3.2x theirs (0.26 against a median of 0.09 measured, LoRA and SineLoRA alike; weighted by
+    ||ΔW||² it would be about theirs). Sine pairs too: their ΔW is sin(ω·B@A) scaled, measured through the sine.
+    (At 1,000x less energy the first bits of such a pair buy little, two coarse factors compounding to next to
+    nothing, and at 2 bits/param the plan may leave it at its mean: on the SineLoRA it does, as pricing each pair's
+    options by its exact error says it should.)"""
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     weak = min(n for n in tensors if n.endswith(".lora_B.weight"))
-    tensors[weak] = tensors[weak] * 0.03
+    tensors[weak] = tensors[weak] * 0.1
     src = tmp_path / "src"
     src.mkdir()
     save_file(tensors, str(src / "adapter_model.safetensors"))
     (src / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
     sqz.encode(src, tmp_path / "a.sqz", sqz.EncodeOptions(bpp=2.0))
     relative = {m: noise / signal for m, (noise, signal) in errors(tmp_path / "a.sqz", reference_deltas(src)).items()}
-    module = weak.removesuffix(".lora_B.weight")
-    assert relative[module] < min(0.7, 8 * float(np.median(list(relative.values())))), relative[module]
+    ratio = relative[weak.removesuffix(".lora_B.weight")] / float(np.median(list(relative.values())))
+    assert 1.5 < ratio < 6, ratio
 
 
 @pytest.mark.parametrize("bpp", [0.6, 1.5, 2.5, 4.0])
@@ -548,3 +551,85 @@ def test_components_get_a_gaussian_each_and_decode_on_every_path(tmp_path, decod
         assert torch.equal(adapter[record["name"]], torch.from_numpy(values.astype(np.float16))), record["name"]
     assert axes == {0, 1}
     assert sqnr["2.4"] > sqnr["2.3"] + 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(rank=st.integers(1, 6), length=st.integers(1, 300), by_row=st.booleans(), dtype=st.sampled_from(["F16", "F32"]),
+       seed=st.integers(0, 2**32 - 1), decay=st.floats(0.01, 1.0))
+def test_component_moments_are_each_components_under_each_fit(rank, length, by_row, dtype, seed, decay):
+    """||Q(X)_i||² and <Q(X)_i, X_i> per component (A's rows, B's columns), each cell decoding as its mean, for the
+    mean, entropy-constrained fits at several slopes and k-means fits: as a brute-force pass over the values says
+    (exact for float16 and for float32 tensors of at most MAX_BINS values, whose bins hold one value each)."""
+    from sqz import entropy_constrained, ratecontrol
+    from sqz.quantize import fit_histogram_sizes, histogram_bins
+
+    rng = np.random.default_rng(seed)
+    spread = decay ** np.arange(rank)
+    x = rng.standard_normal((rank, length)) * spread[:, None]
+    x = (x if by_row else x.T).astype(np.float16 if dtype == "F16" else np.float32)
+    flat = x.ravel()
+    hist, bins = histogram_bins(flat, dtype)
+    fits = [entropy_constrained.mean(hist), *entropy_constrained.ladder(
+        hist, entropy_constrained.slopes(hist, np.array([0.5, 1.5, 3.0])), 16), *fit_histogram_sizes(hist, (2, 8)).values()]
+    g, h = ratecontrol.component_moments(hist, bins, flat, rank, by_row, fits)
+    components = x.astype(np.float64) if by_row else x.astype(np.float64).T
+    centers = hist[1] / hist[0]
+    for fit, g_fit, h_fit in zip(fits, g, h):
+        cell = np.repeat(np.arange(fit.counts.size), fit.counts.astype(np.int64))  # bin order: cells are runs of bins
+        of_value = cell[np.cumsum(hist[0]).astype(np.int64) - 1]  # the cell of each bin's last value
+        index = of_value[np.searchsorted(centers, components)]
+        means = np.array([components[index == k].mean() if (index == k).any() else 0.0 for k in range(fit.counts.size)])
+        decoded = means[index]
+        scale = float(np.square(components).sum())
+        assert np.abs((decoded * decoded).sum(axis=1) - g_fit).max() <= 1e-9 * scale
+        assert np.abs((decoded * components).sum(axis=1) - h_fit).max() <= 1e-9 * scale
+
+
+@pytest.mark.parametrize("folder", [LORA, SINE])
+def test_a_pairs_options_are_priced_by_the_error_they_leave_in_its_delta(folder):
+    """Each option of a pair in the SVD gauge (a candidate of A with one of B) is priced by ||B'A' - BA||², B' and A'
+    as the writer quantizes them (thresholds, column scales): within 1% wherever a factor's fit has at most
+    MOMENTS_MAX_LEVELS levels, where the first-order sum of the two factors' errors is up to a third too high."""
+    from sqz import gauge, ratecontrol
+    from sqz.adapter import read_adapter
+    from sqz.dtypes import to_float64
+
+    adapter = read_adapter(folder)
+    pairs = adapter.pairs[:4]
+    gauged = gauge.in_svd_gauge(adapter, pairs).tensors
+    prepared = ratecontrol.prepare(gauged, pairs, lambda _: True, 1, lambda it, *_: it, 4, relative=False,
+                                   entry_bits=16, scaled=True)
+
+    def decoded(pair, name: str, column: int, shape: tuple[int, int]) -> np.ndarray:
+        values = to_float64(gauged[name].raw, gauged[name].dtype).reshape(shape)
+        if column == ratecontrol.RAW:
+            return values
+        scale = prepared.scales[pair.b][None, :] if prepared.scaled[column] else 1.0
+        fit = prepared.fits[name][column]
+        levels = fit.codebook.astype(np.float64)
+        cuts = fit.thresholds if fit.thresholds is not None else (levels[1:] + levels[:-1]) / 2
+        index = np.searchsorted(cuts, values / scale, side="right")
+        counts = np.bincount(index.ravel(), minlength=levels.size)
+        means = np.bincount(index.ravel(), (values / scale).ravel(), levels.size) / np.maximum(counts, 1)
+        return means[index] * scale
+
+    worst = compounded = 0.0
+    for k, pair in enumerate(pairs):
+        rank = gauged[pair.a].shape[0]
+        a, b = (decoded(pair, n, ratecontrol.RAW, s) for n, s in ((pair.a, (rank, -1)), (pair.b, (-1, rank))))
+        e = ratecontrol.slope_weight(pair, a, b)[0]
+        for option in np.flatnonzero(np.isfinite(prepared.rate[k])):
+            col_a, col_b = prepared.options[k, option]
+            coarse = all(c == ratecontrol.RAW or prepared.fits[n][c].counts.size <= ratecontrol.MOMENTS_MAX_LEVELS
+                         for n, c in ((pair.a, col_a), (pair.b, col_b)))
+            if not coarse:
+                continue
+            a_q, b_q = decoded(pair, pair.a, col_a, (rank, -1)), decoded(pair, pair.b, col_b, (-1, rank))
+            exact = e * float(np.square(b_q @ a_q - b @ a).sum())
+            first_order = e * (float(np.square(b).sum()) / rank * float(np.square(a_q - a).sum())
+                               + float(np.square(a).sum()) / rank * float(np.square(b_q - b).sum()))
+            signal = e * float(np.square(b @ a).sum())
+            worst = max(worst, abs(prepared.distortion[k, option] - exact) / max(exact, 1e-6 * signal))
+            compounded = max(compounded, first_order / max(exact, 1e-6 * signal))
+    assert worst < 0.01, worst
+    assert compounded > 1.2  # the pricing matters: a first-order sum would have been off by more than 20%
