@@ -61,6 +61,10 @@ def encode(adapter: Adapter, options: EncodeOptions, builder: Callable[[Adapter]
 
     if options.sqnr is not None:
         return _for_sqnr(prepared, options.sqnr, make, measure, exact)
+    if target_bytes >= sum(len(adapter.tensors[name].raw) for name in prepared.names):  # maybe room for every bit
+        header, sections = exact()
+        if sum(len(chunk) for chunk in container.serialize(header, sections, options.version)) <= target_bytes:
+            return header, sections, measure(header, sections)
     header, sections = _for_size(prepared, target_bytes, make)
     return header, sections, measure(header, sections)
 

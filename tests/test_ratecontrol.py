@@ -175,11 +175,14 @@ def test_sqnr_target_is_met_or_exceeded(tmp_path, lora_reference, target):
             break
 
 
-def test_an_sqnr_beyond_any_quantizer_stores_the_trained_factors_exactly(tmp_path):
+@pytest.mark.parametrize("target", [{"sqnr": 200.0}, {"bpp": 40.0}, {"size": 1 << 20}])
+def test_a_target_beyond_any_quantizer_stores_the_trained_factors_exactly(tmp_path, target):
     """Above what even lossless factors in the SVD gauge reach (their dtype's rounding: ~70 dB), the target is
-    still met: every factor is stored as trained, so ΔW is the trained one."""
-    report = sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(sqnr=200.0))
+    still met: every factor is stored as trained, so ΔW is the trained one. A size that holds the trained factors
+    gets them too (the lossless factors in the SVD gauge would be as large, and only ~70 dB)."""
+    report = sqz.encode(LORA, tmp_path / "a.sqz", sqz.EncodeOptions(**target))
     assert report.sqnr_db == math.inf and report.quantized == 0
+    assert report.file_bytes <= target.get("size", math.inf) and report.bits_per_param <= target.get("bpp", math.inf)
     trained, decoded = load_file(str(LORA / "adapter_model.safetensors")), sqz.load(tmp_path / "a.sqz")
     assert all(torch.equal(decoded[name], tensor) for name, tensor in trained.items())
 
