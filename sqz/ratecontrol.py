@@ -7,17 +7,20 @@ bytes, and where it is small (KMEANS_MAX_BINS) its k-means codebooks of every wi
 estimated from its index entropy (what the entropy stage approaches) plus its codebook. A pair's options are its
 A's candidates paired with its B's, each priced by the error of the pair's ΔW it leaves: in the SVD gauge (gauge.py;
 every pair the gauge takes) exactly, from each candidate's moments per component (component_moments), since where
-both factors are coarse their errors compound to less than their sum; else by that sum to first order (an error
-δA reaches ΔW as s·B·δA, so A's squared error is weighted by s²·||B||²/r, and likewise B's). Sine pairs are weighted
+both factors are coarse their errors compound to less than their sum, with the part that shrinks ΔW's own
+components counted twice (BIAS_WEIGHT); else by that sum to first order (an error δA reaches ΔW as s·B·δA, so A's
+squared error is weighted by s²·||B||²/r, and likewise B's). Sine pairs are weighted
 by s·ω/γ and the mean of cos²(ω·B@A), the sine's slope. Each pair's error is then divided by ||ΔW||^1.5 (not for
 --sqnr, which asks for the SQNR of all of ΔW). One slope over all pairs (allocate.py) picks the options; the caller
 encodes them, checks the real file against the target, and plans again with the budget corrected by what the
 estimate missed.
 
-Why pairs and not tensors, measured on the bench's MiniLM adapters: at 0.5-1.5 bits/param the first-order sum
-overstated a coarse pair's error by up to a third, and with each pair's options priced exactly the plans leave
-5-12% less error at 0.5-1 bits/param (the same files' ΔW SQNR +0.2 to +1.1 dB at 0.5-2 bits/param) and the same
-above 3 bits/param, where the product of two factors' errors is negligible.
+Why pairs and not tensors: at 0.5-1.5 bits/param the first-order sum overstates a coarse pair's error by up to a
+third, and most where both factors are coarsest, so it planned by a wrong price exactly where bits are scarce. Priced
+as pairs (with the shrinkage of ΔW's components counted twice, BIAS_WEIGHT), the bench's plans gained ΔW SQNR at
+0.25-1.5 bits/param (MiniLM SineLoRA r=4 at --bpp 1: 3.8 dB against 2.9) and next-token KL on its LLM adapters
+(LoRA r=2 at --bpp 1: 0.37 against 0.70), the same above 3 bits/param, where the product of two factors' errors is
+negligible.
 
 Why divided by a power of ||ΔW||, measured on the bench's LLaMA (bench/llm.py): the next-token KL caused by an
 error in one module falls off with that module's ||ΔW||, so the summed absolute error starved the small modules
@@ -360,6 +363,15 @@ factor's, is about 1e-3 or less, and what it compounds with the partner's is tha
 moments would cost passes over the factor for nothing (--bpp 8 of the 28.3M-param adapter: 7.5 s with every fit's
 moments, 6.6 s with these, 5.8 s pricing every option to first order)."""
 ORTHOGONAL = 1e-2
+BIAS_WEIGHT = 2.0
+"""How many times a pair's shrinkage counts in its price: the part of its error along ΔW's own components,
+Σ_i (1 - c_i)²·||B_i||²·||A_i||² with c_i = <B'_i, B_i><A'_i, A_i> / (||B_i||²·||A_i||²), what the module loses
+of what it learned, where the rest of the error is noise spread over every input direction of the module, most of
+which its inputs barely use (a LoRA's components are where they do). Next-token KL on the bench's LLM adapters,
+planned by the exact ΔW error: counted once, plans at 1-2 bits/param left whole pairs at their means (rank 1 at
+--bpp 1.5: 3 of 28 pairs; KL 0.30 -> 0.47) and the KL BD-rate against the paper was -48.7% (-49.0% with the
+first-order sum of the factors' errors, which overstates exactly the coarse options); counted twice, -49.4%, with
+ΔW SQNR's -48.1% (-48.2% once, -47.9% first-order)."""
 """A pair's components count as orthogonal (component_moments applies) where no two of A's rows, nor two of B's
 columns, have a cosine above this: every pair in the SVD gauge (stored in float16, ~1e-3), no trained one."""
 
@@ -376,8 +388,9 @@ def _pair_options(rate: np.ndarray, distortion: np.ndarray, stored: np.ndarray, 
     """(rate, distortion, candidate columns of A and B, the index of each uniform column's option) of the options
     of one pair worth planning with: those that no other option beats on both rate and distortion, and each
     uniform column's. Its ΔW error from its components' moments where they are orthogonal (`weight` the pair's
-    factor on ||B'A' - BA||²; see component_moments) where both candidates have them, plus what storing their
-    codebooks adds (`stored`), else the sum of its factors' first-order errors (`distortion`, rows A and B)."""
+    factor on ||B'A' - BA||²; see component_moments) where both candidates have them, its shrinkage counted
+    BIAS_WEIGHT times, plus what storing their codebooks adds (`stored`); else the sum of its factors' first-order
+    errors (`distortion`, rows A and B)."""
     col_a, col_b = (np.flatnonzero(np.isfinite(row)) for row in rate)
     total_rate = (rate[0, col_a][:, None] + rate[1, col_b][None, :]).ravel()
     total = distortion[0, col_a][:, None] + distortion[1, col_b][None, :]
@@ -387,8 +400,11 @@ def _pair_options(rate: np.ndarray, distortion: np.ndarray, stored: np.ndarray, 
         g_b, h_b = (np.stack([moments_b[c][i] for c in col_b[in_b]]) for i in (0, 1))
         norms_a, norms_b = moments_a[RAW][0], moments_b[RAW][0]
         exact = g_a @ g_b.T - 2 * (h_a @ h_b.T) + float(norms_a @ norms_b)
+        safe_a, safe_b = np.where(norms_a > 0, norms_a, 1.0), np.where(norms_b > 0, norms_b, 1.0)
+        bias = float(norms_a @ norms_b) - 2 * (h_a @ h_b.T) + (np.square(h_a) / safe_a) @ (np.square(h_b) / safe_b).T
+        priced = np.maximum(exact, 0.0) + (BIAS_WEIGHT - 1) * np.maximum(bias, 0.0)
         added = stored[0, col_a[in_a]][:, None] + stored[1, col_b[in_b]][None, :]
-        total[np.ix_(in_a, in_b)] = weight * np.maximum(exact, 0.0) + added
+        total[np.ix_(in_a, in_b)] = weight * priced + added
     total = total.ravel()
     order = np.lexsort((total, total_rate))
     best_before = np.minimum.accumulate(total[order])
