@@ -363,6 +363,8 @@ factor's, is about 1e-3 or less, and what it compounds with the partner's is tha
 moments would cost passes over the factor for nothing (--bpp 8 of the 28.3M-param adapter: 7.5 s with every fit's
 moments, 6.6 s with these, 5.8 s pricing every option to first order)."""
 ORTHOGONAL = 1e-2
+"""A pair's components count as orthogonal (component_moments applies) where no two of A's rows, nor two of B's
+columns, have a cosine above this: every pair in the SVD gauge (stored in float16, ~1e-3), no trained one."""
 BIAS_WEIGHT = 2.0
 """How many times a pair's shrinkage counts in its price: the part of its error along ΔW's own components,
 Σ_i (1 - c_i)²·||B_i||²·||A_i||² with c_i = <B'_i, B_i><A'_i, A_i> / (||B_i||²·||A_i||²), what the module loses
@@ -372,8 +374,6 @@ planned by the exact ΔW error: counted once, plans at 1-2 bits/param left whole
 --bpp 1.5: 3 of 28 pairs; KL 0.30 -> 0.47) and the KL BD-rate against the paper was -48.7% (-49.0% with the
 first-order sum of the factors' errors, which overstates exactly the coarse options); counted twice, -49.4%, with
 ΔW SQNR's -48.1% (-48.2% once, -47.9% first-order)."""
-"""A pair's components count as orthogonal (component_moments applies) where no two of A's rows, nor two of B's
-columns, have a cosine above this: every pair in the SVD gauge (stored in float16, ~1e-3), no trained one."""
 
 
 def _orthogonal(gram: np.ndarray) -> bool:
