@@ -1,6 +1,6 @@
 """Writing tensors' bytes as a safetensors file, without torch. The decoder gives each tensor as its little-endian
-bytes, which safetensors' framework-free serializer (`serialize_file`, 0.8) takes by address: `sqz decode` then
-never imports torch, whose import (~2.6 s) was most of the command's run. The serializer is the one
+bytes, which safetensors' framework-free serializers (`serialize_file` and `serialize`, 0.8) take by address:
+`sqz decode` then never imports torch, whose import (~2.6 s) was most of the command's run. They are the ones
 `safetensors.torch.save_file` calls, so the file is the one it writes, except that `__metadata__`'s keys are in
 sorted order: safetensors 0.8 writes them in a hash map's order, different at each save (safetensors issue 584),
 and a decoded file should hash the same every time. `--dtype` and `--delta`, which make their tensors with torch,
@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from safetensors import TensorSpec, serialize
+from safetensors import SafetensorError, TensorSpec, serialize, serialize_file
 
 from .errors import OutputError
 
@@ -33,18 +33,19 @@ def save_bytes(tensors: dict[str, tuple[str, list[int], np.ndarray]], path: Path
     specs = {name: TensorSpec(dtype=SPEC_DTYPES[dtype], shape=shape, data_ptr=alive[name].ctypes.data,
                               data_len=alive[name].nbytes)
              for name, (dtype, shape, _) in tensors.items()}
+    if metadata is None or len(metadata) < 2:  # no order to fix: streamed to the file, no copy of it in memory
+        try:
+            serialize_file(specs, str(path), metadata=metadata)
+        except SafetensorError as exc:  # what it raises for an I/O error (a full disk)
+            raise OutputError(f"{path}: cannot write: {exc}") from None
+        return
     data = memoryview(serialize(specs, metadata=metadata))
     (size,) = struct.unpack_from("<Q", data)
-    header = data[8:8 + size]
-    if metadata and len(metadata) > 1:  # the same JSON with __metadata__ sorted, padded to 8 bytes as safetensors pads
-        fields = json.loads(bytes(header))
-        fields["__metadata__"] = dict(sorted(fields["__metadata__"].items()))
-        text = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        header = memoryview(text + b" " * (-len(text) % 8))
-    try:
-        with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            f.write(data[8 + size:])
-    except OSError as exc:  # a full disk
-        raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    fields = json.loads(bytes(data[8:8 + size]))  # the same JSON with __metadata__ sorted, padded as safetensors pads
+    fields["__metadata__"] = dict(sorted(fields["__metadata__"].items()))
+    text = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    header = text + b" " * (-len(text) % 8)
+    with open(path, "wb") as f:  # an OSError (a full disk) is the atomic output's to report
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        f.write(data[8 + size:])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import sqz
 from sqz.container import validate_header
@@ -193,16 +193,24 @@ def _with_file_size_limit(limit: int):
     return set_limit
 
 
-@pytest.mark.parametrize("command,output", [
-    (["encode", "{src}", "-b", "8"], "a.sqz"),
-    (["decode", "{packed}"], "r.safetensors"),
-    (["decode", "{packed}"], "restored/"),
+@pytest.mark.parametrize("command,output,metadata", [
+    (["encode", "{src}", "-b", "8"], "a.sqz", None),
+    (["decode", "{packed}"], "r.safetensors", None),
+    (["decode", "{packed}"], "restored/", None),
+    (["decode", "{packed}"], "r.safetensors", {"ss_a": "1", "ss_b": "2"}),  # sorted metadata: the other writer path
 ])
-def test_a_full_disk_leaves_no_partial_output_and_keeps_the_old_file(tmp_path, command, output):
+def test_a_full_disk_leaves_no_partial_output_and_keeps_the_old_file(tmp_path, command, output, metadata):
     """A write that fails midway (a full disk; here a file-size limit, 16 KB of the bundled adapter's 100-660 KB
     outputs) is one line and exit status 1, and leaves neither the output nor a temporary file; with --force over
     an existing output, that output is untouched."""
     src, packed = ROOT / "examples" / "minilm-lora", tmp_path / "packed.sqz"
+    if metadata is not None:
+        src = tmp_path / "with-metadata"
+        src.mkdir()
+        example = ROOT / "examples" / "minilm-lora"
+        save_file(load_file(str(example / "adapter_model.safetensors")), str(src / "adapter_model.safetensors"),
+                  metadata=metadata)
+        (src / "adapter_config.json").write_text((example / "adapter_config.json").read_text())
     sqz.encode(src, packed, sqz.EncodeOptions(bits=3))
     work = tmp_path / "out"
     work.mkdir()
