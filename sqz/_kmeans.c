@@ -19,6 +19,10 @@
  * fit_entropy(weight, sum, start, slope, level_bits, max_iter) is the entropy-constrained Lloyd algorithm on the
  * same bins (entropy_constrained.py): the first bin of each cell of the quantizer that minimises squared error
  * plus slope times the bits of the indices and of the codebook, from the levels `start`. Also without the GIL.
+ *
+ * piece_sums(bins, piece_of_bin, values, rank, pieces, by_row) counts and sums a factor's values by component
+ * (its rows where by_row, else its columns: the values in row-major order) and by piece, a piece being a run of
+ * bins (ratecontrol.component_moments): one pass, where numpy took four (~13 ns a value). Without the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -375,6 +379,54 @@ done:
     return result;
 }
 
+static PyObject *piece_sums(PyObject *self, PyObject *args) {
+    Py_buffer b, lut, v;
+    Py_ssize_t rank, pieces;
+    int by_row;
+    if (!PyArg_ParseTuple(args, "y*y*y*nnp", &b, &lut, &v, &rank, &pieces, &by_row)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = b.len / (Py_ssize_t)sizeof(int64_t), bins = lut.len / (Py_ssize_t)sizeof(int32_t);
+    if (b.len % (Py_ssize_t)sizeof(int64_t) || lut.len % (Py_ssize_t)sizeof(int32_t) ||
+        v.len != n * (Py_ssize_t)sizeof(double) || rank < 1 || pieces < 1 || n % rank ||
+        pieces > PY_SSIZE_T_MAX / 16 / rank) {
+        PyErr_SetString(PyExc_ValueError, "piece_sums needs int64 bins, int32 pieces, as many float64 values as bins, "
+                                          "and a rank that divides them");
+        goto done;
+    }
+    if (!(result = PyBytes_FromStringAndSize(NULL, 2 * rank * pieces * (Py_ssize_t)sizeof(double)))) goto done;
+    double *counts = (double *)PyBytes_AS_STRING(result), *sums = counts + rank * pieces;
+    const int64_t *bin = b.buf;
+    const int32_t *piece = lut.buf;
+    const double *x = v.buf;
+    Py_ssize_t per = n / rank;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    memset(counts, 0, 2 * (size_t)rank * (size_t)pieces * sizeof(double));
+    for (Py_ssize_t outer = 0; outer < (by_row ? rank : per) && !bad; outer++) {
+        for (Py_ssize_t inner = 0; inner < (by_row ? per : rank); inner++) {
+            Py_ssize_t i = outer * (by_row ? per : rank) + inner, c = by_row ? outer : inner;
+            int64_t k = bin[i];
+            int32_t p = (k >= 0 && k < bins) ? piece[k] : -1;
+            if (p < 0 || p >= pieces) {
+                bad = 1;
+                break;
+            }
+            counts[c * pieces + p] += 1.0;
+            sums[c * pieces + p] += x[i];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (bad) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_ValueError, "piece_sums: a bin or a piece out of range");
+    }
+done:
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&lut);
+    PyBuffer_Release(&v);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fit", fit, METH_VARARGS, "fit(weight, sum, sum_sq, ks) -> [int32 bytes]: for each k, the first bin of each cluster"},
     {"fit_one", fit_one, METH_VARARGS,
@@ -386,6 +438,9 @@ static PyMethodDef methods[] = {
      "float64 levels start"},
     {"pattern_counts", pattern_counts, METH_VARARGS,
      "pattern_counts(patterns) -> bytes of 65,536 int64: how many of the uint16 patterns have each value"},
+    {"piece_sums", piece_sums, METH_VARARGS,
+     "piece_sums(bins, piece_of_bin, values, rank, pieces, by_row) -> bytes of 2 x rank x pieces float64: the count "
+     "and the sum of the values of each component in each piece"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "sqz._kmeans", .m_size = -1, .m_methods = methods};

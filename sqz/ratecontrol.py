@@ -56,6 +56,11 @@ from .constants import MAX_WIDE_BITS, PAIR_SINE
 from .dtypes import itemsize, to_float64, to_narrowest
 from .quantize import Fit, Histogram, fit_histogram_sizes, histogram_bins
 
+try:
+    from ._kmeans import piece_sums as native_piece_sums
+except ImportError:  # no C compiler at install: the targets refuse in one line before they get here (quantizer fits)
+    native_piece_sums = None
+
 RAW = 0
 """The column of the lossless candidate; then MEAN, the one-level quantizer (a zero-bit group: the factor's mean),
 then the entropy-constrained quantizers, one per rate of the ladder, then for B factors with column scales
@@ -424,7 +429,8 @@ def component_moments(hist: Histogram, bins: np.ndarray, values: np.ndarray, ran
     B's: where both are coarse their errors compound less than their sum (the centroid condition makes each
     decoded factor's error orthogonal to it), which the first-order sum overstates, by up to a third at 0.5-1
     bits/param. A fit's cells are runs of whole bins of the factor's histogram (`bins`: each value's), so
-    per-component prefix sums over the bins give each fit's moments in O(rank x levels)."""
+    per-component prefix sums over the runs of bins between any fit's cell boundaries (the C kernel's piece_sums,
+    one pass over the values) give each fit's moments in O(rank x levels)."""
     weight, sums, _ = hist
     cum_weight = np.cumsum(weight)
     ends = [np.where(c > 0, np.searchsorted(cum_weight, c - 0.5) + 1, 0) for c in
@@ -433,13 +439,11 @@ def component_moments(hist: Histogram, bins: np.ndarray, values: np.ndarray, ran
     segments = np.cumsum([0] + [e.size for e in ends[:-1]])
     ends = np.concatenate(ends)
     cuts = np.unique(np.concatenate((starts, ends)))  # the bins where some cell starts or ends: pieces between
-    piece = np.searchsorted(cuts, np.arange(weight.size), side="right")[bins]  # each value's piece, 1..cuts.size-1
-    shape = (rank, -1) if by_row else (-1, rank)
-    offsets = np.arange(rank) * (cuts.size + 1)
-    key = (piece.reshape(shape) + (offsets[:, None] if by_row else offsets[None, :])).ravel()
-    length = offsets.size * (cuts.size + 1)
-    counts = np.cumsum(np.bincount(key, minlength=length).reshape(rank, -1), axis=1)  # [:, j]: values below cut j
-    totals = np.cumsum(np.bincount(key, np.asarray(values, np.float64).ravel(), length).reshape(rank, -1), axis=1)
+    piece_of_bin = np.searchsorted(cuts, np.arange(weight.size), side="right").astype(np.int32)  # 1..cuts.size-1
+    sums_by_piece = native_piece_sums(np.ascontiguousarray(bins, np.int64), piece_of_bin,
+                                      np.ascontiguousarray(values, np.float64).ravel(), rank, cuts.size + 1, by_row)
+    counts, totals = np.cumsum(np.frombuffer(sums_by_piece, np.float64).reshape(2, rank, -1), axis=2)  # [:, j]:
+    # the count and the sum of each component's values below cut j
     first, last = np.searchsorted(cuts, starts), np.searchsorted(cuts, ends)
     all_weight, all_sums = np.concatenate(([0.0], cum_weight)), np.concatenate(([0.0], np.cumsum(sums)))
     cell = all_weight[ends] - all_weight[starts]

@@ -646,3 +646,21 @@ def test_a_pairs_options_are_priced_by_the_error_they_leave_in_its_delta(folder)
             compounded = max(compounded, first_order / max(exact, 1e-6 * signal))
     assert worst < 0.01, worst
     assert compounded > 1.2  # the pricing matters: a first-order sum would have been off by more than 20%
+
+
+def test_the_piece_sums_kernel_refuses_what_it_cannot_index():
+    """component_moments' C kernel checks every bin and piece it indexes (a bad one is a ValueError, not a write
+    out of bounds), and that the rank divides the values."""
+    from sqz.ratecontrol import native_piece_sums
+
+    bins, pieces, values = np.array([0, 1, 2, 1], np.int64), np.array([1, 1, 2], np.int32), np.arange(4.0)
+    counts, sums = np.frombuffer(native_piece_sums(bins, pieces, values, 2, 3, True), np.float64).reshape(2, 2, 3)
+    assert counts.tolist() == [[0, 2, 0], [0, 1, 1]] and sums.tolist() == [[0, 1, 0], [0, 3, 2]]
+    counts = np.frombuffer(native_piece_sums(bins, pieces, values, 2, 3, False), np.float64).reshape(2, 2, 3)[0]
+    assert counts.tolist() == [[0, 1, 1], [0, 2, 0]]
+    for bad_bins, bad_pieces, rank, count in ((np.array([0, 1, 3, 1], np.int64), pieces, 2, 3),
+                                             (np.array([0, -1, 2, 1], np.int64), pieces, 2, 3),
+                                             (bins, np.array([1, 1, 3], np.int32), 2, 3),
+                                             (bins, pieces, 3, 3)):
+        with pytest.raises(ValueError):
+            native_piece_sums(bad_bins, bad_pieces, values, rank, count, True)
