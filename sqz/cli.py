@@ -9,6 +9,7 @@ import warnings
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .adapter import SineOptions
@@ -84,6 +85,9 @@ def _options(bits: int, bpp: float | None, size_text: str | None, sqnr: float | 
     options = EncodeOptions(bits=bits, sample=sample, seed=seed, entropy=entropy, lossless=lossless, quantize=quantize,
                             bpp=bpp, size=parse_size(size_text) if size_text is not None else None, sqnr=sqnr,
                             format=format_version)
+    if options.target and click.get_current_context().get_parameter_source("bits") is ParameterSource.COMMANDLINE:
+        click.echo(f"sqz: warning: with --{options.target}, -b {bits} sets only the width of tensors outside pairs "
+                   f"(a factor without its partner, --quantize); the target chooses every pair's", err=True)
     return options, SineOptions(omega=omega, gamma=gamma, alpha=alpha)
 
 

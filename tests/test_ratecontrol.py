@@ -248,6 +248,10 @@ def test_cli_targets_and_info_widths(tmp_path):
     assert "quantized tensors by index width:" in table
     bad = run("encode", LORA, "--size", "12XB", "-o", tmp_path / "b.sqz")
     assert bad.returncode == 1 and "--size must be" in bad.stderr and "Traceback" not in bad.stderr
+    assert "-b" not in done.stderr  # -b's default with a target: nothing to say
+    both = run("encode", LORA, "-b", "5", "--bpp", "2", "-o", tmp_path / "c.sqz")
+    assert both.returncode == 0 and both.stderr.count("\n") == 1
+    assert "sqz: warning: with --bpp, -b 5 sets only the width of tensors outside pairs" in both.stderr
 
 
 def test_the_encoder_cache_tells_codebooks_of_one_width_apart():
