@@ -269,7 +269,7 @@ def grouped_floor(hist: np.ndarray) -> float:
     size = np.maximum(hist.sum(axis=1, keepdims=True), 1)
     p = hist / size
     bits = float(-(hist * np.log2(np.where(p > 0, p, 1))).sum())
-    return 1 + 3 * hist.shape[0] + bits / 8 - RANS_FLOOR_SLACK
+    return grouped_bytes(hist.shape[0], bits) - RANS_FLOOR_SLACK
 
 
 def grouped_bytes(groups: int, bits: float) -> float:

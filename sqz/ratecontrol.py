@@ -278,8 +278,7 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
             # B's error in ΔW, per scaled element: its column's scale² x ||A'_i||², on average over columns
             scales[pair.b] = s_b
             scaled_values[pair.b] = (b.reshape(b.shape[0], rank) / s_b[None, :]).ravel()
-            rows = np.square(a.reshape(rank, -1)).sum(axis=1)
-            scaled_weights[pair.b] = e * float((np.square(s_b.astype(np.float64)) * rows).mean())
+            scaled_weights[pair.b] = e * float((np.square(s_b.astype(np.float64)) * component_norms[pair.a]).mean())
     floor = ENERGY_FLOOR * (float(np.mean(energies)) if energies else 0.0) or 1.0
     norms = [max(energy, floor) ** RELATIVE_POWER if relative else 1.0 for energy in energies]
     for pair, norm in zip(pairs, norms):
@@ -296,13 +295,14 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     kmeans_widest = min(widest, MAX_WIDTH)  # (k-means codebooks past 256 entries would cost seconds a factor)
     levels = 1 << MAX_WIDE_BITS if wide else entropy_constrained.MAX_LEVELS
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the kernel releases the GIL
-        jobs = [(n, to_narrowest(tensors[n].raw, tensors[n].dtype), tensors[n].dtype, False) for n in names]
-        jobs += [(n, v, "F64", True) for n, v in scaled_values.items()]  # scaled: not values of the tensor's dtype
-        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, 0 if job[3] else kmeans_widest,
-                                                levels, *layout[job[0]]), jobs)
+        jobs = [(n, to_narrowest(tensors[n].raw, tensors[n].dtype), tensors[n].dtype, values[n].ravel(), False)
+                for n in names]
+        jobs += [(n, v, "F64", v, True) for n, v in scaled_values.items()]  # scaled: not values of the tensor's dtype
+        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, 0 if job[4] else kmeans_widest,
+                                                levels, job[3], *layout[job[0]]), jobs)
         fits: dict[str, dict[int, Fit]] = {n: {} for n in names}
         moments: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {n: {} for n in names}
-        for (name, _, _, is_scaled), (mean, ladder, kmeans, coarse) in zip(jobs, progress(done, len(jobs), "fit")):
+        for (name, _, _, _, is_scaled), (mean, ladder, kmeans, coarse) in zip(jobs, progress(done, len(jobs), "fit")):
             first = first_scaled if is_scaled else MEAN + 1
             columns_of = [MEAN] + [first + i for i in range(len(ladder))] + [first_kmeans + i for i in range(len(kmeans))]
             # a scaled B's component i decodes as scale_i times its codebook's values (its mean is not a candidate)
@@ -343,11 +343,12 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
 
 
 def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: int, widest: int, max_levels: int,
-                rank: int, by_row: bool) -> tuple[Fit, list[Fit], list[Fit], dict[int, tuple[np.ndarray, np.ndarray]]]:
+                wide: np.ndarray, rank: int,
+                by_row: bool) -> tuple[Fit, list[Fit], list[Fit], dict[int, tuple[np.ndarray, np.ndarray]]]:
     """One tensor's mean; its entropy-constrained quantizer at each of `rates`' slopes with each level priced
     at `level_bits`, of at most `max_levels` levels; if it has at most KMEANS_MAX_BINS distinct values, its
     k-means codebooks of 2^1 to 2^widest entries; and the component_moments of those of at most MOMENTS_MAX_LEVELS
-    levels, by their place in that order."""
+    levels, by their place in that order (from `wide`, the same values as float64, which the caller has already)."""
     hist, bins = histogram_bins(values, dtype)
     slopes = entropy_constrained.slopes(hist, rates)
     narrow = rates <= WIDE_FROM_RATE  # these rungs keep at most 256 levels whatever max_levels says
@@ -358,7 +359,7 @@ def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: i
     mean = entropy_constrained.mean(hist)
     fits = [mean, *ladder, *(kmeans[k] for k in sizes)]
     coarse = [i for i, fit in enumerate(fits) if fit.counts.size <= MOMENTS_MAX_LEVELS]
-    g, h = component_moments(hist, bins, values, rank, by_row, [fits[i] for i in coarse])
+    g, h = component_moments(hist, bins, wide, rank, by_row, [fits[i] for i in coarse])
     return mean, ladder, [kmeans[k] for k in sizes], dict(zip(coarse, zip(g, h)))
 
 
@@ -404,9 +405,10 @@ def _pair_options(rate: np.ndarray, distortion: np.ndarray, stored: np.ndarray, 
         g_a, h_a = (np.stack([moments_a[c][i] for c in col_a[in_a]]) for i in (0, 1))
         g_b, h_b = (np.stack([moments_b[c][i] for c in col_b[in_b]]) for i in (0, 1))
         norms_a, norms_b = moments_a[RAW][0], moments_b[RAW][0]
-        exact = g_a @ g_b.T - 2 * (h_a @ h_b.T) + float(norms_a @ norms_b)
+        signal, cross = float(norms_a @ norms_b), h_a @ h_b.T
+        exact = g_a @ g_b.T - 2 * cross + signal
         safe_a, safe_b = np.where(norms_a > 0, norms_a, 1.0), np.where(norms_b > 0, norms_b, 1.0)
-        bias = float(norms_a @ norms_b) - 2 * (h_a @ h_b.T) + (np.square(h_a) / safe_a) @ (np.square(h_b) / safe_b).T
+        bias = signal - 2 * cross + (np.square(h_a) / safe_a) @ (np.square(h_b) / safe_b).T
         priced = np.maximum(exact, 0.0) + (BIAS_WEIGHT - 1) * np.maximum(bias, 0.0)
         added = stored[0, col_a[in_a]][:, None] + stored[1, col_b[in_b]][None, :]
         total[np.ix_(in_a, in_b)] = weight * priced + added
