@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 import sqz
 from bench import baselines
 from bench.metrics import delta_distortion
+from bench.rd import MATCHED
 from sqz.quantize import PAPER_SAMPLE
 
 Tensors = dict[str, np.ndarray]
@@ -72,6 +73,21 @@ def plan(src: Path, workdir: Path, sqz_bits: dict[str, list[int]], paper_bits: l
     return points
 
 
+def matched_points(src: Path, rows: list[dict], workdir: Path) -> list[tuple[dict, Callable]]:
+    """`sqz --size` at the bytes of every other codec's file within the rates the `--bpp` curve spans.
+
+    The rate-distortion encoder must be on or above every other codec at every rate; the curve is measured at
+    its targets only and interpolated between them, which can put a codec's point above the chord where the
+    encoder would not lose at that rate, or hide a point where it would. A file of the same size settles it."""
+    curve = [r["bits_per_param"] for r in rows if r["codec"] == "sqz --bpp"]
+    if not curve:
+        return []
+    sizes = sorted({r["file_bytes"] for r in rows if r["codec"] != "sqz --bpp" and r["family"] != "lossless"
+                    and min(curve) <= r["bits_per_param"] <= max(curve)})
+    return [({"codec": MATCHED, "family": "sqz", "target_bytes": size},
+             sqz_codec(src, sqz.EncodeOptions(size=size), workdir)) for size in sizes]
+
+
 def _digest(tensors: Tensors) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -81,14 +97,15 @@ def _digest(tensors: Tensors) -> str:
 
 
 def measure(src: Path, points: list[tuple[dict, Callable]], omegas: dict[str, float | None],
-            max_rows: int | None = None, progress=None, task: TaskMetrics | None = None) -> list[dict]:
+            max_rows: int | None = None, progress=None, task: TaskMetrics | None = None,
+            measured: dict[str, dict[str, float]] | None = None) -> list[dict]:
     """Run every codec on the adapter in `src`; distortion of ΔW for each named ω (None = plain LoRA), and the
-    task's metrics of the reconstruction when `task` is given (once per distinct reconstruction: entropy stages
-    and lossless files decode to the same tensors)."""
+    task's metrics of the reconstruction when `task` is given (once per distinct reconstruction, kept in
+    `measured` by digest: entropy stages and lossless files decode to the same tensors)."""
     reference = read_adapter(src)
     params = sum(v.size for v in reference.values())
     rows = []
-    measured: dict[str, dict[str, float]] = {}
+    measured = {} if measured is None else measured
     for labels, codec in points:
         start = time.perf_counter()
         try:
@@ -127,9 +144,16 @@ def run(src: Path, omegas: dict[str, float | None], quick: bool, max_rows: int |
                       compeft=[0.1, 0.3] if quick else [0.05, 0.1, 0.2, 0.3, 0.5],
                       loraquant=[(0.5, 2, 1), (1.0, 3, 2)] if quick else [(0.0, 2, 1), (0.25, 2, 1), (0.5, 2, 1),
                                                                           (1.0, 2, 1), (0.5, 3, 2), (1.0, 3, 2)])
-        bar = progress_factory(len(points)) if progress_factory else None
-        rows = measure(src, points, omegas, max_rows, bar, task)
-        if bar is not None:
-            bar.close()
+        measured: dict[str, dict[str, float]] = {}
+
+        def rows_of(todo: list[tuple[dict, Callable]]) -> list[dict]:
+            bar = progress_factory(len(todo)) if progress_factory else None
+            found = measure(src, todo, omegas, max_rows, bar, task, measured)
+            if bar is not None:
+                bar.close()
+            return found
+
+        rows = rows_of(points)
+        rows += rows_of(matched_points(src, rows, Path(tmp)))
     params = sum(v.size for v in read_adapter(src).values())
     return {"params": params, "omegas": omegas, "max_rows": max_rows, "rows": rows}

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import numpy as np
 
 Quality = Callable[[dict], float]
+MATCHED = "sqz --size (matched)"
+"""The codec label of `sqz --size` files made at the size of another codec's file (bench/codecs.matched_points)."""
 
 
 def sqnr(kind: str) -> Quality:
@@ -96,3 +98,26 @@ def value_at(rows: list[dict], codec: str, rate: float, key: str) -> float | Non
         return None
     rates, values = zip(*points)
     return float(np.interp(math.log(rate), np.log(rates), values))
+
+
+def head_to_head(rows: list[dict], quality: Quality, test: str = MATCHED, skip: tuple[str, ...] = ("sqz --bpp",)) -> dict:
+    """Every other codec's point (not `skip`'s) against the `test` file made at its size (`test` rows carry the
+    `target_bytes` they were made for): how many were compared, those where `test` is worse, and the closest one.
+    A margin is in the quality's units (dB for SQNR and KL); 0 is a tie (the same file, as a target can give)."""
+    made = {r["target_bytes"]: r for r in rows if r["codec"] == test}
+    compared = [(quality(made[r["file_bytes"]]) - quality(r), r) for r in rows
+                if r["codec"] != test and r["codec"] not in skip and r["file_bytes"] in made]
+    compared = [(margin, r) for margin, r in compared if math.isfinite(margin)]
+    point = lambda margin, r: {"codec": r["codec"], "bits_per_param": r["bits_per_param"], "margin": margin}
+    closest = min(compared, key=lambda c: c[0], default=None)
+    return {"points": len(compared), "losses": [point(m, r) for m, r in compared if m < 0],
+            "closest": None if closest is None else point(*closest)}
+
+
+def fmt_head_to_head(result: dict, unit: str = "dB") -> tuple[str, str]:
+    """(where the test codec is worse, its closest point) of a head_to_head result, for a table's cells."""
+    if not result["points"]:
+        return "no matched files", "—"
+    where = lambda p: f"{p['codec']} at {p['bits_per_param']:.2f} bits/param ({p['margin']:+.2f} {unit})"
+    losses = "; ".join(where(p) for p in result["losses"]) or "none"
+    return losses, where(result["closest"])

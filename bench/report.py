@@ -143,7 +143,7 @@ STYLE = {"sqz --bpp": ("C5", "*-"), "sqz-auto": ("C0", "o-"), "sqz-auto --sample
          "sqz-zstd-aligned": ("C0", "1:"), "sqz-zstd": ("C0", "+:"), "sqz-none": ("C0", ".:"),
          "paper (k-means+zip)": ("C1", "s--"), "uniform min-max": ("C2", "^-"),
          "absmax int (block 64)": ("C3", "v-"), "NF4 (block 64)": ("C4", "D"), "ComPEFT-style": ("C6", "<-"),
-         "LoRAQuant-style": ("C7", ">-")}
+         "LoRAQuant-style": ("C7", ">-"), rd.MATCHED: ("C5", "x")}
 
 
 def draw_rd(ax, result: dict, kind: str, paper_points: bool) -> None:
@@ -218,21 +218,34 @@ def bd_rates(result: dict, kind: str) -> dict[str, float | str]:
     return {anchor: rd.bd_rate(result["rows"], anchor, "sqz --bpp", rd.sqnr(kind)) for anchor in BD_ANCHORS}
 
 
-def table_bd_codecs(codecs: dict) -> str:
-    """One row per adapter (and ΔW kind): BD-rate of the rate-distortion encoder against every anchor."""
-    lines = ["| adapter | ΔW | " + " | ".join(f"vs {a}" for a in BD_ANCHORS) + " |",
-             "|---|---|" + "---|" * len(BD_ANCHORS)]
-    adapters = ([("LLaMA-shaped (synthetic)", codecs["llama"], ("plain", "sine"))] if "llama" in codecs else []) + (
+def _codec_adapters(codecs: dict) -> list[tuple[str, dict, tuple[str, ...]]]:
+    """(label, result, ΔW kinds) of every adapter of the codecs step."""
+    return ([("LLaMA-shaped (synthetic)", codecs["llama"], ("plain", "sine"))] if "llama" in codecs else []) + (
         [("LLaMA-shaped, trained statistics", codecs["llama_trained"], ("plain", "sine"))]
         if "llama_trained" in codecs else []) + [
         (f"{KIND_LABEL[name.split('-r')[0]]} r={name.split('-r')[1]}", res, ("delta",))
         for name, res in codecs.get("task_adapters", {}).items()]
-    for label, result, kinds in adapters:
+
+
+def table_bd_codecs(codecs: dict) -> str:
+    """One row per adapter (and ΔW kind): BD-rate of the rate-distortion encoder against every anchor."""
+    lines = ["| adapter | ΔW | " + " | ".join(f"vs {a}" for a in BD_ANCHORS) + " |",
+             "|---|---|" + "---|" * len(BD_ANCHORS)]
+    for label, result, kinds in _codec_adapters(codecs):
         for kind in kinds:
             cells = " | ".join(rd.fmt_bd(v) for v in bd_rates(result, kind).values())
             lines.append(f"| {label} | {kind} | {cells} |")
     return "\n".join(lines)
 
+
+def table_head_to_head(codecs: dict) -> str:
+    """One row per adapter (and ΔW kind): every other codec's file against `sqz --size` at its bytes."""
+    lines = ["| adapter | ΔW | files compared | where `--size` is worse | closest |", "|---|---|---|---|---|"]
+    for label, result, kinds in _codec_adapters(codecs):
+        for kind in kinds:
+            head = rd.head_to_head(result["rows"], rd.sqnr(kind))
+            lines.append(f"| {label} | {kind} | {head['points']} | " + " | ".join(rd.fmt_head_to_head(head)) + " |")
+    return "\n".join(lines)
 
 
 def paper_table1(llama: dict) -> str:
@@ -503,7 +516,13 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
         md += ["### The rate-distortion encoder (`sqz --bpp`) against every other codec", "",
                ("BD-rate on ΔW SQNR (PCHIP, `bjontegaard`): the change in file size at equal SQNR, over the rates "
                "where both curves exist; negative means `--bpp` needs fewer bytes. `sqz-auto` is `-b` at 1–8 bits."),
-               "", table_bd_codecs(codecs), ""]
+               "", table_bd_codecs(codecs), "",
+               "### Head to head: each file against `sqz --size` at its bytes", "",
+               (f"For every other codec's file within the rates the `--bpp` curve spans (`-b` files among them), "
+               f"`sqz encode --size` at that file's size (\"{rd.MATCHED}\", the x marks on the plots): the encoder "
+               "compared file against file, where the curve between its targets is interpolated. A margin is the "
+               "SQNR of `--size` less the other file's; 0 is a tie (the same file: a one-width plan that fits is "
+               "the target's answer)."), "", table_head_to_head(codecs), ""]
         if "llama" in codecs:
             ll = codecs["llama"]
             plot_rd(ll, ["plain", "sine"], f"LLaMA-3-8B-shaped adapter, rank 16 ({ll['params']:,} params)",

@@ -14,7 +14,8 @@ CODECS = ("sqz --bpp", "sqz-auto", "paper (k-means+zip)", "uniform min-max", "ab
 ANCHORS = tuple(c for c in CODECS if c not in ("sqz --bpp", "NF4 (block 64)"))  # NF4 is one point: no curve
 QUALITIES = {"KL": rd.kl_db, "perplexity": rd.neg_perplexity, "ΔW SQNR": rd.sqnr("delta")}
 STYLE = {"sqz --bpp": "*-", "sqz-auto": "o-", "paper (k-means+zip)": "s--", "uniform min-max": "^-",
-         "absmax int (block 64)": "v-", "NF4 (block 64)": "D", "ComPEFT-style": "<-", "LoRAQuant-style": ">-"}
+         "absmax int (block 64)": "v-", "NF4 (block 64)": "D", "ComPEFT-style": "<-", "LoRAQuant-style": ">-",
+         rd.MATCHED: "x"}
 
 
 def label(name: str) -> str:
@@ -96,6 +97,16 @@ def table_bd(llm: dict, qualities: dict[str, rd.Quality] = QUALITIES) -> str:
         for metric, quality in qualities.items():
             cells = [rd.bd_rate(res["rows"], anchor, "sqz --bpp", quality) for anchor in ANCHORS]
             lines.append(f"| {label(name)} | {metric} | " + " | ".join(rd.fmt_bd(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def table_head_to_head(llm: dict) -> str:
+    """Per adapter, by KL and by ΔW SQNR: every other codec's file against `sqz --size` at its bytes."""
+    lines = ["| adapter | metric | files compared | where `--size` is worse | closest |", "|---|---|---|---|---|"]
+    for name, res in llm["adapters"].items():
+        for metric in ("KL", "ΔW SQNR"):
+            head = rd.head_to_head(res["rows"], QUALITIES[metric])
+            lines.append(f"| {label(name)} | {metric} | {head['points']} | " + " | ".join(rd.fmt_head_to_head(head)) + " |")
     return "\n".join(lines)
 
 
@@ -223,6 +234,10 @@ def section(llm: dict | None, like: dict | None, out: Path, rel) -> list[str]:
            ("PCHIP on each codec's Pareto front (`bench/rd.py`): KL as −10·log10(KL), perplexity as −perplexity, "
             "ΔW SQNR in dB. Negative: `--bpp` needs fewer bytes for the same quality. NF4 is a single point, so "
             "it has no curve; its values are in the tables above."), "", table_bd(llm), "", *kl_note(llm),
+           "### Head to head: each file against `sqz --size` at its bytes", "",
+           ("As in section 4: `sqz encode --size` at the size of every other codec's file within the `--bpp` "
+            "curve's rates, by KL (as −10·log10(KL), dB) and by ΔW SQNR; 0 is a tie (the same file)."), "",
+           table_head_to_head(llm), "",
            "### The paper's tables on the LLM adapters", "",
            "Table 1 (size, perplexity and section accuracy of sqz `-b` per width):", "", table1(llm), "",
            "Table 2 (BD-rate of SineLoRA against LoRA of the same rank, on the sqz `-b` curves):", "", table2(llm), "",

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import rd
+from bench.rd import MATCHED
 from sqz.codec import BYTE_WORTH_NS, RANS_DECODE_NS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +72,7 @@ def test_order_step_scores_every_codec_by_accuracy_and_kl(quick_run):
 
 
 def test_codecs_rank_as_the_theory_says(quick_run):
-    _, r = quick_run
+    out, r = quick_run
     rows = r["codecs"]["llama"]["rows"]
     get = lambda codec, bits=None: next(x for x in rows if x["codec"] == codec and x.get("bits") == bits)
     for bits in (2, 3):
@@ -97,6 +99,19 @@ def test_codecs_rank_as_the_theory_says(quick_run):
         if auto[0][0] <= point["bits_per_param"] <= auto[-1][0]:
             at_same_rate = np.interp(point["bits_per_param"], *zip(*auto))
             assert point["sqnr_db_plain"] > at_same_rate + 0.3, (point, auto)
+    # the head to head: --size at the bytes of each other file the --bpp targets' rates span, each under its
+    # target, and above -b's file of the same size (the same relation as above, file against file)
+    matched = {x["target_bytes"]: x for x in rows if x["codec"] == MATCHED}
+    low, high = min(x["bits_per_param"] for x in rows if x["codec"] == "sqz --bpp"), max(
+        x["bits_per_param"] for x in rows if x["codec"] == "sqz --bpp")
+    others = [x for x in rows if x["codec"] not in ("sqz --bpp", MATCHED) and x["family"] != "lossless"
+              and low <= x["bits_per_param"] <= high]
+    assert others and {x["file_bytes"] for x in others} == set(matched)
+    assert all(0.97 * size <= x["file_bytes"] <= size for size, x in matched.items())
+    for x in (x for x in others if x["codec"] == "sqz-auto"):
+        assert matched[x["file_bytes"]]["sqnr_db_plain"] > x["sqnr_db_plain"] + 0.3, x
+    head = rd.head_to_head(rows, rd.sqnr("plain"))
+    assert head["points"] == len(others) and "Head to head" in (out / "REPORT.md").read_text()
     ranks = r["task"]["config"]["ranks"]
     assert set(r["codecs"]["task_adapters"]) == {f"{k}-r{rank}" for k in ("lora", "sinelora") for rank in ranks}
     lossless = [x for x in rows if x["family"] == "lossless"]
