@@ -121,3 +121,15 @@ def fmt_head_to_head(result: dict, unit: str = "dB") -> tuple[str, str]:
     where = lambda p: f"{p['codec']} at {p['bits_per_param']:.2f} bits/param ({p['margin']:+.2f} {unit})"
     losses = "; ".join(where(p) for p in result["losses"]) or "none"
     return losses, where(result["closest"])
+
+
+def head_to_head_summary(results: list[tuple[str, list[dict], Quality]]) -> str | None:
+    """One sentence over several (label, rows, quality): how many files were compared and where the test codec
+    was worse; None if no results have matched files."""
+    heads = [(label, head_to_head(rows, quality)) for label, rows, quality in results]
+    compared = sum(head["points"] for _, head in heads)
+    if not compared:
+        return None
+    losses = [f"{label}: {p['codec']} at {p['bits_per_param']:.2f} bits/param ({p['margin']:+.2f} dB)"
+              for label, head in heads for p in head["losses"]]
+    return f"{compared} files compared, `--size` worse on {len(losses)}" + (f" ({'; '.join(losses)})" if losses else "")

@@ -430,6 +430,11 @@ def headline(task: dict | None, codecs: dict | None, speed: dict | None, serve: 
                          f"{llama_bd:+.1f}% on the LLaMA-shaped adapter; {sum(trained) / len(trained):+.1f}% on "
                          f"average over the {len(trained)} trained MiniLM adapters ({max(trained):+.1f}% to "
                          f"{min(trained):+.1f}%).")
+        head = rd.head_to_head_summary([(f"{label} ({kind})", result["rows"], rd.sqnr(kind))
+                                        for label, result, kinds in _codec_adapters(codecs) for kind in kinds])
+        if head:
+            lines.append(f"- Head to head, every other codec's file against `sqz --size` at its bytes, by ΔW SQNR "
+                         f"(LLaMA-shaped and MiniLM adapters): {head}.")
         if nf and ours:
             lines.append(f"- NF4 (block 64): {nf['bits_per_param']:.2f} bits/param at SQNR {nf['sqnr_db_plain']:.1f} dB; "
                          f"lossless: " + ", ".join(f"{k} {v['bits_per_param']:.2f}" for k, v in lossless.items())

@@ -206,6 +206,12 @@ def headline(llm: dict) -> list[str]:
     if all(isinstance(v, float) for v in summary.values()):
         lines.append(f"- BD-rate of `--bpp` against the paper's pipeline, mean over the {len(llm['adapters'])} LLM "
                      "adapters: " + ", ".join(f"{k} {v:+.1f}%" for k, v in summary.items()) + ".")
+    for metric in ("KL", "ΔW SQNR"):
+        head = rd.head_to_head_summary([(label(name), res["rows"], QUALITIES[metric])
+                                        for name, res in llm["adapters"].items()])
+        if head:
+            lines.append(f"- Head to head on the LLM adapters, every other codec's file against `sqz --size` at its "
+                         f"bytes, by {metric}: {head}.")
     return lines
 
 

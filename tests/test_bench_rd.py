@@ -49,6 +49,28 @@ def test_value_at_interpolates_in_log_rate_and_refuses_to_extrapolate():
     assert rd.kl_db({"kl": 0.01}) == pytest.approx(20) and rd.kl_db({"kl": 0.0}) == math.inf
 
 
+def test_head_to_head_compares_each_file_with_the_target_made_at_its_size():
+    made = lambda size, q: {"codec": rd.MATCHED, "target_bytes": size, "file_bytes": size - 3,
+                            "bits_per_param": (size - 3) / 100, "sqnr_db_delta": q}
+    other = lambda codec, size, q: {"codec": codec, "file_bytes": size, "bits_per_param": size / 100, "sqnr_db_delta": q}
+    data = [other("a", 100, 3.0), made(100, 3.5),  # a win
+            other("b", 200, 7.0), made(200, 6.5),  # a loss
+            other("c", 300, 9.0), made(300, 9.0),  # a tie: the same file
+            other("d", 400, math.inf),  # lossless: no margin
+            other("e", 500, 1.0),  # no file made at its size
+            other("sqz --bpp", 100, 9.9)]  # the curve itself: not compared
+    head = rd.head_to_head(data, rd.sqnr("delta"))
+    assert head["points"] == 3
+    assert head["losses"] == [{"codec": "b", "bits_per_param": 2.0, "margin": -0.5}]
+    assert head["closest"] == head["losses"][0]
+    assert rd.fmt_head_to_head(head) == ("b at 2.00 bits/param (-0.50 dB)",) * 2
+    assert rd.head_to_head_summary([("x", data, rd.sqnr("delta"))]) == (
+        "3 files compared, `--size` worse on 1 (x: b at 2.00 bits/param (-0.50 dB))")
+    none = rd.head_to_head(data[:2] + data[4:6], rd.sqnr("delta"))
+    assert none["losses"] == [] and rd.fmt_head_to_head(none) == ("none", "c at 3.00 bits/param (+0.00 dB)")
+    assert rd.head_to_head_summary([("x", data[:1], rd.sqnr("delta"))]) is None
+
+
 def test_trained_like_adapter_has_the_statistics_it_was_given():
     spectrum = list(np.geomspace(1, 0.01, 16))
     given = {"q_proj": {"spectrum": spectrum, "b_row_logstd": 0.4, "a_rms_ratio": 1.3, "kurtosis_a": 2.6,
