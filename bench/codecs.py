@@ -11,9 +11,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 import sqz
-from bench import baselines
+from bench import baselines, rd
 from bench.metrics import delta_distortion
-from bench.rd import MATCHED
 from sqz.quantize import PAPER_SAMPLE
 
 Tensors = dict[str, np.ndarray]
@@ -74,18 +73,31 @@ def plan(src: Path, workdir: Path, sqz_bits: dict[str, list[int]], paper_bits: l
 
 
 def matched_points(src: Path, rows: list[dict], workdir: Path) -> list[tuple[dict, Callable]]:
-    """`sqz --size` at the bytes of every other codec's file within the rates the `--bpp` curve spans.
+    """`sqz --size` at the bytes of each file on the other codecs' upper envelope (by every metric the rows have),
+    within the rates the `--bpp` curve spans.
 
     The rate-distortion encoder must be on or above every other codec at every rate; the curve is measured at
     its targets only and interpolated between them, which can put a codec's point above the chord where the
-    encoder would not lose at that rate, or hide a point where it would. A file of the same size settles it."""
+    encoder would not lose at that rate, or hide a point where it would. A file of the same size settles it.
+    Files off the envelope need none: a file no larger does at least as well (a third of the files, and of the
+    time this costs)."""
     curve = [r["bits_per_param"] for r in rows if r["codec"] == "sqz --bpp"]
     if not curve:
         return []
-    sizes = sorted({r["file_bytes"] for r in rows if r["codec"] != "sqz --bpp" and r["family"] != "lossless"
-                    and min(curve) <= r["bits_per_param"] <= max(curve)})
-    return [({"codec": MATCHED, "family": "sqz", "target_bytes": size},
+    others = [r for r in rows if r["codec"] != "sqz --bpp" and r["family"] != "lossless"
+              and min(curve) <= r["bits_per_param"] <= max(curve)]
+    sizes = sorted({r["file_bytes"] for quality in qualities(rows) for r in rd.envelope(others, quality)})
+    return [({"codec": rd.MATCHED, "family": "sqz", "target_bytes": size},
              sqz_codec(src, sqz.EncodeOptions(size=size), workdir)) for size in sizes]
+
+
+def qualities(rows: list[dict]) -> list[rd.Quality]:
+    """Every metric the rows carry, each as a quality (higher is better): ΔW SQNR of each kind, and the task's."""
+    keys = set().union(*rows) if rows else set()
+    found = [rd.sqnr(key.removeprefix("sqnr_db_")) for key in sorted(keys) if key.startswith("sqnr_db_")]
+    found += [quality for key, quality in (("kl", rd.kl_db), ("perplexity", rd.neg_perplexity),
+                                           ("accuracy", lambda r: r["accuracy"])) if key in keys]
+    return found
 
 
 def _digest(tensors: Tensors) -> str:

@@ -100,10 +100,20 @@ def value_at(rows: list[dict], codec: str, rate: float, key: str) -> float | Non
     return float(np.interp(math.log(rate), np.log(rates), values))
 
 
+def envelope(rows: list[dict], quality: Quality) -> list[dict]:
+    """The rows on the upper envelope by size: each better than every row of no larger file, i.e. the best quality
+    any of them offers at each rate (a row off it is matched or beaten by a file no larger)."""
+    front: list[dict] = []
+    for row in sorted(rows, key=lambda r: (r["file_bytes"], -quality(r))):
+        if math.isfinite(quality(row)) and (not front or quality(row) > quality(front[-1])):
+            front.append(row)
+    return front
+
+
 def head_to_head(rows: list[dict], quality: Quality, test: str = MATCHED, skip: tuple[str, ...] = ("sqz --bpp",)) -> dict:
     """Every other codec's point (not `skip`'s) against the `test` file made at its size (`test` rows carry the
     `target_bytes` they were made for): how many were compared, those where `test` is worse, and the closest one.
-    A margin is in the quality's units (dB for SQNR and KL); 0 is a tie (the same file, as a target can give)."""
+    A margin is in the quality's units (dB for SQNR and KL), negative where `test` is worse."""
     made = {r["target_bytes"]: r for r in rows if r["codec"] == test}
     compared = [(quality(made[r["file_bytes"]]) - quality(r), r) for r in rows
                 if r["codec"] != test and r["codec"] not in skip and r["file_bytes"] in made]

@@ -433,7 +433,7 @@ def headline(task: dict | None, codecs: dict | None, speed: dict | None, serve: 
         head = rd.head_to_head_summary([(f"{label} ({kind})", result["rows"], rd.sqnr(kind))
                                         for label, result, kinds in _codec_adapters(codecs) for kind in kinds])
         if head:
-            lines.append(f"- Head to head, every other codec's file against `sqz --size` at its bytes, by ΔW SQNR "
+            lines.append(f"- Head to head, the other codecs' envelope against `sqz --size` at each file's bytes, by ΔW SQNR "
                          f"(LLaMA-shaped and MiniLM adapters): {head}.")
         if nf and ours:
             lines.append(f"- NF4 (block 64): {nf['bits_per_param']:.2f} bits/param at SQNR {nf['sqnr_db_plain']:.1f} dB; "
@@ -523,11 +523,12 @@ def write(out: Path, report_path: Path, readme: Path | None = None) -> Path:
                "where both curves exist; negative means `--bpp` needs fewer bytes. `sqz-auto` is `-b` at 1–8 bits."),
                "", table_bd_codecs(codecs), "",
                "### Head to head: each file against `sqz --size` at its bytes", "",
-               (f"For every other codec's file within the rates the `--bpp` curve spans (`-b` files among them), "
+               (f"For each file on the other codecs' upper envelope (by every metric; a file off it has one no "
+               "larger and no worse) within the rates the `--bpp` curve spans (`-b` files among them), "
                f"`sqz encode --size` at that file's size (\"{rd.MATCHED}\", the x marks on the plots): the encoder "
                "compared file against file, where the curve between its targets is interpolated. A margin is the "
-               "SQNR of `--size` less the other file's; 0 is a tie (the same file: a one-width plan that fits is "
-               "the target's answer)."), "", table_head_to_head(codecs), ""]
+               "SQNR of `--size` less the other file's (each file of that size is compared)."), "",
+               table_head_to_head(codecs), ""]
         if "llama" in codecs:
             ll = codecs["llama"]
             plot_rd(ll, ["plain", "sine"], f"LLaMA-3-8B-shaped adapter, rank 16 ({ll['params']:,} params)",

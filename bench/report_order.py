@@ -59,5 +59,7 @@ def section(order: dict | None, out: Path, rel) -> list[str]:
                report_llm.table_at_rates(res, "kl", 4), ""]
     md += ["### BD-rate of `sqz --bpp` against every other codec", "",
            "As in section 1: PCHIP on each codec's Pareto front, KL as −10·log10(KL); negative favours `--bpp`.", "",
-           report_llm.table_bd(order, QUALITIES), ""]
+           report_llm.table_bd(order, QUALITIES), "",
+           "### Head to head: each file against `sqz --size` at its bytes", "",
+           "As in section 1, by KL and by ΔW SQNR (dB).", "", report_llm.table_head_to_head(order), ""]
     return md

@@ -49,6 +49,14 @@ def test_value_at_interpolates_in_log_rate_and_refuses_to_extrapolate():
     assert rd.kl_db({"kl": 0.01}) == pytest.approx(20) and rd.kl_db({"kl": 0.0}) == math.inf
 
 
+def test_envelope_is_the_best_quality_any_file_no_larger_offers():
+    data = [{"codec": c, "file_bytes": size, "sqnr_db_delta": q} for c, size, q in
+            [("a", 100, 3.0), ("b", 100, 3.5), ("a", 150, 3.2), ("b", 200, 6.0), ("c", 180, math.inf), ("c", 300, 6.0),
+             ("a", 250, 7.0)]]
+    front = rd.envelope(data, rd.sqnr("delta"))
+    assert [(r["codec"], r["file_bytes"]) for r in front] == [("b", 100), ("b", 200), ("a", 250)]
+
+
 def test_head_to_head_compares_each_file_with_the_target_made_at_its_size():
     made = lambda size, q: {"codec": rd.MATCHED, "target_bytes": size, "file_bytes": size - 3,
                             "bits_per_param": (size - 3) / 100, "sqnr_db_delta": q}
