@@ -124,13 +124,15 @@ def head_to_head(rows: list[dict], quality: Quality, test: str = MATCHED, skip: 
             "closest": None if closest is None else point(*closest)}
 
 
-def fmt_head_to_head(result: dict, unit: str = "dB") -> tuple[str, str]:
+def _where(point: dict) -> str:
+    return f"{point['codec']} at {point['bits_per_param']:.2f} bits/param ({point['margin']:+.2f} dB)"
+
+
+def fmt_head_to_head(result: dict) -> tuple[str, str]:
     """(where the test codec is worse, its closest point) of a head_to_head result, for a table's cells."""
     if not result["points"]:
         return "no matched files", "—"
-    where = lambda p: f"{p['codec']} at {p['bits_per_param']:.2f} bits/param ({p['margin']:+.2f} {unit})"
-    losses = "; ".join(where(p) for p in result["losses"]) or "none"
-    return losses, where(result["closest"])
+    return "; ".join(_where(p) for p in result["losses"]) or "none", _where(result["closest"])
 
 
 def head_to_head_summary(results: list[tuple[str, list[dict], Quality]]) -> str | None:
@@ -140,6 +142,5 @@ def head_to_head_summary(results: list[tuple[str, list[dict], Quality]]) -> str 
     compared = sum(head["points"] for _, head in heads)
     if not compared:
         return None
-    losses = [f"{label}: {p['codec']} at {p['bits_per_param']:.2f} bits/param ({p['margin']:+.2f} dB)"
-              for label, head in heads for p in head["losses"]]
+    losses = [f"{label}: {_where(p)}" for label, head in heads for p in head["losses"]]
     return f"{compared} files compared, `--size` worse on {len(losses)}" + (f" ({'; '.join(losses)})" if losses else "")
