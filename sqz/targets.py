@@ -47,9 +47,12 @@ def encode(adapter: Adapter, options: EncodeOptions, builder: Callable[[Adapter]
                                    wide=most > MAX_BITS)
     reference = _values(adapter, prepared.names)  # ΔW is measured against the trained factors, not the gauged
 
+    def file_bytes(header: dict[str, Any], sections: list[bytes]) -> int:
+        return sum(len(chunk) for chunk in container.serialize(header, sections, options.version))
+
     def make(picks: np.ndarray) -> tuple[dict[str, Any], list[bytes], int]:
         header, sections = build(prepared.choices(picks))
-        return header, sections, sum(len(chunk) for chunk in container.serialize(header, sections, options.version))
+        return header, sections, file_bytes(header, sections)
 
     def measure(header: dict[str, Any], sections: list[bytes]) -> float:
         return ratecontrol.measured_sqnr(allocated, reference, _decoded(header, sections, prepared.names, workers))
@@ -63,7 +66,7 @@ def encode(adapter: Adapter, options: EncodeOptions, builder: Callable[[Adapter]
         return _for_sqnr(prepared, options.sqnr, make, measure, exact)
     if target_bytes >= sum(len(adapter.tensors[name].raw) for name in prepared.names):  # maybe room for every bit
         header, sections = exact()
-        if sum(len(chunk) for chunk in container.serialize(header, sections, options.version)) <= target_bytes:
+        if file_bytes(header, sections) <= target_bytes:
             return header, sections, measure(header, sections)
     header, sections = _for_size(prepared, target_bytes, make)
     return header, sections, measure(header, sections)
