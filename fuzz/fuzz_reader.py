@@ -107,8 +107,8 @@ def edge_seeds(seed: bytes) -> list[bytes]:
     return seeds
 
 
-JSON_VALUES = (None, True, False, 0, -1, 1 << 40, 1 << 70, 0.5, -1e300, "", "F32", "kmeans", [], ["F32"], [1, 2], {},
-               {"a": 1})
+JSON_VALUES = (None, True, False, 0, -1, 1 << 40, 1 << 70, 0.5, -1e300, "", "F32", "kmeans", "rans-trellis", [],
+               ["F32"], [1, 2], {}, {"a": 1})
 """What mutate puts in a field: a value of every JSON type, and some of the right type at an edge."""
 
 

@@ -9,7 +9,9 @@
  * indices under the model of `counts` (rans and rans-compact, see run_rans; up to RANS_MAX_SYMBOLS entries, the
  * wide codebooks of format 2.3), or (rans-grouped, 2.4) a job (..., frame, None, params, axis): the stream codes the
  * matrix's rows (axis 0) or columns (axis 1) in turn, each group under the discrete Gaussian of its 3 bytes of
- * params. It returns (job, problem) for each job that failed; that job's `out` is then garbage.
+ * params, or (rans-trellis, 2.5) a job (..., frame, None, params, axis, 1): the same groups, each index coded under
+ * its group's model restricted to its trellis state's class (see rans_steps). It returns (job, problem) for each job
+ * that failed; that job's `out` is then garbage.
  *
  * All buffers are taken with the GIL held; the work runs without it, in chunks over `threads` threads
  * (the caller's thread is one of them), so one call decodes a batch of tensors on every core with a
@@ -57,6 +59,7 @@ typedef struct {
     Py_buffer params;     /* a grouped job's parameters, 3 bytes a group (spec §4.2 rans-grouped), else none */
     Py_ssize_t groups;    /* of the stream, each count / groups indices under one model: 1 unless grouped */
     int transposed;       /* grouped by columns: the stream holds the matrix's columns, one after the other */
+    int trellis;          /* rans-trellis: a grouped job whose indices walk the trellis */
     int status;           /* a JOB_* code */
 } Job;
 
@@ -292,7 +295,10 @@ typedef struct {
     uint64_t symbol[RANS_MAX_SYMBOLS];
     uint64_t first[1 << RANS_SLOT_BITS];
     uint64_t counts[RANS_MAX_SYMBOLS]; /* a grouped job's model of the current run */
-    uint32_t cdf[RANS_MAX_SYMBOLS + 1];
+    uint32_t cdf[RANS_MAX_SYMBOLS + 2]; /* a trellis job's: class 0's model, then class 1's */
+    uint64_t symbol1[RANS_MAX_SYMBOLS / 2 + 1]; /* a trellis job's class-1 model (class 0's is symbol, first) */
+    uint64_t first1[1 << RANS_SLOT_BITS];
+    int trellis_state;
 } Lane;
 
 #define RANS_LANES 4
@@ -325,22 +331,29 @@ static void gauss_counts(const uint8_t *param, int k, uint64_t *counts)
     }
 }
 
-/* The lane's model (symbol words and buckets) from cumulative frequencies. */
-static void rans_tables(Lane *lane, const uint32_t *cdf, int k)
+/* A model's symbol words and buckets from cumulative frequencies. */
+static void model_tables(uint64_t *symbol, uint64_t *first, const uint32_t *cdf, int k)
 {
     for (int s = 0; s < k; s++)
-        lane->symbol[s] = cdf[s] | (uint64_t)s << RANS_SYMBOL_SHIFT
-                          | (uint64_t)(cdf[s + 1] - cdf[s]) << RANS_FREQUENCY_SHIFT;
+        symbol[s] = cdf[s] | (uint64_t)s << RANS_SYMBOL_SHIFT | (uint64_t)(cdf[s + 1] - cdf[s]) << RANS_FREQUENCY_SHIFT;
     const int shift = RANS_PRECISION - RANS_SLOT_BITS; /* bucket j starts at quantile j << shift */
     for (int s = 0; s < k; s++) { /* the buckets that start inside symbol s's range */
         const uint32_t lo = (cdf[s] + (1u << shift) - 1) >> shift, hi = (cdf[s + 1] + (1u << shift) - 1) >> shift;
         for (uint32_t j = lo; j < hi; j++)
-            lane->first[j] = lane->symbol[s];
+            first[j] = symbol[s];
     }
 }
 
-/* A grouped job: the model of the run of groups with the same parameters that starts at the lane's next index, and
- * where that run ends. 0 if the parameters make no model (they always do: every count is at least 1). */
+static void rans_tables(Lane *lane, const uint32_t *cdf, int k) { model_tables(lane->symbol, lane->first, cdf, k); }
+
+/* rans-trellis (spec §4.2): the class of each trellis state, and the state after index i: TRELLIS_NEXT[s][(i & 3) >> 1]. */
+static const int TRELLIS_CLASS[8] = {0, 0, 1, 1, 0, 0, 1, 1};
+static const uint8_t TRELLIS_NEXT[8][2] = {{0, 4}, {4, 0}, {1, 5}, {5, 1}, {6, 2}, {2, 6}, {7, 3}, {3, 7}};
+
+/* A grouped job's next run: the run of groups with the same parameters that starts at the lane's next index, where
+ * it ends, and its model (a trellis job's: the model of each class, spec §4.2 rans-trellis, its discrete Gaussian's
+ * counts of the indices 0, 2, ... and of 1, 3, ..., each by the `rans` formula). 0 if the parameters make no model
+ * (they always do: every count is at least 1). */
 static int rans_next_run(Lane *lane)
 {
     const Job *job = lane->job;
@@ -351,10 +364,24 @@ static int rans_next_run(Lane *lane)
     while (last + 1 < job->groups && !memcmp(params + 3 * (last + 1), params + 3 * g, 3))
         last++;
     lane->end = (last + 1) * length;
-    gauss_counts(params + 3 * g, (int)job->entries, lane->counts);
-    if (!rans_model(lane->counts, (int)job->entries, lane->cdf))
-        return 0;
-    rans_tables(lane, lane->cdf, (int)job->entries);
+    const int k = (int)job->entries;
+    gauss_counts(params + 3 * g, k, lane->counts);
+    if (!job->trellis) {
+        if (!rans_model(lane->counts, k, lane->cdf))
+            return 0;
+        rans_tables(lane, lane->cdf, k);
+        return 1;
+    }
+    const int k0 = (k + 1) / 2, k1 = k / 2;
+    uint64_t own[RANS_MAX_SYMBOLS / 2];
+    for (int c = 0; c < 2; c++) {
+        for (int m = 0; m < (c ? k1 : k0); m++)
+            own[m] = lane->counts[2 * m + c];
+        if (!rans_model(own, c ? k1 : k0, lane->cdf + (c ? k0 + 1 : 0)))
+            return 0;
+    }
+    model_tables(lane->symbol, lane->first, lane->cdf, k0);
+    model_tables(lane->symbol1, lane->first1, lane->cdf + k0 + 1, k1);
     return 1;
 }
 
@@ -384,6 +411,7 @@ static int rans_start(Lane *lane, Job *job)
     lane->done = 0;
     lane->state = state;
     lane->end = job->count;
+    lane->trellis_state = 0;
     if (!job->params.obj) {
         rans_tables(lane, job->cdf, (int)job->entries);
     } else if (job->count && !rans_next_run(lane)) {
@@ -397,35 +425,47 @@ static int rans_start(Lane *lane, Job *job)
  * locals (the indices are stored as bytes, which may alias anything: fields would be read again after every
  * store). Unless `guarded`, every lane has at least n words left, so a refill needs no check: the caller
  * runs guarded steps only at a stream's end. The refill is a select (cmov), not a branch: which way it goes
- * depends on the data, so a branch would mispredict. */
+ * depends on the data, so a branch would mispredict. With `trellis` (every lane a rans-trellis job), each symbol m
+ * is decoded under the model of the lane's trellis state's class c, the index is 2m + c, and it moves the state on. */
 static inline __attribute__((always_inline)) void rans_steps(Lane *const *lanes, Py_ssize_t n, const int N,
-                                                             const int guarded)
+                                                             const int guarded, const int trellis)
 {
     const uint64_t mask = (1u << RANS_PRECISION) - 1;
     uint64_t state[RANS_LANES];
     const uint8_t *top[RANS_LANES]; /* just past the next word down */
     uint16_t *out[RANS_LANES];
-    const Lane *lane[RANS_LANES];
+    const uint64_t *first[RANS_LANES][2], *symbol[RANS_LANES][2]; /* a lane's model, or each class's (trellis) */
+    int at_state[RANS_LANES];
     for (int l = 0; l < N; l++) {
-        lane[l] = lanes[l];
         state[l] = lanes[l]->state;
         top[l] = lanes[l]->words + 4 * lanes[l]->left;
         out[l] = (uint16_t *)lanes[l]->out + lanes[l]->done;
+        first[l][0] = lanes[l]->first, first[l][1] = lanes[l]->first1;
+        symbol[l][0] = lanes[l]->symbol, symbol[l][1] = lanes[l]->symbol1;
+        at_state[l] = lanes[l]->trellis_state;
     }
     for (Py_ssize_t i = 0; i < n; i++)
         _Pragma("GCC unroll 4") for (int l = 0; l < N; l++) {
+            const int c = trellis ? TRELLIS_CLASS[at_state[l]] : 0;
             const uint64_t quantile = state[l] & mask;
-            uint64_t at = lane[l]->first[quantile >> (RANS_PRECISION - RANS_SLOT_BITS)];
+            uint64_t at = first[l][c][quantile >> (RANS_PRECISION - RANS_SLOT_BITS)];
             while (quantile - (at & mask) >= at >> RANS_FREQUENCY_SHIFT)
-                at = lane[l]->symbol[((at >> RANS_SYMBOL_SHIFT) & RANS_SYMBOL_MASK) + 1];
-            out[l][i] = (uint16_t)((at >> RANS_SYMBOL_SHIFT) & RANS_SYMBOL_MASK);
+                at = symbol[l][c][((at >> RANS_SYMBOL_SHIFT) & RANS_SYMBOL_MASK) + 1];
+            const int m = (int)((at >> RANS_SYMBOL_SHIFT) & RANS_SYMBOL_MASK);
+            if (trellis) {
+                const int index = 2 * m + c;
+                out[l][i] = (uint16_t)index;
+                at_state[l] = TRELLIS_NEXT[at_state[l]][(index & 3) >> 1];
+            } else {
+                out[l][i] = (uint16_t)m;
+            }
             const uint64_t next =
                 (state[l] >> RANS_PRECISION) * (at >> RANS_FREQUENCY_SHIFT) + (quantile - (at & mask));
             uint64_t refill = !(next >> 32);
             uint32_t word;
             if (guarded) { /* none left: word 0 read again (the stream, or a zero word), and unused */
-                refill &= top[l] > lane[l]->words;
-                memcpy(&word, top[l] - 4 * (top[l] > lane[l]->words), 4);
+                refill &= top[l] > lanes[l]->words;
+                memcpy(&word, top[l] - 4 * (top[l] > lanes[l]->words), 4);
             } else {
                 memcpy(&word, top[l] - 4, 4);
             }
@@ -436,11 +476,13 @@ static inline __attribute__((always_inline)) void rans_steps(Lane *const *lanes,
         lanes[l]->state = state[l];
         lanes[l]->left = (top[l] - lanes[l]->words) / 4;
         lanes[l]->done += n;
+        lanes[l]->trellis_state = at_state[l];
     }
 }
 
-/* n more symbols of each active lane: unguarded while every lane has words for every step, then guarded. */
-static void rans_round(Lane *const *lanes, Py_ssize_t n, int N)
+/* n more symbols of each active lane (all trellis jobs, or none): unguarded while every lane has words for every
+ * step, then guarded. */
+static void rans_round(Lane *const *lanes, Py_ssize_t n, int N, int trellis)
 {
     while (n > 0) {
         Py_ssize_t m = n;
@@ -448,15 +490,23 @@ static void rans_round(Lane *const *lanes, Py_ssize_t n, int N)
             m = lanes[l]->left < m ? lanes[l]->left : m;
         const int guarded = m == 0;
         m = guarded ? n : m;
-        switch (N * 2 + guarded) {
-        case 2: rans_steps(lanes, m, 1, 0); break;
-        case 3: rans_steps(lanes, m, 1, 1); break;
-        case 4: rans_steps(lanes, m, 2, 0); break;
-        case 5: rans_steps(lanes, m, 2, 1); break;
-        case 6: rans_steps(lanes, m, 3, 0); break;
-        case 7: rans_steps(lanes, m, 3, 1); break;
-        case 8: rans_steps(lanes, m, 4, 0); break;
-        default: rans_steps(lanes, m, 4, 1); break;
+        switch ((N * 2 + guarded) * 2 + trellis) {
+        case 4: rans_steps(lanes, m, 1, 0, 0); break;
+        case 5: rans_steps(lanes, m, 1, 0, 1); break;
+        case 6: rans_steps(lanes, m, 1, 1, 0); break;
+        case 7: rans_steps(lanes, m, 1, 1, 1); break;
+        case 8: rans_steps(lanes, m, 2, 0, 0); break;
+        case 9: rans_steps(lanes, m, 2, 0, 1); break;
+        case 10: rans_steps(lanes, m, 2, 1, 0); break;
+        case 11: rans_steps(lanes, m, 2, 1, 1); break;
+        case 12: rans_steps(lanes, m, 3, 0, 0); break;
+        case 13: rans_steps(lanes, m, 3, 0, 1); break;
+        case 14: rans_steps(lanes, m, 3, 1, 0); break;
+        case 15: rans_steps(lanes, m, 3, 1, 1); break;
+        case 16: rans_steps(lanes, m, 4, 0, 0); break;
+        case 17: rans_steps(lanes, m, 4, 0, 1); break;
+        case 18: rans_steps(lanes, m, 4, 1, 0); break;
+        default: rans_steps(lanes, m, 4, 1, 1); break;
         }
         n -= m;
     }
@@ -513,11 +563,12 @@ static void gather(const Job *job, const uint16_t *index)
 }
 
 /* Every rANS job of the batch, RANS_LANES at a time on this thread: a lane whose stream ends maps its indices
- * to values (while they are in cache) and takes the next job. */
+ * to values (while they are in cache) and takes the next job. Trellis jobs and the others step in rounds of their
+ * own (a round's lanes are all of one kind). */
 static void run_rans(Work *work, Lane *lanes)
 {
-    Lane *active[RANS_LANES], *idle[RANS_LANES];
-    int n_active = 0, n_idle = RANS_LANES;
+    Lane *active[2][RANS_LANES], *idle[RANS_LANES]; /* active[1]: trellis jobs' lanes */
+    int n_active[2] = {0, 0}, n_idle = RANS_LANES;
     for (int l = 0; l < RANS_LANES; l++)
         idle[l] = &lanes[l];
     for (;;) {
@@ -526,28 +577,34 @@ static void run_rans(Work *work, Lane *lanes)
             if (i >= work->n_rans)
                 break;
             Job *job = work->items[i].job;
-            if (__atomic_load_n(&job->status, __ATOMIC_RELAXED) == JOB_OK && rans_start(idle[n_idle - 1], job))
-                active[n_active++] = idle[--n_idle];
+            if (__atomic_load_n(&job->status, __ATOMIC_RELAXED) == JOB_OK && rans_start(idle[n_idle - 1], job)) {
+                const int kind = job->trellis != 0;
+                active[kind][n_active[kind]++] = idle[--n_idle];
+            }
         }
-        if (!n_active)
+        if (!n_active[0] && !n_active[1])
             return;
-        Py_ssize_t n = PY_SSIZE_T_MAX;
-        for (int a = 0; a < n_active; a++)
-            if (active[a]->end - active[a]->done < n)
-                n = active[a]->end - active[a]->done;
-        rans_round(active, n, n_active);
-        for (int a = n_active - 1; a >= 0; a--) {
-            Lane *lane = active[a];
-            if (lane->done < lane->job->count) {
-                if (lane->done < lane->end || rans_next_run(lane))
-                    continue;
-                lane->job->status = JOB_RANS;
-            } else if (lane->state || lane->left)
-                lane->job->status = JOB_RANS_LEFT;
-            else
-                gather(lane->job, (const uint16_t *)lane->out);
-            idle[n_idle++] = lane;
-            active[a] = active[--n_active];
+        for (int kind = 0; kind < 2; kind++) {
+            Lane **these = active[kind];
+            Py_ssize_t n = PY_SSIZE_T_MAX;
+            for (int a = 0; a < n_active[kind]; a++)
+                if (these[a]->end - these[a]->done < n)
+                    n = these[a]->end - these[a]->done;
+            if (n_active[kind])
+                rans_round(these, n, n_active[kind], kind);
+            for (int a = n_active[kind] - 1; a >= 0; a--) {
+                Lane *lane = these[a];
+                if (lane->done < lane->job->count) {
+                    if (lane->done < lane->end || rans_next_run(lane))
+                        continue;
+                    lane->job->status = JOB_RANS;
+                } else if (lane->state || lane->left)
+                    lane->job->status = JOB_RANS_LEFT;
+                else
+                    gather(lane->job, (const uint16_t *)lane->out);
+                idle[n_idle++] = lane;
+                these[a] = these[--n_active[kind]];
+            }
         }
     }
 }
@@ -682,9 +739,9 @@ static int take_job(PyObject *spec, Job *job)
 {
     PyObject *table_obj, *out_obj, *counts_obj = Py_None, *params_obj = Py_None;
     int axis = 0;
-    if (!PyArg_ParseTuple(spec, "y*niOOi|OOi;a job is (stream, count, bits, table, out, frame[, counts[, params, axis]])",
-                          &job->stream, &job->count, &job->bits, &table_obj, &out_obj, &job->frame, &counts_obj,
-                          &params_obj, &axis))
+    if (!PyArg_ParseTuple(spec, "y*niOOi|OOii;a job is (stream, count, bits, table, out, frame[, counts[, params, axis[, "
+                          "trellis]]])", &job->stream, &job->count, &job->bits, &table_obj, &out_obj, &job->frame,
+                          &counts_obj, &params_obj, &axis, &job->trellis))
         return -1;
     job->groups = 1;
     /* FORMAT so that itemsize is the element size, not 1 */
@@ -730,6 +787,10 @@ static int take_job(PyObject *spec, Job *job)
     }
     job->entries = (uint64_t)entries;
     job->status = JOB_OK;
+    if (job->trellis && (job->frame != FRAME_RANS || params_obj == Py_None || entries < 4)) {
+        PyErr_SetString(PyExc_ValueError, "a trellis job is a grouped rANS job of 4 or more table entries");
+        return -1;
+    }
     if (job->frame == FRAME_RANS) { /* its indices are symbols of the model: gather reads the table itself */
         job->cdf = job->cdf_inline;
         return params_obj != Py_None ? take_params(job, params_obj, axis) : take_model(job, counts_obj);

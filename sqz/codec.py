@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import bitpack, entropy, grid
+from . import bitpack, entropy, grid, trellis
 from .adapter import SourceTensor
 from .constants import (
     CODEBOOK_GRID,
@@ -28,6 +28,7 @@ from .constants import (
     ENTROPY_RANS,
     ENTROPY_RANS_COMPACT,
     ENTROPY_RANS_GROUPED,
+    ENTROPY_RANS_TRELLIS,
     ENTROPY_STAGES,
     ENTROPY_ZSTD,
     ENTROPY_ZSTD_ALIGNED,
@@ -106,6 +107,9 @@ class EncodeOptions:
         if MIN_VERSION.get(self.entropy, (1, 0)) > self.version:
             raise InputError(f"entropy {self.entropy} needs --format {'.'.join(map(str, MIN_VERSION[self.entropy]))} "
                              f"or later, not {self.format}")
+        if self.entropy == ENTROPY_RANS_TRELLIS and self.target is None:
+            raise InputError("entropy rans-trellis codes the trellis-coded quantizer of a rate target: give --bpp, "
+                             "--size or --sqnr (-b is the paper's k-means)")
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -117,6 +121,13 @@ class EncodeOptions:
         if ENTROPY_RANS_COMPACT in stages:
             stages.remove(ENTROPY_RANS)
         return tuple(stages)
+
+    @property
+    def scalar_stages(self) -> tuple[str, ...]:
+        """The stages that code a scalar quantizer's indices: `stages` without rans-trellis (which codes only indices
+        on its trellis), or rans-compact where rans-trellis was asked for: a factor is put on the trellis where that
+        costs less (squared error + slope x bits, at its plan's slope), and scalar-quantized otherwise."""
+        return tuple(s for s in self.stages if s != ENTROPY_RANS_TRELLIS) or (ENTROPY_RANS_COMPACT,)
 
     @property
     def widest_index(self) -> int:
@@ -165,7 +176,7 @@ def _smallest(candidates: dict[str, bytes], count: int = 0) -> tuple[str, bytes]
     return stage, candidates[stage]
 
 
-SLOW_STAGES = (ENTROPY_RANS, ENTROPY_RANS_COMPACT, ENTROPY_RANS_GROUPED)
+SLOW_STAGES = (ENTROPY_RANS, ENTROPY_RANS_COMPACT, ENTROPY_RANS_GROUPED, ENTROPY_RANS_TRELLIS)
 
 
 def _rans_pays(saved_bytes: float, count: int) -> bool:
@@ -223,9 +234,16 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
     codebook_dtype, side = stored_side(values, q, t.dtype, options.version, scales,
                                        math.inf if priced else GRID_LIMIT)
     k = int(q.codebook.size)
-    stage, payload = _entropy_coded(q, bits, options.stages, matrix_shape(t.shape)[1])
+    stage, payload = _entropy_coded(q, bits, options.scalar_stages, matrix_shape(t.shape)[1])
     if k == 1:
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
+    if choice is not None and choice.slope is not None and ENTROPY_RANS_TRELLIS in options.stages:
+        on_trellis = _on_trellis(values, t.dtype, options, scales, choice.slope, matrix_shape(t.shape)[1])
+        scalar = _cost(values, q, codebook_dtype, side, payload, choice.slope,
+                       RANS_DECODE_NS if stage in SLOW_STAGES else 0.0)
+        if on_trellis is not None and on_trellis[0] < scalar:
+            _, q, codebook_dtype, side, payload = on_trellis
+            stage, k, bits = ENTROPY_RANS_TRELLIS, int(q.codebook.size), max(width_of(int(q.codebook.size)), MIN_BITS)
     record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=bits, codebook_size=k, codebook_dtype=codebook_dtype,
                   sample_size=q.sample_size, seed=q.seed)
     if scales is not None:
@@ -238,6 +256,47 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
         if len(exact) <= len(section):
             return exact_record, exact
     return record, section
+
+
+def _on_trellis(values: np.ndarray, dtype: str, options: EncodeOptions, scales: np.ndarray | None,
+                slope: float, row: int) -> tuple[float, Quantized, str, bytes, bytes] | None:
+    """(cost, quantized, codebook_dtype, side, payload) of the tensor (rows of `row` values) quantized on the trellis
+    at the slope of its entropy-constrained fit (trellis.py), its cost the squared error plus slope x bits: the
+    cheaper of the grid's path and the centroids'; None where no path applies."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    best = None
+    for path in trellis.quantize(flat, slope, 1 << MAX_WIDE_BITS, row):
+        counts = np.bincount(path.indices, minlength=path.codebook.size)
+        q = Quantized(path.codebook.astype(np.float32), path.indices, 0, 0, counts)
+        codebook_dtype, side = stored_side(values, q, dtype, options.version, scales, math.inf)  # _cost prices it
+        payload = entropy.rans_trellis_payload(path.indices, path.codebook.size, row)
+        cost = _cost(flat, q, codebook_dtype, side, payload, slope, TRELLIS_DECODE_NS)
+        if best is None or cost < best[0]:
+            best = cost, q, codebook_dtype, side, payload
+    return best
+
+
+TRELLIS_DECODE_NS = 5.5
+"""rans-trellis's extra decode time per index over the fast stages: ~1 ns more than rans-grouped's (the C extension
+interleaves four streams either way; 3.3 against 2.4 ns an index on one core, Gaussian factors of 262K values at 2
+bits a value), so RANS_DECODE_NS + 1."""
+
+
+def _cost(values: np.ndarray, q: Quantized, codebook_dtype: str, side: bytes, payload: bytes, slope: float,
+          decode_ns: float) -> float:
+    """Squared error of `q`'s indices on `values` under the codebook as stored (`side`, in `codebook_dtype`), plus
+    `slope` x the section's bits and the bits its decode time is worth (`decode_ns` an index, at BYTE_WORTH_NS a
+    byte): what the rate target's plan minimises, and what auto trades."""
+    record = {"name": "", "codebook_dtype": codebook_dtype, "codebook_size": int(q.codebook.size)}
+    stored = read_side(record, memoryview(side)).codebook.astype(np.float64)
+    error = np.asarray(values, dtype=np.float64).ravel() - stored[q.indices]
+    section_bits = 8 * (len(side) + len(payload) + q.indices.size * decode_ns / BYTE_WORTH_NS)
+    return float(error @ error) + slope * section_bits
+
+
+def width_of(k: int) -> int:
+    """Index bits of a k-entry codebook: 0 for k = 1."""
+    return (k - 1).bit_length()
 
 
 def _encode_raw(t: SourceTensor, record: dict, options: EncodeOptions) -> tuple[dict, bytes]:
@@ -604,7 +663,8 @@ def _entropy_stage(record: dict, section: memoryview) -> tuple:
     """Undo the entropy stage, or get it ready for the lookup to undo: ('raw', bytes), or
     ('kmeans', stream, count, width, frame, float32 codebook, float32 scales or None), frame being the lookup job's
     last items: (FRAME_PACKED,) for packed indices, or a stream the C extension decodes in its own threads,
-    (FRAME_ZSTD,) for a zstd frame of them (NATIVE_ZSTD) and (FRAME_RANS, counts) for a rANS stream."""
+    (FRAME_ZSTD,) for a zstd frame of them (NATIVE_ZSTD) and (FRAME_RANS, counts) for a rANS stream (and for
+    rans-grouped and rans-trellis ones, the job's further items, bitpack.LookupJob)."""
     count = math.prod(record["shape"])
     if record["encoding"] == ENCODING_RAW:
         return ENCODING_RAW, entropy.decode_bytes(section, count * itemsize(record["dtype"]), record["entropy"])
@@ -619,6 +679,9 @@ def _entropy_stage(record: dict, section: memoryview) -> tuple:
         if stage == ENTROPY_RANS_GROUPED:
             stream, params, axis = entropy.rans_grouped_frame(payload, count, k, matrix_shape(record["shape"])[1])
             frame = (bitpack.FRAME_RANS, None, params, axis)
+        elif stage == ENTROPY_RANS_TRELLIS:
+            stream, params, axis = entropy.rans_grouped_frame(payload, count, k, matrix_shape(record["shape"])[1], stage)
+            frame = (bitpack.FRAME_RANS, None, params, axis, 1)
         else:
             stream, counts = entropy.rans_frame(payload, count, k, stage)
             frame = (bitpack.FRAME_RANS, counts)

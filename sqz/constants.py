@@ -5,12 +5,12 @@ MAGIC = b"\x89SQZ\r\n\x1a\n"
 """8 bytes; the PNG-style high byte and CR LF / ^Z / LF catch text-mode and 7-bit transfers."""
 
 VERSION_MAJOR = 2
-VERSION_MINOR = 4
+VERSION_MINOR = 5
 """What the writer writes by default."""
-READABLE_MAJORS = {1: 1, 2: 4}
+READABLE_MAJORS = {1: 1, 2: 5}
 """Major -> newest minor of it this reader implements. A reader of major 2 still reads every 1.x file (§2)."""
-WRITABLE_VERSIONS = ((1, 1), (2, 0), (2, 1), (2, 2), (2, 3), (2, 4))
-"""Versions the writer can produce: 1.1 to 2.3 for fleets whose readers predate 2.0, 2.1, 2.2, 2.3 or 2.4."""
+WRITABLE_VERSIONS = ((1, 1), (2, 0), (2, 1), (2, 2), (2, 3), (2, 4), (2, 5))
+"""Versions the writer can produce: 1.1 to 2.4 for fleets whose readers predate 2.0, 2.1, 2.2, 2.3, 2.4 or 2.5."""
 
 PREAMBLE_SIZE = 20
 """magic (8) + major u16 + minor u16 + header length u32 + header CRC-32 u32, little-endian."""
@@ -73,9 +73,13 @@ bytes left out: 5-8 bytes of table for a small tensor's 20-32."""
 ENTROPY_RANS_GROUPED = "rans-grouped"
 """Since 2.4: one rANS stream of the tensor's rows (or columns) in turn, each under its own discrete Gaussian (3 bytes
 of parameters): the components of a factor in the SVD gauge differ in spread, which one count table pools."""
+ENTROPY_RANS_TRELLIS = "rans-trellis"
+"""Since 2.5: indices on the 8-state trellis of TRELLIS_CLASS and TRELLIS_NEXT (trellis-coded quantization), laid out
+as rans-grouped's, each index coded under its group's discrete Gaussian restricted to its state's class."""
 ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD, ENTROPY_RANS, ENTROPY_ZSTD_ALIGNED, ENTROPY_RANS_COMPACT,
-                  ENTROPY_RANS_GROUPED)
-MIN_VERSION = {ENTROPY_ZSTD_ALIGNED: (1, 1), ENTROPY_RANS_COMPACT: (2, 1), ENTROPY_RANS_GROUPED: (2, 4)}
+                  ENTROPY_RANS_GROUPED, ENTROPY_RANS_TRELLIS)
+MIN_VERSION = {ENTROPY_ZSTD_ALIGNED: (1, 1), ENTROPY_RANS_COMPACT: (2, 1), ENTROPY_RANS_GROUPED: (2, 4),
+               ENTROPY_RANS_TRELLIS: (2, 5)}
 """The first format version of each entropy stage that 1.0 did not have (a writer of an older version cannot use it)."""
 MAX_COUNT_WIDTH = 32
 """rans-compact: the bits of each stored count, at most (a count is at most MAX_KMEANS_NUMEL)."""
@@ -84,9 +88,16 @@ GAUSS_RATIO = 1070838486
 (E[0] = 2^30, E[i+1] = (E[i] * GAUSS_RATIO + 2^29) >> 30) from which every group's model is computed in integers."""
 GROUP_AXES = (0, 1)
 """rans-grouped: the groups are the rows (0) or the columns (1) of the tensor viewed as a matrix (as scale_axis)."""
+TRELLIS_CLASS = (0, 0, 1, 1, 0, 0, 1, 1)
+"""rans-trellis: the class of each of the 8 states; in a state of class c every index i has i mod 2 = c."""
+TRELLIS_NEXT = ((0, 4), (4, 0), (1, 5), (5, 1), (6, 2), (2, 6), (7, 3), (3, 7))
+"""rans-trellis: the state after index i in state s: TRELLIS_NEXT[s][(i mod 4) div 2] (Ungerboeck's 8-state trellis
+as Marcellin and Fischer's TCQ uses it). The first index is coded in state 0."""
+TRELLIS_MIN_ENTRIES = 4
+"""rans-trellis: a codebook of at least 4 entries (each class's model has 2 symbols or more)."""
 RAW_ENTROPY_STAGES = (ENTROPY_NONE, ENTROPY_ZSTD)
-WIDE_ENTROPY_STAGES = (ENTROPY_RANS, ENTROPY_RANS_COMPACT, ENTROPY_RANS_GROUPED)
-"""2.3: the stages a kmeans record of more than MAX_BITS bits may use (and rans-grouped, 2.4)."""
+WIDE_ENTROPY_STAGES = (ENTROPY_RANS, ENTROPY_RANS_COMPACT, ENTROPY_RANS_GROUPED, ENTROPY_RANS_TRELLIS)
+"""2.3: the stages a kmeans record of more than MAX_BITS bits may use (and rans-grouped, 2.4, rans-trellis, 2.5)."""
 
 ROLE_A = "lora_A"
 ROLE_B = "lora_B"

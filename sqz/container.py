@@ -40,6 +40,7 @@ from .constants import (
     DTYPE_ITEMSIZE,
     ENCODING_KMEANS,
     ENCODINGS,
+    ENTROPY_RANS_TRELLIS,
     ENTROPY_STAGES,
     EXPANSION_FLOOR,
     HEADER_DICTIONARY,
@@ -66,6 +67,7 @@ from .constants import (
     READABLE_MAJORS,
     ROLES,
     SCALE_AXES,
+    TRELLIS_MIN_ENTRIES,
     VERSION_MAJOR,
     VERSION_MINOR,
     WIDE_ENTROPY_STAGES,
@@ -513,10 +515,12 @@ def _validate_record(r: dict[str, Any], where: str, major: int) -> None:
         if not (type(bits) is int and MIN_BITS <= bits <= MAX_WIDE_BITS):
             _bad(where, f"{name!r}: bits must be 1..{MAX_WIDE_BITS}")
         if bits > MAX_BITS and (major == 1 or entropy not in WIDE_ENTROPY_STAGES):
-            _bad(where, f"{name!r}: bits over {MAX_BITS} need format 2.3 and entropy rans, rans-compact or "
-                        f"rans-grouped, not {entropy!r}")
+            _bad(where, f"{name!r}: bits over {MAX_BITS} need format 2.3 and entropy rans, rans-compact, "
+                        f"rans-grouped or rans-trellis, not {entropy!r}")
         if not (type(k) is int and 1 <= k <= (1 << bits)):
             _bad(where, f"{name!r}: codebook_size must be 1..2**bits")
+        if entropy == ENTROPY_RANS_TRELLIS and k < TRELLIS_MIN_ENTRIES:
+            _bad(where, f"{name!r}: rans-trellis needs a codebook_size of at least {TRELLIS_MIN_ENTRIES}")
         if numel <= 0:
             _bad(where, f"{name!r}: kmeans tensor must not be empty")
         if numel > MAX_KMEANS_NUMEL:

@@ -16,6 +16,10 @@
   discrete Gaussian over the indices, 3 bytes of parameters a group (fit_gauss). In the SVD gauge a factor's
   components (A' rows, B' columns) differ in spread by their singular values, which one table pools; a count table a
   group costs more than it saves, where 3 bytes do not.
+- rans-trellis (2.5): indices that trellis-coded quantization (trellis.py) chose on the spec's 8-state trellis, whose
+  state allows one class of indices (i mod 2) and moves on by i mod 4; rans-grouped's layout, each index i coded as
+  i div 2 under its group's discrete Gaussian restricted to its state's class: a class holds half the levels, and one
+  model pooled over both cost 0.25 bits an index at 0.66 bits and 0.05 at 2 (Gaussian values).
 
 The probability model (counts -> Categorical) is built by one function used by both directions here, so
 encoder and decoder can never disagree on it. The C extension decodes rANS too (bitpack's FRAME_RANS jobs, 4x
@@ -36,14 +40,23 @@ from .constants import (
     ENTROPY_RANS,
     ENTROPY_RANS_COMPACT,
     ENTROPY_RANS_GROUPED,
+    ENTROPY_RANS_TRELLIS,
     ENTROPY_ZSTD,
     ENTROPY_ZSTD_ALIGNED,
     GAUSS_RATIO,
     GROUP_AXES,
     MAX_COUNT_WIDTH,
+    TRELLIS_CLASS,
+    TRELLIS_MIN_ENTRIES,
+    TRELLIS_NEXT,
 )
 from .dtypes import index_dtype
 from .errors import FormatError, LimitError
+
+try:
+    from ._trellis import encode as native_trellis_encode
+except ImportError:  # no C compiler at install: the rate targets do without trellis-coded quantization (trellis.py)
+    native_trellis_encode = None
 
 ZSTD_LEVEL = 3
 """Level for index streams and raw tensors: on packed indices level 19 gains under 1% at 30x the time."""
@@ -156,6 +169,8 @@ def encode_stages(indices: np.ndarray, bits: int, codebook_size: int, stages: tu
             if stage == ENTROPY_RANS:
                 return counts.tobytes() + words
             return _count_table(counts[:-1]) + words[:len(words) - _zero_top_bytes(words)]
+        if stage == ENTROPY_RANS_TRELLIS:
+            return rans_trellis_payload(indices, codebook_size, row)
         if stage == ENTROPY_RANS_GROUPED:
             axis = group_axis(indices.size, row)
             centres, widths, _ = fit_gauss(group_counts(indices, codebook_size, row, axis))
@@ -163,6 +178,55 @@ def encode_stages(indices: np.ndarray, bits: int, codebook_size: int, stages: tu
         raise ValueError(f"unknown entropy stage {stage!r}")
 
     return {stage: encode(stage) for stage in stages}
+
+
+def rans_trellis_payload(indices: np.ndarray, k: int, row: int) -> bytes:
+    """A rans-trellis payload (spec §4.2): rans-grouped's axis and groups' parameters, then one rANS stream of the
+    indices (on the trellis: ValueError if not) in group order, each as i div 2 under its group's model restricted
+    to its state's class. `row`: the length of the tensor's rows as a matrix."""
+    if native_trellis_encode is None:
+        raise ValueError("rans-trellis needs sqz's C extension sqz._trellis")
+    axis = group_axis(indices.size, row)
+    centres, widths, _ = fit_gauss(group_counts(indices, k, row, axis))
+    params = np.empty(centres.size, dtype=GROUP_PARAMS)
+    params["centre"], params["width"] = centres, widths
+    stream = np.ascontiguousarray(in_groups(indices, row, axis), dtype=np.uint16).ravel()
+    words = native_trellis_encode(stream, gauss_counts(centres, widths, k), centres.size)
+    return bytes([axis]) + params.tobytes() + words[:len(words) - _zero_top_bytes(words)]
+
+
+def trellis_bits(counts: np.ndarray) -> np.ndarray:
+    """[groups, k] bits of each index under its group's model restricted to its class (spec §4.2 rans-trellis), from
+    the groups' model counts [groups, k]."""
+    bits = np.empty(counts.shape, dtype=np.float64)
+    for c in (0, 1):
+        bits[:, c::2] = _model_bits(counts[:, c::2])
+    return bits
+
+
+def _decode_rans_trellis(words: np.ndarray, params: memoryview, k: int, count: int) -> np.ndarray:
+    """The `count` indices of a rans-trellis stream, in the stream's (groups') order, walking the trellis from state
+    0; the coder must end empty. The reference decoder (one symbol a call: ~1 µs an index), which the C extension's
+    is held equal to."""
+    centres, widths = _group_params(params)
+    length = count // centres.size
+    indices = np.empty(count, dtype=index_dtype(k))
+    state = 0
+    try:
+        coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32))
+        for g in range(centres.size):
+            model = gauss_counts(centres[g:g + 1], widths[g:g + 1], k)[0]
+            classes = [_rans_model(model[c::2]) for c in (0, 1)]
+            for t in range(g * length, (g + 1) * length):
+                c = TRELLIS_CLASS[state]
+                i = 2 * int(coder.decode(classes[c])) + c
+                indices[t] = i
+                state = TRELLIS_NEXT[state][(i & 3) >> 1]
+    except Exception as exc:  # noqa: BLE001 - constriction raises plain Python errors on malformed streams
+        raise FormatError(f"bad rANS stream: {exc}") from None
+    if not coder.is_empty():
+        raise FormatError("rANS stream has data left after the last symbol")
+    return indices
 
 
 def _zstd_rows(compressor: zstandard.ZstdCompressor, data: bytes, row_bits: int, total_bits: int) -> bytes | None:
@@ -188,7 +252,7 @@ def group_axis(count: int, row: int) -> int:
     return 0 if count // row <= row else 1
 
 
-def _in_groups(indices: np.ndarray, row: int, axis: int) -> np.ndarray:
+def in_groups(indices: np.ndarray, row: int, axis: int) -> np.ndarray:
     """The indices as [groups, group length]: the matrix (axis 0) or its transpose (axis 1), the stream's order."""
     matrix = indices.reshape(-1, row)
     return matrix if axis == 0 else matrix.T
@@ -196,7 +260,7 @@ def _in_groups(indices: np.ndarray, row: int, axis: int) -> np.ndarray:
 
 def group_counts(indices: np.ndarray, k: int, row: int, axis: int) -> np.ndarray:
     """[groups, k] counts of each index in each group."""
-    grouped = _in_groups(indices, row, axis)
+    grouped = in_groups(indices, row, axis)
     keys = np.arange(grouped.shape[0], dtype=np.int64)[:, None] * k + grouped
     return np.bincount(keys.ravel(), minlength=grouped.shape[0] * k).reshape(grouped.shape[0], k)
 
@@ -294,7 +358,7 @@ def rans_grouped_payload(indices: np.ndarray, k: int, row: int, axis: int, centr
                          widths: np.ndarray) -> bytes:
     """A rans-grouped payload (spec §4.2): the axis, each group's centre (u16) and width code (u8), then one rANS
     stream of the groups in order, each under its discrete Gaussian."""
-    grouped = _in_groups(indices, row, axis)
+    grouped = in_groups(indices, row, axis)
     params = np.empty(centres.size, dtype=GROUP_PARAMS)
     params["centre"], params["width"] = centres, widths
     coder = constriction.stream.stack.AnsCoder()
@@ -345,9 +409,10 @@ def decode_stream(payload: memoryview, count: int, bits: int, codebook_size: int
         stream, counts = rans_frame(payload, count, codebook_size, stage)
         indices = _decode_rans_stream(_words(stream), counts, count)
         return indices, 8 if indices.dtype == np.uint8 else bitpack.WIDE
-    if stage == ENTROPY_RANS_GROUPED:
-        stream, params, axis = rans_grouped_frame(payload, count, codebook_size, row)
-        grouped = _decode_rans_grouped(_words(stream), params, codebook_size, count)
+    if stage in (ENTROPY_RANS_GROUPED, ENTROPY_RANS_TRELLIS):
+        stream, params, axis = rans_grouped_frame(payload, count, codebook_size, row, stage)
+        decode = _decode_rans_trellis if stage == ENTROPY_RANS_TRELLIS else _decode_rans_grouped
+        grouped = decode(_words(stream), params, codebook_size, count)
         indices = np.ascontiguousarray(grouped.reshape(len(params) // 3, -1).T if axis else grouped).ravel()
         return indices, 8 if indices.dtype == np.uint8 else bitpack.WIDE
     raise FormatError(f"unknown entropy stage {stage!r}")
@@ -421,27 +486,29 @@ def rans_frame(payload: memoryview, count: int, codebook_size: int, stage: str) 
     return payload[1 + table_bytes:], np.append(head, np.uint64(count - total))
 
 
-def rans_grouped_frame(payload: memoryview, count: int, codebook_size: int,
-                       row: int) -> tuple[memoryview, memoryview, int]:
-    """(stream, params, axis) of a rans-grouped payload, checked against §4.2: the rANS words, the groups' 3-byte
-    parameters (u16 centre, u8 width code) and the axis the groups run along. `row`: the length of the tensor's rows
-    viewed as a matrix (codec.matrix_shape), which the groups depend on."""
+def rans_grouped_frame(payload: memoryview, count: int, codebook_size: int, row: int,
+                       stage: str = ENTROPY_RANS_GROUPED) -> tuple[memoryview, memoryview, int]:
+    """(stream, params, axis) of a rans-grouped or (`stage`) rans-trellis payload, checked against §4.2: the rANS
+    words, the groups' 3-byte parameters (u16 centre, u8 width code) and the axis the groups run along. `row`: the
+    length of the tensor's rows viewed as a matrix (codec.matrix_shape), which the groups depend on."""
     if row < 1 or count % row:
-        raise ValueError(f"rans-grouped needs the length of the tensor's rows, a divisor of {count}, not {row}")
+        raise ValueError(f"{stage} needs the length of the tensor's rows, a divisor of {count}, not {row}")
+    if stage == ENTROPY_RANS_TRELLIS and codebook_size < TRELLIS_MIN_ENTRIES:
+        raise FormatError(f"rans-trellis needs a codebook of at least {TRELLIS_MIN_ENTRIES} entries, not {codebook_size}")
     if not len(payload) or payload[0] not in GROUP_AXES:
-        raise FormatError("rans-grouped payload must start with an axis of 0 or 1")
+        raise FormatError(f"{stage} payload must start with an axis of 0 or 1")
     axis = payload[0]
     groups = count // row if axis == 0 else row
     if groups * groups > count:  # spec: G <= L, so a reader builds at most sqrt(n) models whatever the file says
-        raise FormatError(f"rans-grouped payload: axis {axis} makes {groups} groups of {count // groups} indices; "
+        raise FormatError(f"{stage} payload: axis {axis} makes {groups} groups of {count // groups} indices; "
                           f"a writer groups along the shorter side")
     end = 1 + 3 * groups
     if len(payload) < end:
-        raise FormatError(f"rans-grouped payload is shorter than its {groups} groups' parameters")
+        raise FormatError(f"{stage} payload is shorter than its {groups} groups' parameters")
     params = payload[1:end]
     centres, _ = _group_params(params)
     if int(centres.max()) > 16 * (codebook_size - 1):
-        raise FormatError(f"rans-grouped payload: a group's centre {int(centres.max())}/16 is past the codebook's last "
+        raise FormatError(f"{stage} payload: a group's centre {int(centres.max())}/16 is past the codebook's last "
                           f"index, {codebook_size - 1}")
     return payload[end:], params, axis
 

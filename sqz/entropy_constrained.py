@@ -90,7 +90,7 @@ def _fit(histogram: Histogram, slope: float, level_bits: float, start: np.ndarra
         crossings = (levels[:-1] + levels[1:]) / 2 + slope * (lengths[1:] - lengths[:-1]) / (
             2 * (levels[1:] - levels[:-1]))
         thresholds = np.clip(crossings, centers[first[1:] - 1], np.nextafter(centers[first[1:]], -np.inf))
-    return Fit(codebook, _sse(codebook, w, s, q), w, thresholds), restart
+    return Fit(codebook, _sse(codebook, w, s, q), w, thresholds, slope), restart
 
 
 def _cells(histogram: Histogram, start: np.ndarray, slope: float, level_bits: float) -> np.ndarray:

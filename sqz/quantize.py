@@ -210,6 +210,7 @@ class Fit:
     sse: float  # squared error over every value, before the codebook is rounded to float32
     counts: np.ndarray  # values per cluster: the index histogram, whose entropy the entropy stage approaches
     thresholds: np.ndarray | None = None  # where a value's index changes, if not at the midpoints (assign)
+    slope: float | None = None  # an entropy-constrained fit's slope (squared error a bit), which a trellis path may take
 
 
 def fit_sizes(values: np.ndarray, dtype: str, sizes: tuple[int, ...]) -> dict[int, Fit]:

@@ -51,6 +51,7 @@ from .codec import (
     GRID_MIN_SHARE,
     GRID_PRICED_ENTRIES,
     grid_bit_cost,
+    width_of,
 )
 from .constants import MAX_WIDE_BITS, PAIR_SINE
 from .dtypes import itemsize, to_float64, to_narrowest
@@ -97,11 +98,6 @@ def max_width(bpp: float | None = None, sqnr_db: float | None = None, most: int 
     return min(most, math.ceil(average) + HEADROOM_BITS)
 
 
-def width_of(k: int) -> int:
-    """Index bits of a k-entry codebook: 0 for k = 1."""
-    return (k - 1).bit_length()
-
-
 ENTROPY_SLACK = 1.01
 FRAME_BITS = 8 * 24
 """The entropy stage codes indices within about 1% of their entropy (zstd-aligned), plus a frame header."""
@@ -124,12 +120,14 @@ SINE_ROWS = 256
 class Choice:
     """What one tensor is encoded as: `bits` None is lossless; else the index width of `codebook` (0: one entry),
     fitted on the values divided by `scales` along their columns where a B factor has them, its cells split at
-    `thresholds` where they are not the midpoints (an entropy-constrained fit)."""
+    `thresholds` where they are not the midpoints (an entropy-constrained fit, at `slope`: the writer may quantize
+    on the trellis at that slope instead, trellis.py)."""
 
     bits: int | None
     codebook: np.ndarray | None = None
     scales: np.ndarray | None = None
     thresholds: np.ndarray | None = None
+    slope: float | None = None
 
 
 @dataclass
@@ -160,7 +158,7 @@ class Prepared:
             return Choice(None)
         fit = self.fits[name][column]
         return Choice(width_of(fit.codebook.size), fit.codebook, self.scales[name] if self.scaled[column] else None,
-                      fit.thresholds)
+                      fit.thresholds, fit.slope)
 
 
 def lowrank_inner(b1: np.ndarray, a1: np.ndarray, b2: np.ndarray, a2: np.ndarray) -> float:

@@ -46,7 +46,7 @@ def test_encode_info_decode(tmp_path, peft_dir):
     data = json.loads(info.stdout)
     assert data["totals"]["file_bytes"] == out.stat().st_size
     assert sum(t["section_bytes"] for t in data["tensors"]) == data["totals"]["section_bytes"]
-    assert data["version"] == "2.4"
+    assert data["version"] == "2.5"
     assert all(t["bits"] == 3 and t["codebook_size"] == 8 for t in data["tensors"])
     # float32 factors, 3 bits: a GRID codebook takes fewer than the 16 bytes of F16 entries
     assert {t["codebook_dtype"] for t in data["tensors"]} == {"GRID"}

@@ -149,7 +149,7 @@ def base_record(**changes) -> dict:
     ({"shape": [1] * 9}, FormatError, "shape"),
     ({"dtype": "F128"}, FormatError, "dtype"),
     ({"encoding": "kmeans", "bits": 9, "codebook_size": 4, "sample_size": 0, "seed": 0}, FormatError,
-     "bits over 8 need format 2.3 and entropy rans, rans-compact or rans-grouped, not 'none'"),
+     "bits over 8 need format 2.3 and entropy rans, rans-compact, rans-grouped or rans-trellis, not 'none'"),
     ({"encoding": "kmeans", "entropy": "rans", "bits": 9, "codebook_size": 4, "sample_size": 0, "seed": 0},
      FormatError, "bits over 8 need format 2.3"),  # this file is 1.0
     ({"encoding": "kmeans", "entropy": "rans", "bits": 13, "codebook_size": 4, "sample_size": 0, "seed": 0},
@@ -157,13 +157,15 @@ def base_record(**changes) -> dict:
     ({"encoding": "kmeans", "entropy": "rans-compact", "bits": 0, "codebook_size": 1, "sample_size": 0, "seed": 0},
      FormatError, r"bits must be 1\.\.12"),
     ({"encoding": "kmeans", "bits": 2, "codebook_size": 5, "sample_size": 0, "seed": 0}, FormatError, "codebook_size"),
+    ({"encoding": "kmeans", "entropy": "rans-trellis", "bits": 2, "codebook_size": 3, "sample_size": 0, "seed": 0},
+     FormatError, "rans-trellis needs a codebook_size of at least 4"),
     ({"offset": 3}, FormatError, "aligned"),
     ({"length": 1 << 40, "entropy": "zstd"}, FormatError, "data_size"),
     ({"length": 12}, FormatError, "raw section length"),
     ({"shape": [1 << 26], "encoding": "kmeans", "entropy": "none", "bits": 1, "codebook_size": 1, "sample_size": 1,
       "seed": 0, "length": 4}, LimitError, "expand 4 bytes into 268435456"),
     ({"encoding": "kmeans", "entropy": "zstd-2030", "bits": 2, "codebook_size": 4, "sample_size": 0, "seed": 0},
-     FormatError, r"unknown entropy stage 'zstd-2030' \(a newer minor version\? this sqz reads 1\.0-1\.1 and 2\.0-2\.4; upgrade"),
+     FormatError, r"unknown entropy stage 'zstd-2030' \(a newer minor version\? this sqz reads 1\.0-1\.1 and 2\.0-2\.5; upgrade"),
     ({"encoding": "vq"}, FormatError, "unknown encoding 'vq' .*upgrade sqz"),
 ])
 def test_hostile_records_are_refused_at_open(tmp_path, changes, error, match):

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import sqz
+from sqz import trellis
 from sqz.container import validate_header
 from sqz.loader import READ_AHEAD_BYTES
 
@@ -47,13 +48,15 @@ def sweep_files(tmp_path_factory) -> dict[str, bytes]:
     torch.manual_seed(0)
     save_file(sweep_tensors(), str(src), metadata={"k": "v"})
     files = {}
-    for stage in ("none", "zstd", "rans", "zstd-aligned", "rans-compact", "rans-grouped"):
+    for stage in ("none", "zstd", "rans", "zstd-aligned", "rans-compact", "rans-grouped", "rans-trellis"):
         out = folder / f"{stage}.sqz"
-        sqz.encode(src, out, sqz.EncodeOptions(bits=3, entropy=stage))
+        target = {"sqnr": 30.0} if stage == "rans-trellis" else {"bits": 3}  # the trellis is a rate target's quantizer
+        sqz.encode(src, out, sqz.EncodeOptions(entropy=stage, **target))
         files[stage] = out.read_bytes()
     stages = {(r["encoding"], r["entropy"]) for data in files.values() for r in sqz.load(data).header["tensors"]}
     assert {("kmeans", "none"), ("kmeans", "zstd"), ("kmeans", "rans"), ("kmeans", "zstd-aligned"),
             ("kmeans", "rans-compact"), ("kmeans", "rans-grouped"), ("raw", "none"), ("raw", "zstd")} <= stages
+    assert ("kmeans", "rans-trellis") in stages or trellis.native_viterbi is None
     return files
 
 

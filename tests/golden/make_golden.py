@@ -53,6 +53,11 @@ CASES = {  # per version: the stages and widths that version added, and auto as 
     (2, 4): {"b3-auto": {"bits": 3, "sample": 0}, "b3-rans-grouped": {"bits": 3, "sample": 0, "entropy": "rans-grouped"},
              "large-size80000-auto": {"size": 80_000, "sample": 0, "source": "large"},
              "large-sqnr70-rans-grouped": {"sqnr": 70.0, "sample": 0, "entropy": "rans-grouped", "source": "large"}},
+    # 2.5: rans-trellis (trellis-coded quantization) as a target's auto picks it and as asked for, on factors it suits
+    # (rows and columns grouped, scaled B factors, F16/BF16/GRID codebooks, wide ones of bits 9-12 among them)
+    (2, 5): {"b3-auto": {"bits": 3, "sample": 0}, "large-size80000-auto": {"size": 80_000, "sample": 0, "source": "large"},
+             "trellis-bpp2-auto": {"bpp": 2.0, "sample": 0, "source": "trellis"},
+             "trellis-sqnr30-rans-trellis": {"sqnr": 30.0, "sample": 0, "entropy": "rans-trellis", "source": "trellis"}},
 }
 SAMPLE = 64
 """The sample 1.x's golden files were fitted on (2.0 cases say their own)."""
@@ -75,14 +80,28 @@ def large_tensors() -> dict[str, torch.Tensor]:
     return t
 
 
+def trellis_tensors() -> dict[str, torch.Tensor]:
+    """Gaussian factors of a rank-8 adapter whose components fall off, in F16, BF16 and F32: what 2.5's trellis
+    suits (on the mixed and large sources most factors are too small or too degenerate for it to pay)."""
+    g = torch.Generator().manual_seed(7)
+    decay = 0.7 ** torch.arange(8.0)
+    t = {}
+    for module, dtype in (("q", torch.float16), ("v", torch.bfloat16), ("o", torch.float32)):
+        t[f"base_model.model.{module}.lora_A.weight"] = (torch.randn(8, 256, generator=g) * decay[:, None]).to(dtype)
+        t[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(192, 8, generator=g) * 0.05).to(dtype)
+    return t
+
+
 def main() -> None:
     folder = HERE / f"v{VERSION_MAJOR}.{VERSION_MINOR}"
     if folder.exists() and any(folder.iterdir()):
         sys.exit(f"{folder} exists: golden files are never regenerated")
     folder.mkdir(parents=True, exist_ok=True)
-    sources = {"mixed": folder / "source.safetensors", "large": folder / "large.safetensors"}
+    sources = {"mixed": folder / "source.safetensors", "large": folder / "large.safetensors",
+               "trellis": folder / "trellis.safetensors"}
     save_file(mixed_tensors(), str(sources["mixed"]), metadata={"format": "pt", "golden": "yes"})
     save_file(large_tensors(), str(sources["large"]), metadata={"format": "pt", "golden": "yes"})
+    save_file(trellis_tensors(), str(sources["trellis"]), metadata={"format": "pt", "golden": "yes"})
     for name, options in CASES[VERSION_MAJOR, VERSION_MINOR].items():
         options = {"sample": SAMPLE, **options}
         _write(sources[options.pop("source", "mixed")], folder / name, sqz.EncodeOptions(**options))
