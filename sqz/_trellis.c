@@ -15,7 +15,7 @@
  * best path into it: for each of the 4 subsets (i mod 4) the best index near the value, then the 2 ways into each of
  * the 8 states; it keeps one bit a state a step (which way), and finds the indices again on the way back.
  *
- * encode(indices, counts) codes them as the rans-trellis stream: one rANS stack (spec §4.2 `rans`, u64 state, u32
+ * encode(indices, counts, groups) codes them as the rans-trellis stream: one rANS stack (spec §4.2 `rans`, u64 state, u32
  * words, 24-bit probabilities) in which each index i is coded as i div 2 under the model of its state's class in its
  * group, built by the `rans` formula from the counts (G x k uint64) of that class's indices in the group. It returns
  * the stream's words (little-endian), last word in full. Both run without the GIL.
@@ -170,21 +170,21 @@ done:
     return result;
 }
 
-/* The cumulative table of a class's model (spec §4.2 `rans`'s formula over its counts; all ones if they sum to 0). */
+/* The cumulative table of class c's model: spec §4.2 `rans`'s formula over the counts of the indices c, c + 2, ...
+ * (0 if they make none). */
 static int class_model(const uint64_t *counts, Py_ssize_t k, int c, uint32_t *cdf, Py_ssize_t *size)
 {
     const Py_ssize_t m = (k - c + 1) / 2;
     double total = 0;
     for (Py_ssize_t i = 0; i < m; i++)
         total += (double)counts[2 * i + c];
-    const int ones = total == 0;
-    if (ones)
-        total = (double)m;
+    if (!(total >= DBL_MIN))
+        return 0;
     const double scale = (double)((1u << PRECISION) - (uint32_t)m) / total;
     double cumulative = 0;
     for (Py_ssize_t i = 0; i < m; i++) {
         cdf[i] = (uint32_t)(cumulative * scale) + (uint32_t)i;
-        cumulative += ones ? 1.0 : (double)counts[2 * i + c];
+        cumulative += (double)counts[2 * i + c];
     }
     cdf[m] = 1u << PRECISION;
     *size = m;
