@@ -124,3 +124,21 @@ def decoder(request, monkeypatch):
         monkeypatch.setattr(bitpack, "native_lookup", None)
         monkeypatch.setattr(grid, "native_grid_codebook", None)
     return request.param
+
+
+def check_rans_batch(jobs: list[tuple], expected: list, threads: int) -> None:
+    """Run rANS lookup jobs in one batch with a plain rANS job added: exactly the jobs whose `expected` values are
+    None are reported as failed, and every other writes its expected values."""
+    import numpy as np
+
+    from sqz import bitpack, entropy
+
+    plain = np.arange(300, dtype=np.uint8) % 5
+    jobs = [*jobs, (entropy.encode_indices(plain, 3, 5, "rans")[4 * 5:], plain.size, 8, np.arange(5, dtype=np.uint8),
+                    np.empty(plain.size, np.uint8), bitpack.FRAME_RANS, np.bincount(plain).astype(np.uint64))]
+    expected = [*expected, plain]
+    problems = bitpack.lookup_many(jobs, threads)
+    assert {j for j, _ in problems} == {j for j, e in enumerate(expected) if e is None}, problems
+    for job, values in zip(jobs, expected):
+        if values is not None:
+            assert np.array_equal(job[4], values)

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import zstandard
+from conftest import check_rans_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -299,15 +300,7 @@ def test_grouped_rans_jobs_decode_exactly_as_constriction_does(cases, threads):
         expected.append(None if reference is None else table[reference])
         if indices is not None:
             assert reference is not None and np.array_equal(reference, indices)
-    plain = np.arange(300, dtype=np.uint8) % 5
-    jobs.append((entropy.encode_indices(plain, 3, 5, "rans")[4 * 5:], plain.size, 8, np.arange(5, dtype=np.uint8),
-                 np.empty(plain.size, np.uint8), bitpack.FRAME_RANS, np.bincount(plain).astype(np.uint64)))
-    expected.append(plain)
-    problems = bitpack.lookup_many(jobs, threads)
-    assert {j for j, _ in problems} == {j for j, e in enumerate(expected) if e is None}, problems
-    for job, values in zip(jobs, expected):
-        if values is not None:
-            assert np.array_equal(job[4], values)
+    check_rans_batch(jobs, expected, threads)
 
 
 @pytest.mark.skipif(bitpack.native_lookup is None, reason="sqz._lookup was not built (no C compiler at install)")

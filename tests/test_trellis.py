@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import check_rans_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -111,15 +112,7 @@ def test_the_c_decoder_reads_any_bytes_as_the_reference_does(jobs, threads):
         if indices is not None:
             assert reference is not None and np.array_equal(reference, indices)
         expected.append(None if reference is None else table[reference])
-    plain = np.arange(300, dtype=np.uint8) % 5
-    specs.append((entropy.encode_indices(plain, 3, 5, "rans")[4 * 5:], plain.size, 8, np.arange(5, dtype=np.uint8),
-                  np.empty(plain.size, np.uint8), bitpack.FRAME_RANS, np.bincount(plain).astype(np.uint64)))
-    expected.append(plain)
-    problems = bitpack.lookup_many(specs, threads)
-    assert {j for j, _ in problems} == {j for j, e in enumerate(expected) if e is None}, problems
-    for spec, values in zip(specs, expected):
-        if values is not None:
-            assert np.array_equal(spec[4], values)
+    check_rans_batch(specs, expected, threads)
 
 
 @needs_c
