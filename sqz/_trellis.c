@@ -13,7 +13,8 @@
  * indices (index i in group g costs bits[g * k + i], the encoder's model of its class in that group), over float64
  * values and k increasing float64 levels; it returns the indices as uint16 bytes. Each step keeps, per state, the
  * best path into it: for each of the 4 subsets (i mod 4) the best index near the value, then the 2 ways into each of
- * the 8 states; it keeps one bit a state a step (which way), and finds the indices again on the way back.
+ * the 8 states; it keeps one bit a state a step (which way) and each subset's best index (8 bytes a step), and reads
+ * the path's indices back from them.
  *
  * encode(indices, counts, groups) codes them as the rans-trellis stream: one rANS stack (spec §4.2 `rans`, u64 state, u32
  * words, 24-bit probabilities) in which each index i is coded as i div 2 under the model of its state's class in its
@@ -113,8 +114,10 @@ static PyObject *viterbi(PyObject *self, PyObject *args)
     const Py_ssize_t length = n / groups;
     result = PyBytes_FromStringAndSize(NULL, 2 * n);
     uint8_t *second = malloc((size_t)n + 1); /* bit s of second[t]: the best path into state s at t came its second way */
-    if (!result || !second) {
+    uint16_t *nearest = malloc(4 * ((size_t)n + 1) * sizeof *nearest); /* each subset's best index at each t */
+    if (!result || !second || !nearest) {
         free(second);
+        free(nearest);
         Py_XDECREF(result);
         result = PyErr_NoMemory();
         goto done;
@@ -141,6 +144,8 @@ static PyObject *viterbi(PyObject *self, PyObject *args)
         if (in_group == length)
             cost_of += k, in_group = 0;
         subset_bests(&grid, x[t], cost_of, best, index);
+        for (int j = 0; j < 4; j++)
+            nearest[4 * t + j] = (uint16_t)index[j];
         uint8_t seconds = 0;
         for (int to = 0; to < STATES; to++) {
             const double a = cost[from[to][0]] + best[subset[to][0]], b = cost[from[to][1]] + best[subset[to][1]];
@@ -157,12 +162,12 @@ static PyObject *viterbi(PyObject *self, PyObject *args)
             s = q;
     for (Py_ssize_t t = n - 1; t >= 0; t--) { /* back along the best path, each index found again */
         const int way = second[t] >> s & 1;
-        subset_bests(&grid, x[t], bits + (t / length) * k, best, index);
-        out[t] = (uint16_t)index[subset[s][way]];
+        out[t] = nearest[4 * t + subset[s][way]];
         s = from[s][way];
     }
     Py_END_ALLOW_THREADS
     free(second);
+    free(nearest);
 done:
     PyBuffer_Release(&vb);
     PyBuffer_Release(&lb);

@@ -239,7 +239,7 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
     if choice is not None and choice.slope is not None and ENTROPY_RANS_TRELLIS in options.stages:
         on_trellis = _on_trellis(values, t.dtype, options, scales, choice.slope, matrix_shape(t.shape)[1])
-        scalar = _cost(values, q, codebook_dtype, side, payload, choice.slope,
+        scalar = _cost(values, q, codebook_dtype, side, len(payload), choice.slope,
                        RANS_DECODE_NS if stage in SLOW_STAGES else 0.0)
         if on_trellis is not None and on_trellis[0] < scalar:
             _, q, codebook_dtype, side, payload = on_trellis
@@ -262,18 +262,23 @@ def _on_trellis(values: np.ndarray, dtype: str, options: EncodeOptions, scales: 
                 slope: float, row: int) -> tuple[float, Quantized, str, bytes, bytes] | None:
     """(cost, quantized, codebook_dtype, side, payload) of the tensor (rows of `row` values) quantized on the trellis
     at the slope of its entropy-constrained fit (trellis.py), its cost the squared error plus slope x bits: the
-    cheaper of the grid's path and the centroids'; None where no path applies."""
+    cheaper of the grid's path and the centroids' (by their payloads' estimated sizes); None where no path applies."""
     flat = np.asarray(values, dtype=np.float64).ravel()
     best = None
     for path in trellis.quantize(flat, slope, 1 << MAX_WIDE_BITS, row):
-        counts = np.bincount(path.indices, minlength=path.codebook.size)
-        q = Quantized(path.codebook.astype(np.float32), path.indices, 0, 0, counts)
+        k = int(path.codebook.size)
+        q = Quantized(path.codebook.astype(np.float32), path.indices, 0, 0, np.bincount(path.indices, minlength=k))
         codebook_dtype, side = stored_side(values, q, dtype, options.version, scales, math.inf)  # _cost prices it
-        payload = entropy.rans_trellis_payload(path.indices, path.codebook.size, row)
-        cost = _cost(flat, q, codebook_dtype, side, payload, slope, TRELLIS_DECODE_NS)
+        params = entropy.trellis_params(path.indices, k, row)
+        cost = _cost(flat, q, codebook_dtype, side, entropy.rans_trellis_bytes(path.indices, k, row, params), slope,
+                     TRELLIS_DECODE_NS)
         if best is None or cost < best[0]:
-            best = cost, q, codebook_dtype, side, payload
-    return best
+            best = cost, q, codebook_dtype, side, params
+    if best is None:
+        return None
+    _, q, codebook_dtype, side, params = best
+    payload = entropy.rans_trellis_payload(q.indices, int(q.codebook.size), row, params)
+    return _cost(flat, q, codebook_dtype, side, len(payload), slope, TRELLIS_DECODE_NS), q, codebook_dtype, side, payload
 
 
 TRELLIS_DECODE_NS = 5.5
@@ -282,15 +287,15 @@ interleaves four streams either way; 3.3 against 2.4 ns an index on one core, Ga
 bits a value), so RANS_DECODE_NS + 1."""
 
 
-def _cost(values: np.ndarray, q: Quantized, codebook_dtype: str, side: bytes, payload: bytes, slope: float,
+def _cost(values: np.ndarray, q: Quantized, codebook_dtype: str, side: bytes, payload_bytes: float, slope: float,
           decode_ns: float) -> float:
     """Squared error of `q`'s indices on `values` under the codebook as stored (`side`, in `codebook_dtype`), plus
-    `slope` x the section's bits and the bits its decode time is worth (`decode_ns` an index, at BYTE_WORTH_NS a
-    byte): what the rate target's plan minimises, and what auto trades."""
+    `slope` x the section's bits (side and payload) and the bits its decode time is worth (`decode_ns` an index, at
+    BYTE_WORTH_NS a byte): what the rate target's plan minimises, and what auto trades."""
     record = {"name": "", "codebook_dtype": codebook_dtype, "codebook_size": int(q.codebook.size)}
     stored = read_side(record, memoryview(side)).codebook.astype(np.float64)
     error = np.asarray(values, dtype=np.float64).ravel() - stored[q.indices]
-    section_bits = 8 * (len(side) + len(payload) + q.indices.size * decode_ns / BYTE_WORTH_NS)
+    section_bits = 8 * (len(side) + payload_bytes + q.indices.size * decode_ns / BYTE_WORTH_NS)
     return float(error @ error) + slope * section_bits
 
 
