@@ -239,9 +239,8 @@ def encode_tensor(t: SourceTensor, role: str, options: EncodeOptions,
         stage = ENTROPY_NONE  # spec: a one-entry codebook has an empty payload, recorded as 'none'
     if choice is not None and choice.slope is not None and ENTROPY_RANS_TRELLIS in options.stages:
         on_trellis = _on_trellis(values, t.dtype, options, scales, choice.slope, matrix_shape(t.shape)[1])
-        scalar = _cost(values, q, codebook_dtype, side, len(payload), choice.slope,
-                       RANS_DECODE_NS if stage in SLOW_STAGES else 0.0)
-        if on_trellis is not None and on_trellis[0] < scalar:
+        if on_trellis is not None and on_trellis[0] < _cost(values, q, codebook_dtype, side, len(payload), choice.slope,
+                                                            RANS_DECODE_NS if stage in SLOW_STAGES else 0.0):
             _, q, codebook_dtype, side, payload = on_trellis
             stage, k, bits = ENTROPY_RANS_TRELLIS, int(q.codebook.size), max(width_of(int(q.codebook.size)), MIN_BITS)
     record.update(encoding=ENCODING_KMEANS, entropy=stage, bits=bits, codebook_size=k, codebook_dtype=codebook_dtype,

@@ -199,11 +199,9 @@ def rans_trellis_payload(indices: np.ndarray, k: int, row: int, params: TrellisP
     if native_trellis_encode is None:
         raise ValueError("rans-trellis needs sqz's C extension sqz._trellis")
     axis, centres, widths = params or trellis_params(indices, k, row)
-    fields = np.empty(centres.size, dtype=GROUP_PARAMS)
-    fields["centre"], fields["width"] = centres, widths
     stream = np.ascontiguousarray(in_groups(indices, row, axis), dtype=np.uint16).ravel()
-    words = native_trellis_encode(stream, gauss_counts(centres, widths, k), centres.size)
-    return bytes([axis]) + fields.tobytes() + words[:len(words) - _zero_top_bytes(words)]
+    return _grouped_layout(axis, centres, widths, native_trellis_encode(stream, gauss_counts(centres, widths, k),
+                                                                         centres.size))
 
 
 RANS_TRELLIS_TAIL = 3
@@ -385,13 +383,18 @@ def rans_grouped_payload(indices: np.ndarray, k: int, row: int, axis: int, centr
     """A rans-grouped payload (spec §4.2): the axis, each group's centre (u16) and width code (u8), then one rANS
     stream of the groups in order, each under its discrete Gaussian."""
     grouped = in_groups(indices, row, axis)
-    params = np.empty(centres.size, dtype=GROUP_PARAMS)
-    params["centre"], params["width"] = centres, widths
     coder = constriction.stream.stack.AnsCoder()
     for first, end in reversed(_runs(centres, widths)):  # a stack: the last run first, so that runs decode in order
         model = _rans_model(gauss_counts(centres[first:first + 1], widths[first:first + 1], k)[0])
         coder.encode_reverse(grouped[first:end].ravel().astype(np.int32), model)
-    words = coder.get_compressed().astype("<u4").tobytes()
+    return _grouped_layout(axis, centres, widths, coder.get_compressed().astype("<u4").tobytes())
+
+
+def _grouped_layout(axis: int, centres: np.ndarray, widths: np.ndarray, words: bytes) -> bytes:
+    """rans-grouped's (and rans-trellis's) payload: the axis byte, each group's centre (u16) and width code (u8),
+    then the stream's words, the last without its zero high bytes."""
+    params = np.empty(centres.size, dtype=GROUP_PARAMS)
+    params["centre"], params["width"] = centres, widths
     return bytes([axis]) + params.tobytes() + words[:len(words) - _zero_top_bytes(words)]
 
 
