@@ -17,10 +17,12 @@ from safetensors.torch import load_file, save_file
 import sqz
 from sqz import bitpack, container, entropy, trellis
 from sqz import entropy_constrained as ec
-from sqz.codec import matrix_shape, read_side
+from sqz.adapter import SourceTensor
+from sqz.codec import encode_tensor, matrix_shape, read_side
 from sqz.constants import TRELLIS_CLASS, TRELLIS_NEXT
 from sqz.errors import FormatError, InputError
 from sqz.quantize import assign, histogram
+from sqz.ratecontrol import Choice
 
 needs_c = pytest.mark.skipif(trellis.native_viterbi is None or bitpack.native_lookup is None,
                              reason="sqz._trellis or sqz._lookup was not built (no C compiler at install)")
@@ -149,6 +151,28 @@ def test_the_trellis_beats_the_scalar_quantizer_at_the_same_rate():
     curve = np.array(scalar)
     gains = [db - np.interp(bits, curve[:, 0], curve[:, 1]) for bits, db in trellised if 1.5 <= bits <= 4.0]
     assert len(gains) >= 4 and min(gains) > 0.7, gains
+
+
+@needs_c
+def test_a_trellis_path_is_never_taken_far_coarser_than_the_plans_quantizer():
+    """A rate target's choice carries the slope of its ladder rung, which at the lowest rungs can be far steeper than
+    the factor is worth: the writer keeps the trellis path only within TRELLIS_MAX_ERROR of the scalar quantizer's
+    error. A Gaussian factor with a 2-bit fit: at its own slope it goes on the trellis; at 30x that slope the path
+    would win its comparison with 3x or more the error and is refused."""
+    values = np.random.default_rng(5).standard_normal((4, 512)).astype(np.float32)
+    tensor = SourceTensor("m.lora_A.weight", "F32", values.shape, values.tobytes())
+    hist = histogram(values.ravel(), "F32")
+    slope = float(ec.slopes(hist, np.array([2.0]))[0])
+    fit = ec.fit(hist, slope)
+    options = sqz.EncodeOptions(bpp=2.0)
+    width = max(int(fit.codebook.size - 1).bit_length(), 1)
+    steep = 30 * slope
+    path = min(trellis.quantize(values.ravel().astype(np.float64), steep, 4096, 512), key=lambda p: sse(values.ravel(), p))
+    assert sse(values.ravel(), path) > 3 * fit.sse  # what the steep slope's path would cost in error
+    choice = lambda at: Choice(width, fit.codebook, None, fit.thresholds, at)
+    assert encode_tensor(tensor, "lora_A", options, choice(slope))[0]["entropy"] == "rans-trellis"
+    record, _ = encode_tensor(tensor, "lora_A", options, choice(steep))
+    assert record["entropy"] != "rans-trellis" and record["codebook_size"] == fit.codebook.size
 
 
 def gaussian_adapter(folder, rank=8, rows=256, cols=192):
