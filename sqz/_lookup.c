@@ -37,6 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_rans_model.h"
+
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "sqz._lookup assumes a little-endian host; bitpack.py's numpy path serves the others"
 #endif
@@ -244,34 +246,14 @@ static const uint8_t *unframe(Job *job, Scratch *scratch, Py_ssize_t packed)
  * constriction's decoder as the reference; tests hold the two equal on any bytes). The stream is a stack of
  * little-endian words read from its end; a short last word is zero-padded (rans-compact). Symbols are decoded
  * to 16-bit indices (codebooks of up to 4,096 entries, format 2.3), then mapped through the table. */
-#define RANS_PRECISION 24
 #define RANS_MAX_SYMBOLS 4096
 #define RANS_SYMBOL_SHIFT 24 /* a symbol's word: start | symbol << 24 | frequency << 36 (12 + 25 bits) */
 #define RANS_SYMBOL_MASK (RANS_MAX_SYMBOLS - 1)
 #define RANS_FREQUENCY_SHIFT 36
 #define RANS_SLOT_BITS 10 /* 1,024 quantile buckets, 8 KB a lane: with four lanes faster than 2,048 (16 KB) */
 
-/* The model of `counts` (spec §4.2): cdf[i] = floor(c_i * ((2^24 - k) / total)) + i in float64, c_i the sum of
- * the counts before symbol i, cdf[k] = 2^24 (constriction's fast leaky quantization). 0 if there is none. */
-static int rans_model(const uint64_t *counts, int k, uint32_t *cdf)
-{
-    double total = 0;
-    for (int i = 0; i < k; i++)
-        total += (double)counts[i];
-    if (k < 2 || !(total >= DBL_MIN && total <= DBL_MAX))
-        return 0;
-    const double scale = (double)((1u << RANS_PRECISION) - (uint32_t)k) / total;
-    double cumulative = 0;
-    for (int i = 0; i < k; i++) {
-        cdf[i] = (uint32_t)(cumulative * scale) + (uint32_t)i;
-        cumulative += (double)counts[i];
-    }
-    cdf[k] = 1u << RANS_PRECISION;
-    for (int i = 0; i < k; i++)
-        if (cdf[i + 1] <= cdf[i])
-            return 0;
-    return 1;
-}
+/* The model of `counts` (spec §4.2, _rans_model.h). 0 if there is none. */
+static int rans_model(const uint64_t *counts, int k, uint32_t *cdf) { return rans_model_strided(counts, 1, k, cdf); }
 
 static inline uint64_t rans_word(const uint8_t *bytes, Py_ssize_t len, Py_ssize_t w)
 {

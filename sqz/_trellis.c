@@ -29,8 +29,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_rans_model.h"
+
 #define STATES 8
-#define PRECISION 24
 #define MAX_SYMBOLS 4096
 
 /* spec §4.2 rans-trellis: the class of each state, and the next state for each index mod 4 (-1: not allowed). */
@@ -175,30 +176,6 @@ done:
     return result;
 }
 
-/* The cumulative table of class c's model: spec §4.2 `rans`'s formula over the counts of the indices c, c + 2, ...
- * (0 if they make none). */
-static int class_model(const uint64_t *counts, Py_ssize_t k, int c, uint32_t *cdf, Py_ssize_t *size)
-{
-    const Py_ssize_t m = (k - c + 1) / 2;
-    double total = 0;
-    for (Py_ssize_t i = 0; i < m; i++)
-        total += (double)counts[2 * i + c];
-    if (!(total >= DBL_MIN))
-        return 0;
-    const double scale = (double)((1u << PRECISION) - (uint32_t)m) / total;
-    double cumulative = 0;
-    for (Py_ssize_t i = 0; i < m; i++) {
-        cdf[i] = (uint32_t)(cumulative * scale) + (uint32_t)i;
-        cumulative += (double)counts[2 * i + c];
-    }
-    cdf[m] = 1u << PRECISION;
-    *size = m;
-    for (Py_ssize_t i = 0; i < m; i++)
-        if (cdf[i + 1] <= cdf[i])
-            return 0;
-    return 1;
-}
-
 static PyObject *encode(PyObject *self, PyObject *args)
 {
     PyObject *indices_obj, *counts_obj;
@@ -229,9 +206,10 @@ static PyObject *encode(PyObject *self, PyObject *args)
         goto done;
     }
     for (Py_ssize_t g = 0; g < groups; g++) {
-        Py_ssize_t size;
         uint32_t *own = cdf + g * (k + 2);
-        if (!class_model(counts + g * k, k, 0, own, &size) || !class_model(counts + g * k, k, 1, own + size + 1, &size)) {
+        const Py_ssize_t k0 = (k + 1) / 2; /* class 0's indices 0, 2, ...: its model, then class 1's (1, 3, ...) */
+        if (!rans_model_strided(counts + g * k, 2, k0, own)
+            || !rans_model_strided(counts + g * k + 1, 2, k / 2, own + k0 + 1)) {
             PyErr_SetString(PyExc_ValueError, "encode: a group's counts make no model for a class");
             goto done;
         }
@@ -259,11 +237,11 @@ static PyObject *encode(PyObject *self, PyObject *args)
         const uint32_t *model = cdf + (t / length) * (k + 2) + (classes[t] ? (k + 1) / 2 + 1 : 0);
         const int symbol = index[t] >> 1;
         const uint64_t start = model[symbol], frequency = model[symbol + 1] - start;
-        if ((x >> (64 - PRECISION)) >= frequency) {
+        if ((x >> (64 - RANS_PRECISION)) >= frequency) {
             words[pushed++] = (uint32_t)x;
             x >>= 32;
         }
-        x = ((x / frequency) << PRECISION) + x % frequency + start;
+        x = ((x / frequency) << RANS_PRECISION) + x % frequency + start;
     }
     if (x) { /* the state's words: its low word, then its high one unless that is 0 (the last word is never 0) */
         words[pushed++] = (uint32_t)x;
