@@ -179,7 +179,7 @@ def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = 
                 outputs.enter_context(atomic_path(targets[1], force)).write_bytes(
                     json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
             if delta or dtype is not None:
-                _write_through_torch(src, weights, delta, dtype, progress)
+                _write_through_torch(f, weights, delta, dtype, progress)
             else:
                 _write_decoded(f, weights, progress)
     finally:
@@ -214,15 +214,16 @@ def _decoded(f: container.Container) -> Iterator[tuple[dict[str, Any], np.ndarra
             batch, size = [], 0
 
 
-def _write_through_torch(src: str | Path, target: Path, delta: bool, dtype: torch.dtype | None,
+def _write_through_torch(f: container.Container, target: Path, delta: bool, dtype: torch.dtype | None,
                          progress: bool | None) -> None:
-    """The tensors cast to `dtype`, or each module's ΔW (`delta`), written to `target`."""
+    """The tensors of the open file `f` cast to `dtype`, or each module's ΔW (`delta`), written to `target` (the
+    file read once: the one whose config was taken, even if its path is replaced meanwhile)."""
     import torch
 
     from .loader import load
     from .torch_dtypes import DTYPE_NAMES
 
-    with load(src, dtype=dtype) as adapter:
+    with load(f, dtype=dtype) as adapter:
         if delta:
             modules = _progress(adapter.pairs, len(adapter.pairs), "delta", progress)
             tensors = {p.module: adapter.delta(p.module) for p in modules}

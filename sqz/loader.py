@@ -50,9 +50,9 @@ class SqzAdapter(Mapping):
     between threads.
     """
 
-    def __init__(self, path: str | Path | bytes, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 label: str = "<bytes>"):
-        self._file = container.Container(path, label)
+    def __init__(self, path: str | Path | bytes | container.Container, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, label: str = "<bytes>"):
+        self._file = path if isinstance(path, container.Container) else container.Container(path, label)
         self._index = {r["name"]: i for i, r in enumerate(self._file.records)}
         self._sizes = [math.prod(r["shape"]) * itemsize(r["dtype"]) for r in self._file.records]
         self._device = torch.device(device)
@@ -166,8 +166,8 @@ class SqzAdapter(Mapping):
         self.close()
 
 
-def load(path: str | Path | bytes, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         label: str = "<bytes>") -> SqzAdapter:
-    """Open a .sqz file (a path, or the whole file as bytes, which errors call `label`) as a lazy, read-only
-    mapping name -> torch.Tensor."""
+def load(path: str | Path | bytes | container.Container, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None, label: str = "<bytes>") -> SqzAdapter:
+    """Open a .sqz file (a path, or the whole file as bytes, which errors call `label`, or a Container already open,
+    which closing the adapter closes) as a lazy, read-only mapping name -> torch.Tensor."""
     return SqzAdapter(path, device=device, dtype=dtype, label=label)

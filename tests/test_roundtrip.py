@@ -9,6 +9,7 @@ from conftest import mixed_tensors, sine_dir
 from safetensors.torch import load_file, save_file
 
 import sqz
+from sqz import container
 from sqz.adapter import read_adapter
 
 LOSSY_ROLES = {"lora_A", "lora_B"}
@@ -228,6 +229,19 @@ def test_decode_writes_safetensors_peft_folder_and_delta(tmp_path, peft_dir):
         sqz.decode(out, tmp_path / "r.safetensors")
     sqz.decode(out, tmp_path / "r.safetensors", force=True, dtype=torch.float16)
     assert all(t.dtype == torch.float16 for t in load_file(str(tmp_path / "r.safetensors")).values())
+
+
+def test_a_cast_or_delta_decode_opens_the_file_once(tmp_path, peft_dir, monkeypatch):
+    """--dtype and --delta decode through sqz.load on the file decode() opened for the config: one open, so the
+    config and the tensors come from the same file."""
+    out = tmp_path / "a.sqz"
+    sqz.encode(peft_dir, out, sqz.EncodeOptions(bits=4))
+    opened, real = [], container.Container.__init__
+    monkeypatch.setattr(container.Container, "__init__", lambda self, *a, **k: (opened.append(a), real(self, *a, **k))[1])
+    sqz.decode(out, str(tmp_path / "folder") + "/", dtype=torch.float32)
+    sqz.decode(out, tmp_path / "d.safetensors", delta=True)
+    assert len(opened) == 2
+    assert set(load_file(str(tmp_path / "d.safetensors"))) == {p.module for p in sqz.load(out).pairs}
 
 
 def _safetensors_parts(path) -> tuple[dict, bytes]:
