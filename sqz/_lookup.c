@@ -265,7 +265,8 @@ static inline uint64_t rans_word(const uint8_t *bytes, Py_ssize_t len, Py_ssize_
 /* One rANS stream being decoded. Each symbol is one word, its start | symbol << 24 | frequency << 32, and each
  * quantile bucket holds the word of the symbol its first quantile falls in: one load finds the symbol, its start
  * and its frequency, unless the bucket holds a symbol boundary (k of the buckets at most), where the next
- * symbols are tried. A grouped job's model changes from one run of groups to the next (rans_next_run). */
+ * symbols are tried. A grouped job's model changes from one run of groups to the next (rans_next_run); a trellis
+ * job's two class models share the buckets, half each (512 a class, indexed by class << 9 | quantile >> 15). */
 typedef struct {
     Job *job;
     const uint8_t *words;  /* the stream, or a zero word if it is shorter than a word (then none is read) */
@@ -278,8 +279,7 @@ typedef struct {
     uint64_t first[1 << RANS_SLOT_BITS];
     uint64_t counts[RANS_MAX_SYMBOLS]; /* a grouped job's model of the current run */
     uint32_t cdf[RANS_MAX_SYMBOLS + 2]; /* a trellis job's: class 0's model, then class 1's */
-    uint64_t symbol1[RANS_MAX_SYMBOLS / 2 + 1]; /* a trellis job's class-1 model (class 0's is symbol, first) */
-    uint64_t first1[1 << RANS_SLOT_BITS];
+    uint64_t symbol1[RANS_MAX_SYMBOLS / 2 + 1]; /* a trellis job's class-1 symbols (class 0's are in symbol) */
     int trellis_state;
 } Lane;
 
@@ -313,12 +313,12 @@ static void gauss_counts(const uint8_t *param, int k, uint64_t *counts)
     }
 }
 
-/* A model's symbol words and buckets from cumulative frequencies. */
-static void model_tables(uint64_t *symbol, uint64_t *first, const uint32_t *cdf, int k)
+/* A model's symbol words and its 2^slot_bits buckets from cumulative frequencies. */
+static void model_tables(uint64_t *symbol, uint64_t *first, const uint32_t *cdf, int k, int slot_bits)
 {
     for (int s = 0; s < k; s++)
         symbol[s] = cdf[s] | (uint64_t)s << RANS_SYMBOL_SHIFT | (uint64_t)(cdf[s + 1] - cdf[s]) << RANS_FREQUENCY_SHIFT;
-    const int shift = RANS_PRECISION - RANS_SLOT_BITS; /* bucket j starts at quantile j << shift */
+    const int shift = RANS_PRECISION - slot_bits; /* bucket j starts at quantile j << shift */
     for (int s = 0; s < k; s++) { /* the buckets that start inside symbol s's range */
         const uint32_t lo = (cdf[s] + (1u << shift) - 1) >> shift, hi = (cdf[s + 1] + (1u << shift) - 1) >> shift;
         for (uint32_t j = lo; j < hi; j++)
@@ -326,11 +326,19 @@ static void model_tables(uint64_t *symbol, uint64_t *first, const uint32_t *cdf,
     }
 }
 
-static void rans_tables(Lane *lane, const uint32_t *cdf, int k) { model_tables(lane->symbol, lane->first, cdf, k); }
+static void rans_tables(Lane *lane, const uint32_t *cdf, int k)
+{
+    model_tables(lane->symbol, lane->first, cdf, k, RANS_SLOT_BITS);
+}
 
-/* rans-trellis (spec §4.2): the class of each trellis state, and the state after index i: TRELLIS_NEXT[s][(i & 3) >> 1]. */
-static const int TRELLIS_CLASS[8] = {0, 0, 1, 1, 0, 0, 1, 1};
-static const uint8_t TRELLIS_NEXT[8][2] = {{0, 4}, {4, 0}, {1, 5}, {5, 1}, {6, 2}, {2, 6}, {7, 3}, {3, 7}};
+/* rans-trellis (spec §4.2): state s allows the indices of class (s >> 1) & 1 (CLASS = 0, 0, 1, 1, 0, 0, 1, 1), and
+ * index i = 2m + c moves it to NEXT[s][m & 1] (= NEXT[s][(i & 3) >> 1]), NEXT = {0, 4}, {4, 0}, {1, 5}, {5, 1}, {6, 2},
+ * {2, 6}, {7, 3}, {3, 7}: nibble 2s + b of TRELLIS_NEXT_NIBBLES, shifts and masks on the decoder's critical path
+ * where two table loads were (tests hold the decoder to the spec's tables through the reference decoder). */
+#define TRELLIS_CLASS(s) (((s) >> 1) & 1)
+#define TRELLIS_NEXT_NIBBLES 0x7337622615510440ull
+#define TRELLIS_NEXT(s, b) ((int)(TRELLIS_NEXT_NIBBLES >> (4 * (2 * (s) + (b)))) & 7)
+#define TRELLIS_SLOT_SHIFT (RANS_PRECISION - RANS_SLOT_BITS + 1) /* a class's 512 buckets */
 
 /* A grouped job's next run: the run of groups with the same parameters that starts at the lane's next index, where
  * it ends, and its model (a trellis job's: the model of each class, spec §4.2 rans-trellis, its discrete Gaussian's
@@ -362,8 +370,9 @@ static int rans_next_run(Lane *lane)
         if (!rans_model(own, c ? k1 : k0, lane->cdf + (c ? k0 + 1 : 0)))
             return 0;
     }
-    model_tables(lane->symbol, lane->first, lane->cdf, k0);
-    model_tables(lane->symbol1, lane->first1, lane->cdf + k0 + 1, k1);
+    /* each class's buckets in one half of the lane's: a lane's tables stay 8 KB (two of 8 KB each measured slower) */
+    model_tables(lane->symbol, lane->first, lane->cdf, k0, RANS_SLOT_BITS - 1);
+    model_tables(lane->symbol1, lane->first + (1 << (RANS_SLOT_BITS - 1)), lane->cdf + k0 + 1, k1, RANS_SLOT_BITS - 1);
     return 1;
 }
 
@@ -416,28 +425,30 @@ static inline __attribute__((always_inline)) void rans_steps(Lane *const *lanes,
     uint64_t state[RANS_LANES];
     const uint8_t *top[RANS_LANES]; /* just past the next word down */
     uint16_t *out[RANS_LANES];
-    const uint64_t *first[RANS_LANES][2], *symbol[RANS_LANES][2]; /* a lane's model, or each class's (trellis) */
+    const uint64_t *first[RANS_LANES], *symbol[RANS_LANES][2]; /* a lane's model, or each class's (trellis) */
     int at_state[RANS_LANES];
     for (int l = 0; l < N; l++) {
         state[l] = lanes[l]->state;
         top[l] = lanes[l]->words + 4 * lanes[l]->left;
         out[l] = (uint16_t *)lanes[l]->out + lanes[l]->done;
-        first[l][0] = lanes[l]->first, first[l][1] = lanes[l]->first1;
+        first[l] = lanes[l]->first;
         symbol[l][0] = lanes[l]->symbol, symbol[l][1] = lanes[l]->symbol1;
         at_state[l] = lanes[l]->trellis_state;
     }
     for (Py_ssize_t i = 0; i < n; i++)
         _Pragma("GCC unroll 4") for (int l = 0; l < N; l++) {
-            const int c = trellis ? TRELLIS_CLASS[at_state[l]] : 0;
+            const int c = trellis ? TRELLIS_CLASS(at_state[l]) : 0;
             const uint64_t quantile = state[l] & mask;
-            uint64_t at = first[l][c][quantile >> (RANS_PRECISION - RANS_SLOT_BITS)];
+            const uint64_t bucket = trellis ? (uint64_t)c << (RANS_SLOT_BITS - 1) | quantile >> TRELLIS_SLOT_SHIFT
+                                            : quantile >> (RANS_PRECISION - RANS_SLOT_BITS);
+            uint64_t at = first[l][bucket];
             while (quantile - (at & mask) >= at >> RANS_FREQUENCY_SHIFT)
                 at = symbol[l][c][((at >> RANS_SYMBOL_SHIFT) & RANS_SYMBOL_MASK) + 1];
             const int m = (int)((at >> RANS_SYMBOL_SHIFT) & RANS_SYMBOL_MASK);
             if (trellis) {
                 const int index = 2 * m + c;
                 out[l][i] = (uint16_t)index;
-                at_state[l] = TRELLIS_NEXT[at_state[l]][(index & 3) >> 1];
+                at_state[l] = TRELLIS_NEXT(at_state[l], m & 1);
             } else {
                 out[l][i] = (uint16_t)m;
             }

@@ -296,7 +296,7 @@ lost 0.25-0.4 dB (2.53 against 2.84 dB at 2,968 bytes; 2.78 with the bound); the
 stay within 1.25x (their curves unchanged)."""
 TRELLIS_DECODE_NS = 5.5
 """rans-trellis's extra decode time per index over the fast stages: ~1 ns more than rans-grouped's (the C extension
-interleaves four streams either way; 3.3 against 2.4 ns an index on one core, Gaussian factors of 262K values at 2
+interleaves four streams either way; 3.1 against 2.2 ns an index on one core, Gaussian factors of 262K values at 2
 bits a value), so RANS_DECODE_NS + 1."""
 
 
