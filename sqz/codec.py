@@ -294,6 +294,7 @@ never weighed. Measured on the bench's LLM LoRA r=1 at --size 2,700-3,300 bytes 
 bound one A factor of 256 values went from 2 levels to a 9-byte path at 3.7x the error for 0.25x the bits and ΔW
 lost 0.25-0.4 dB (2.53 against 2.84 dB at 2,968 bytes; 2.78 with the bound); the MiniLM adapters' coarser paths all
 stay within 1.25x (their curves unchanged)."""
+
 TRELLIS_DECODE_NS = 5.5
 """rans-trellis's extra decode time per index over the fast stages: ~1 ns more than rans-grouped's (the C extension
 interleaves four streams either way; 3.1 against 2.2 ns an index on one core, Gaussian factors of 262K values at 2
