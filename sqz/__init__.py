@@ -1,7 +1,7 @@
 """sqz: a compact, versioned file format and codec for LoRA adapters (k-means quantization + entropy coding)."""
 from __future__ import annotations
 
-__version__ = "2.5.0"
+__version__ = "2.5.1"
 
 from .adapter import SineOptions
 from .api import EncodeReport, SqzWarning, decode, encode, info
