@@ -50,7 +50,9 @@ def sweep_files(tmp_path_factory) -> dict[str, bytes]:
     files = {}
     for stage in ("none", "zstd", "rans", "zstd-aligned", "rans-compact", "rans-grouped", "rans-trellis"):
         out = folder / f"{stage}.sqz"
-        target = {"sqnr": 30.0} if stage == "rans-trellis" else {"bits": 3}  # the trellis is a rate target's quantizer
+        # the trellis is a rate target's quantizer; on these small factors it pays at some targets only (35 dB: on
+        # m.q.lora_A; the assert below says if an encoder change moves it)
+        target = {"sqnr": 35.0} if stage == "rans-trellis" else {"bits": 3}
         sqz.encode(src, out, sqz.EncodeOptions(entropy=stage, **target))
         files[stage] = out.read_bytes()
     stages = {(r["encoding"], r["entropy"]) for data in files.values() for r in sqz.load(data).header["tensors"]}
