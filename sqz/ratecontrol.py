@@ -256,7 +256,7 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     the --sqnr 40 file of a tiny rank-4 LLaMA 1.7% larger, where small factors at many levels are bit-packed and
     have no table, and changed nothing measurable on a rank-2 MiniLM-shaped adapter at --bpp 1-3.)"""
     pairs = [p for p in pairs if quantized(p.a) and quantized(p.b)]
-    values, weights, energies, scales, scaled_values, scaled_weights = {}, {}, [], {}, {}, {}
+    weights, energies, scales, scaled_values, scaled_weights = {}, [], {}, {}, {}
     layout, component_norms, products = {}, {}, []
     for pair in pairs:
         a_src, b_src = tensors[pair.a], tensors[pair.b]
@@ -266,7 +266,6 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
         energies.append(energy)
         rank = a.shape[0]
         weights[pair.a], weights[pair.b] = e * float(np.square(b).sum()) / rank, e * float(np.square(a).sum()) / rank
-        values[pair.a], values[pair.b] = a, b
         a2, b2 = a.reshape(rank, -1), b.reshape(-1, rank)
         layout[pair.a], layout[pair.b] = (rank, True), (rank, False)
         component_norms[pair.a], component_norms[pair.b] = np.square(a2).sum(axis=1), np.square(b2).sum(axis=0)
@@ -293,14 +292,13 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     kmeans_widest = min(widest, MAX_WIDTH)  # (k-means codebooks past 256 entries would cost seconds a factor)
     levels = 1 << MAX_WIDE_BITS if wide else entropy_constrained.MAX_LEVELS
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the kernel releases the GIL
-        jobs = [(n, to_narrowest(tensors[n].raw, tensors[n].dtype), tensors[n].dtype, values[n].ravel(), False)
-                for n in names]
-        jobs += [(n, v, "F64", v, True) for n, v in scaled_values.items()]  # scaled: not values of the tensor's dtype
-        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, 0 if job[4] else kmeans_widest,
-                                                levels, job[3], *layout[job[0]]), jobs)
+        jobs = [(n, to_narrowest(tensors[n].raw, tensors[n].dtype), tensors[n].dtype, False) for n in names]
+        jobs += [(n, v, "F64", True) for n, v in scaled_values.items()]  # scaled: not values of the tensor's dtype
+        done = pool.map(lambda job: _candidates(job[1], job[2], rates, entry_bits, 0 if job[3] else kmeans_widest,
+                                                levels, *layout[job[0]]), jobs)
         fits: dict[str, dict[int, Fit]] = {n: {} for n in names}
         moments: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {n: {} for n in names}
-        for (name, _, _, _, is_scaled), (mean, ladder, kmeans, coarse) in zip(jobs, progress(done, len(jobs), "fit")):
+        for (name, _, _, is_scaled), (mean, ladder, kmeans, coarse) in zip(jobs, progress(done, len(jobs), "fit")):
             first = first_scaled if is_scaled else MEAN + 1
             columns_of = [MEAN] + [first + i for i in range(len(ladder))] + [first_kmeans + i for i in range(len(kmeans))]
             # a scaled B's component i decodes as scale_i times its codebook's values (its mean is not a candidate)
@@ -314,8 +312,8 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
     distortion = np.full_like(rate, np.inf)
     stored = np.zeros_like(rate)  # what storing a codebook (as GRID) adds to a candidate's distortion
     for row, name in enumerate(names):
-        count = values[name].size
-        energy = float(np.square(values[name]).sum()) if grid else None
+        count = tensors[name].numel
+        energy = float(np.square(to_float64(tensors[name].raw, tensors[name].dtype)).sum()) if grid else None
         moments[name][RAW] = (component_norms[name], component_norms[name])
         for column, fit in fits[name].items():
             weight, extra = (scaled_weights[name], entry_bits * scales[name].size) if is_scaled[column] else (
@@ -341,12 +339,11 @@ def prepare(tensors: dict[str, SourceTensor], pairs: Iterable[Pair], quantized: 
 
 
 def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: int, widest: int, max_levels: int,
-                wide: np.ndarray, rank: int,
-                by_row: bool) -> tuple[Fit, list[Fit], list[Fit], dict[int, tuple[np.ndarray, np.ndarray]]]:
+                rank: int, by_row: bool) -> tuple[Fit, list[Fit], list[Fit], dict[int, tuple[np.ndarray, np.ndarray]]]:
     """One tensor's mean; its entropy-constrained quantizer at each of `rates`' slopes with each level priced
     at `level_bits`, of at most `max_levels` levels; if it has at most KMEANS_MAX_BINS distinct values, its
     k-means codebooks of 2^1 to 2^widest entries; and the component_moments of those of at most MOMENTS_MAX_LEVELS
-    levels, by their place in that order (from `wide`, the same values as float64, which the caller has already)."""
+    levels, by their place in that order (on the values widened to float64 here: one tensor's at a time a worker)."""
     hist, bins = histogram_bins(values, dtype)
     slopes = entropy_constrained.slopes(hist, rates)
     narrow = rates <= WIDE_FROM_RATE  # these rungs keep at most 256 levels whatever max_levels says
@@ -357,7 +354,7 @@ def _candidates(values: np.ndarray, dtype: str, rates: np.ndarray, level_bits: i
     mean = entropy_constrained.mean(hist)
     fits = [mean, *ladder, *(kmeans[k] for k in sizes)]
     coarse = [i for i, fit in enumerate(fits) if fit.counts.size <= MOMENTS_MAX_LEVELS]
-    g, h = component_moments(hist, bins, wide, rank, by_row, [fits[i] for i in coarse])
+    g, h = component_moments(hist, bins, np.asarray(values, np.float64), rank, by_row, [fits[i] for i in coarse])
     return mean, ladder, [kmeans[k] for k in sizes], dict(zip(coarse, zip(g, h)))
 
 
@@ -469,13 +466,15 @@ def _sine_rows(count: int) -> np.ndarray:
 
 
 def measured_sqnr(pairs: Iterable[Pair], reference: dict[str, np.ndarray], decoded: dict[str, np.ndarray]) -> float:
-    """SQNR (dB) of ΔW summed over `pairs`, decoded factors against the trained ones: exact for plain pairs
-    (||BA - B'A'||² from r x r Gram matrices), over SINE_ROWS seeded rows for sine pairs."""
+    """SQNR (dB) of ΔW summed over `pairs`, decoded factors against the trained ones (any float arrays: widened to
+    float64 a pair at a time): exact for plain pairs (||BA - B'A'||² from r x r Gram matrices), over SINE_ROWS seeded
+    rows for sine pairs."""
     signal = noise = 0.0
+    wide = lambda x: np.asarray(x, dtype=np.float64)
     for pair in pairs:
         rank = reference[pair.a].shape[0]
-        a, b = reference[pair.a].reshape(rank, -1), reference[pair.b].reshape(-1, rank)
-        a2, b2 = decoded[pair.a].reshape(rank, -1), decoded[pair.b].reshape(-1, rank)
+        a, b = wide(reference[pair.a]).reshape(rank, -1), wide(reference[pair.b]).reshape(-1, rank)
+        a2, b2 = wide(decoded[pair.a]).reshape(rank, -1), wide(decoded[pair.b]).reshape(-1, rank)
         if pair.kind != PAIR_SINE:
             energy = lowrank_inner(b, a, b, a)
             signal += pair.scaling ** 2 * energy

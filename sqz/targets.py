@@ -17,7 +17,7 @@ from . import container, gauge, ratecontrol
 from .adapter import Adapter
 from .codec import EncodeOptions, decode_tensors, should_quantize
 from .constants import CODEBOOK_GRID, CODEBOOK_MIN_VERSION, ENTROPY_RANS_COMPACT, MAX_BITS, QUANTIZABLE_DTYPES
-from .dtypes import to_float64
+from .dtypes import to_narrowest
 from .errors import InputError
 
 SIZE_TOLERANCE = 0.01
@@ -132,13 +132,14 @@ def delta_sqnr(adapter: Adapter, header: dict, sections: list[bytes], workers: i
 
 
 def _values(adapter: Adapter, names: list[str]) -> dict[str, np.ndarray]:
-    """The input's values of `names`, float64, in their own shapes."""
-    return {n: to_float64(adapter.tensors[n].raw, adapter.tensors[n].dtype).reshape(adapter.tensors[n].shape)
+    """The input's values of `names` in their own shapes, in the narrowest float that holds them (measured_sqnr widens
+    one pair at a time: float64 copies of every factor, kept through the search, were 8 bytes a parameter)."""
+    return {n: to_narrowest(adapter.tensors[n].raw, adapter.tensors[n].dtype).reshape(adapter.tensors[n].shape)
             for n in names}
 
 
 def _decoded(header: dict, sections: list[bytes], names: list[str], workers: int) -> dict[str, np.ndarray]:
-    """The float64 values a reader will get for `names`, decoded from the built sections."""
+    """The values a reader will get for `names`, decoded from the built sections (narrowest float, as _values)."""
     index = {record["name"]: i for i, record in enumerate(header["tensors"])}
     items = [(header["tensors"][index[n]], memoryview(sections[index[n]])) for n in names]
     decoded = decode_tensors(items, threads=workers)
@@ -146,5 +147,5 @@ def _decoded(header: dict, sections: list[bytes], names: list[str], workers: int
     for name, (record, _), data in zip(names, items, decoded):
         if isinstance(data, Exception):
             raise data
-        out[name] = to_float64(data, record["dtype"]).reshape(record["shape"])
+        out[name] = to_narrowest(data, record["dtype"]).reshape(record["shape"])
     return out
