@@ -345,6 +345,8 @@ def speed_tables(speed: dict) -> str:
     for name in ("safetensors", "sqz", "zstd", "zipnn"):
         out.append(f"| {name} | {mem[name] / 1e6:.1f} | {mem[name] / max(1, mem['safetensors']):.2f} |")
     out.append(f"| sqz encode, 3-bit (for comparison) | {mem['sqz_encode_3bit'] / 1e6:.1f} | — |")
+    if "sqz_encode_bpp2" in mem:
+        out.append(f"| sqz encode, `--bpp 2` | {mem['sqz_encode_bpp2'] / 1e6:.1f} | — |")
     if "encode_modes" in speed:
         out += ["", "| encode mode | seconds | bits/param |", "|---|---|---|"]
         out += [f"| {r['mode']} | {r['encode_s']:.2f} | {r['bits_per_param']:.3f} |" for r in speed["encode_modes"]]

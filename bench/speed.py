@@ -90,6 +90,17 @@ def peak_memory(reader: str, path: Path) -> int:
     return int(result.stdout.strip().splitlines()[-1])
 
 
+def encode_peak_memory(src: Path, out: Path, options: str) -> int:
+    """Peak RSS growth (bytes) of a fresh process's sqz.encode(src, out, EncodeOptions(<options>))."""
+    code = ("import sqz, sys; from bench.speed import vm_kib; "
+            "open('/proc/self/clear_refs', 'w').write('5'); b = vm_kib('VmRSS'); "
+            f"sqz.encode(sys.argv[1], sys.argv[2], sqz.EncodeOptions({options}), force=True, progress=False); "
+            "print((vm_kib('VmHWM') - b) * 1024)")
+    result = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parent.parent)
+    return int(result.stdout.split()[-1])
+
+
 def evict(path: Path) -> None:
     """Drop a file's pages from the page cache (written back first), so its next read comes from the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -266,12 +277,8 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
     memory = {"safetensors": peak_memory("safetensors", weights), "sqz": peak_memory("sqz", workdir / "b3-auto.sqz"),
               "zstd": peak_memory("zstd", workdir / "fp16.safetensors.zst"),
               "zipnn": peak_memory("zipnn", workdir / "fp16.safetensors.znn")}
-    encode_memory = subprocess.run(
-        [sys.executable, "-c", ("import sqz, sys; from bench.speed import vm_kib; "
-         "open('/proc/self/clear_refs', 'w').write('5'); b = vm_kib('VmRSS'); "
-         "sqz.encode(sys.argv[1], sys.argv[2], sqz.EncodeOptions(bits=3), force=True, progress=False); "
-         "print((vm_kib('VmHWM') - b) * 1024)"), str(src), str(workdir / "m.sqz")],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()[-1]
+    encode_memory = {f"sqz_encode_{label}": encode_peak_memory(src, workdir / "m.sqz", options)
+                     for label, options in (("3bit", "bits=3"), ("bpp2", "bpp=2.0"))}
     modes = encode_modes(src, workdir, params, encode_repeat)
     opening = open_times(weights, workdir / "b3-auto.sqz", repeat)
     cli = cli_times(src, workdir / "b3-auto.sqz", workdir, repeat)
@@ -281,5 +288,5 @@ def run(workdir: Path, quick: bool = False, log=print) -> dict:
             "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
                         "torch": torch.__version__, "sqz": sqz.__version__, "platform": platform.platform()},
             "encode_repeat": encode_repeat, "rows": rows, "lossless": lossless, "conditions": conditions,
-            "peak_memory_bytes": {**memory, "sqz_encode_3bit": int(encode_memory)}, "scaling": scaling,
+            "peak_memory_bytes": {**memory, **encode_memory}, "scaling": scaling,
             "encode_modes": modes, "open": opening, "cli": cli}
