@@ -19,7 +19,8 @@ Row = dict[str, Any]
 LOCAL_ROUNDS = 2  # pools a task may run in: a broken pool's tasks get one fresh pool more
 RAY_RETRIES = 3  # re-runs of a task whose Ray worker died (a node lost, the OOM killer)
 RAY_WINDOW_PER_CPU = 4  # tasks in flight per cluster CPU: enough to keep every worker busy, bounded for the driver
-MEMORY_PER_SOURCE_BYTE = 16  # encode's peak RSS per byte of fp16 source (measured: 805 MB for 56.6 MB), rounded up
+MEMORY_PER_SOURCE_BYTE = 10  # encode's peak RSS per byte of fp16 source, rounded up (measured on 56.6 MB: --bpp 8 467 MB,
+# --bpp 2 277 MB, -b 3 152 MB, interpreter included; 914 MB at --bpp 8 before sqz 2.5.1 dropped its float64 copies)
 MEMORY_BASE = 512 << 20  # a worker's interpreter, torch and sqz
 
 
