@@ -91,7 +91,7 @@ itself (NATIVE_ZSTD); or a rANS stream (entropy.rans_frame), which it decodes it
 LookupJob = tuple
 """(stream, count, bits, table, out, frame): out[i] = table[index i of the b-bit stream]. A FRAME_RANS job has
 b = 8 (a table of up to 256 entries) or WIDE (up to 4,096) and one more item, the model's counts (uint64, one per
-table entry); a rans-grouped one (None, params, axis) instead, a rans-trellis one (None, params, axis, 1). A
+table entry); a rans-grouped one (None, params, axis[, 0]) instead, a rans-trellis one (None, params, axis, 1). A
 FRAME_PACKED job at WIDE (uint16 indices) is for the numpy path only (`lookup` takes it there)."""
 
 

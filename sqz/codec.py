@@ -271,7 +271,7 @@ def _on_trellis(values: np.ndarray, dtype: str, options: EncodeOptions, scales: 
         k = int(path.codebook.size)
         q = Quantized(path.codebook.astype(np.float32), path.indices, 0, 0, np.bincount(path.indices, minlength=k))
         codebook_dtype, side = stored_side(values, q, dtype, options.version, scales, math.inf)  # _cost prices it
-        params = entropy.trellis_params(path.indices, k, row)
+        params = entropy.grouped_params(path.indices, k, row)
         error = _error(flat, q, codebook_dtype, side)
         cost = _cost(error, flat.size, len(side), entropy.rans_trellis_bytes(path.indices, k, row, params), slope,
                      TRELLIS_DECODE_NS)
@@ -698,12 +698,10 @@ def _entropy_stage(record: dict, section: memoryview) -> tuple:
         return ENCODING_KMEANS, frame, count, width, (bitpack.FRAME_ZSTD,), codebook, scales
     if bitpack.native_lookup is not None and k > 1 and stage in SLOW_STAGES:
         width = 8 if k <= 1 << MAX_BITS else bitpack.WIDE  # the C decoder's indices: uint8 or (2.3) uint16
-        if stage == ENTROPY_RANS_GROUPED:
-            stream, params, axis = entropy.rans_grouped_frame(payload, count, k, matrix_shape(record["shape"])[1])
-            frame = (bitpack.FRAME_RANS, None, params, axis)
-        elif stage == ENTROPY_RANS_TRELLIS:
-            stream, params, axis = entropy.rans_grouped_frame(payload, count, k, matrix_shape(record["shape"])[1], stage)
-            frame = (bitpack.FRAME_RANS, None, params, axis, 1)
+        if stage in (ENTROPY_RANS_GROUPED, ENTROPY_RANS_TRELLIS):
+            row = matrix_shape(record["shape"])[1]
+            stream, params, axis = entropy.rans_grouped_frame(payload, count, k, row, stage)
+            frame = (bitpack.FRAME_RANS, None, params, axis, int(stage == ENTROPY_RANS_TRELLIS))
         else:
             stream, counts = entropy.rans_frame(payload, count, k, stage)
             frame = (bitpack.FRAME_RANS, counts)
