@@ -37,7 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "_rans_model.h"
+#include "_entropy_spec.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "sqz._lookup assumes a little-endian host; bitpack.py's numpy path serves the others"
@@ -252,7 +252,7 @@ static const uint8_t *unframe(Job *job, Scratch *scratch, Py_ssize_t packed)
 #define RANS_FREQUENCY_SHIFT 36
 #define RANS_SLOT_BITS 10 /* 1,024 quantile buckets, 8 KB a lane: with four lanes faster than 2,048 (16 KB) */
 
-/* The model of `counts` (spec §4.2, _rans_model.h). 0 if there is none. */
+/* The model of `counts` (spec §4.2, _entropy_spec.h). 0 if there is none. */
 static int rans_model(const uint64_t *counts, int k, uint32_t *cdf) { return rans_model_strided(counts, 1, k, cdf); }
 
 static inline uint64_t rans_word(const uint8_t *bytes, Py_ssize_t len, Py_ssize_t w)
@@ -331,13 +331,6 @@ static void rans_tables(Lane *lane, const uint32_t *cdf, int k)
     model_tables(lane->symbol, lane->first, cdf, k, RANS_SLOT_BITS);
 }
 
-/* rans-trellis (spec §4.2): state s allows the indices of class (s >> 1) & 1 (CLASS = 0, 0, 1, 1, 0, 0, 1, 1), and
- * index i = 2m + c moves it to NEXT[s][m & 1] (= NEXT[s][(i & 3) >> 1]), NEXT = {0, 4}, {4, 0}, {1, 5}, {5, 1}, {6, 2},
- * {2, 6}, {7, 3}, {3, 7}: nibble 2s + b of TRELLIS_NEXT_NIBBLES, shifts and masks on the decoder's critical path
- * where two table loads were (tests hold the decoder to the spec's tables through the reference decoder). */
-#define TRELLIS_CLASS(s) (((s) >> 1) & 1)
-#define TRELLIS_NEXT_NIBBLES 0x7337622615510440ull
-#define TRELLIS_NEXT(s, b) ((int)(TRELLIS_NEXT_NIBBLES >> (4 * (2 * (s) + (b)))) & 7)
 #define TRELLIS_SLOT_SHIFT (RANS_PRECISION - RANS_SLOT_BITS + 1) /* a class's 512 buckets */
 
 /* A grouped job's next run: the run of groups with the same parameters that starts at the lane's next index, where

@@ -29,17 +29,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "_rans_model.h"
+#include "_entropy_spec.h"
 
-#define STATES 8
 #define MAX_SYMBOLS 4096
-
-/* spec §4.2 rans-trellis: the class of each state, and the next state for each index mod 4 (-1: not allowed). */
-static const int CLASS[STATES] = {0, 0, 1, 1, 0, 0, 1, 1};
-static const int NEXT[STATES][4] = {
-    {0, -1, 4, -1}, {4, -1, 0, -1}, {-1, 1, -1, 5}, {-1, 5, -1, 1},
-    {6, -1, 2, -1}, {2, -1, 6, -1}, {-1, 7, -1, 3}, {-1, 3, -1, 7},
-};
 
 static int get_buffer(PyObject *object, Py_buffer *view, Py_ssize_t itemsize, const char *what)
 {
@@ -128,17 +120,17 @@ static PyObject *viterbi(PyObject *self, PyObject *args)
     const double *x = vb.buf, *bits = bb.buf;
     uint16_t *out = (uint16_t *)PyBytes_AS_STRING(result);
     Py_BEGIN_ALLOW_THREADS
-    int from[STATES][2], subset[STATES][2]; /* the two ways into each state: (state, subset) */
-    int ways[STATES] = {0};
-    for (int s = 0; s < STATES; s++)
-        for (int j = CLASS[s]; j < 4; j += 2) {
-            const int to = NEXT[s][j];
+    int from[TRELLIS_STATES][2], subset[TRELLIS_STATES][2]; /* the two ways into each state: (state, subset) */
+    int ways[TRELLIS_STATES] = {0};
+    for (int s = 0; s < TRELLIS_STATES; s++)
+        for (int j = TRELLIS_CLASS(s); j < 4; j += 2) {
+            const int to = TRELLIS_NEXT(s, j >> 1);
             from[to][ways[to]] = s;
             subset[to][ways[to]++] = j;
         }
-    double cost[STATES], next[STATES], best[4];
+    double cost[TRELLIS_STATES], next[TRELLIS_STATES], best[4];
     int index[4];
-    for (int s = 0; s < STATES; s++)
+    for (int s = 0; s < TRELLIS_STATES; s++)
         cost[s] = s ? INFINITY : 0.0;
     const double *cost_of = bits; /* the bits of t's group */
     for (Py_ssize_t t = 0, in_group = 0; t < n; t++, in_group++) {
@@ -148,7 +140,7 @@ static PyObject *viterbi(PyObject *self, PyObject *args)
         for (int j = 0; j < 4; j++)
             nearest[4 * t + j] = (uint16_t)index[j];
         uint8_t seconds = 0;
-        for (int to = 0; to < STATES; to++) {
+        for (int to = 0; to < TRELLIS_STATES; to++) {
             const double a = cost[from[to][0]] + best[subset[to][0]], b = cost[from[to][1]] + best[subset[to][1]];
             const int way = b < a;
             next[to] = way ? b : a;
@@ -158,7 +150,7 @@ static PyObject *viterbi(PyObject *self, PyObject *args)
         memcpy(cost, next, sizeof cost);
     }
     int s = 0;
-    for (int q = 1; q < STATES; q++)
+    for (int q = 1; q < TRELLIS_STATES; q++)
         if (cost[q] < cost[s])
             s = q;
     for (Py_ssize_t t = n - 1; t >= 0; t--) { /* back along the best path, each index found again */
@@ -223,12 +215,12 @@ static PyObject *encode(PyObject *self, PyObject *args)
     int state = 0;
     for (Py_ssize_t t = 0; t < n; t++) { /* the class each index is coded in: the trellis walked forwards */
         const int i = index[t];
-        if (i >= k || (i & 1) != CLASS[state]) {
+        if (i >= k || (i & 1) != TRELLIS_CLASS(state)) {
             PyErr_Format(PyExc_ValueError, "encode: index %d at %zd is not on the trellis", i, t);
             goto done;
         }
-        classes[t] = (uint8_t)CLASS[state];
-        state = NEXT[state][i & 3];
+        classes[t] = (uint8_t)TRELLIS_CLASS(state);
+        state = TRELLIS_NEXT(state, (i & 3) >> 1);
     }
     Py_ssize_t pushed = 0;
     Py_BEGIN_ALLOW_THREADS

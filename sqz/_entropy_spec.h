@@ -1,7 +1,7 @@
-/* The rANS model of spec §4.2, shared by sqz._lookup (the decoder) and sqz._trellis (the rans-trellis coder), which
- * must build the same table from the same counts. */
-#ifndef SQZ_RANS_MODEL_H
-#define SQZ_RANS_MODEL_H
+/* What sqz._lookup (the decoder) and sqz._trellis (the rans-trellis coder and its Viterbi search) must agree on, from
+ * spec §4.2: the rANS model built from counts, and rans-trellis's trellis. */
+#ifndef SQZ_ENTROPY_SPEC_H
+#define SQZ_ENTROPY_SPEC_H
 
 #include <float.h>
 #include <stddef.h>
@@ -31,5 +31,14 @@ static int rans_model_strided(const uint64_t *counts, ptrdiff_t stride, ptrdiff_
             return 0;
     return 1;
 }
+
+/* rans-trellis's 8-state trellis: state s allows the indices of class (s >> 1) & 1 (CLASS = 0, 0, 1, 1, 0, 0, 1, 1),
+ * and index i = 2m + c moves it to NEXT[s][m & 1] (= NEXT[s][(i & 3) >> 1]), NEXT = {0, 4}, {4, 0}, {1, 5}, {5, 1},
+ * {6, 2}, {2, 6}, {7, 3}, {3, 7}: nibble 2s + b of TRELLIS_NEXT_NIBBLES. Shifts and masks, where table loads would sit
+ * on the decoder's critical path (tests hold both extensions to the spec's tables through the reference decoder). */
+#define TRELLIS_STATES 8
+#define TRELLIS_CLASS(s) (((s) >> 1) & 1)
+#define TRELLIS_NEXT_NIBBLES 0x7337622615510440ull
+#define TRELLIS_NEXT(s, b) ((int)(TRELLIS_NEXT_NIBBLES >> (4 * (2 * (s) + (b)))) & 7)
 
 #endif
