@@ -20,7 +20,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from . import __version__, container, targets
+from . import __version__, container, rank, targets
 from .adapter import CONFIG_NAME, PEFT_PREFIX, Adapter, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable, output_folder
 from .bitpack import packed_size
@@ -159,9 +159,10 @@ def _header(adapter: Adapter, options: EncodeOptions, records: list[dict]) -> di
 
 
 def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = False,
-           dtype: torch.dtype | None = None, progress: bool | None = None) -> list[Path]:
-    """Write a .sqz back as safetensors; `dst` ending in '/' (or an existing directory) gets a PEFT folder. Without
-    `delta` or `dtype` (torch's work) it runs without torch: the decoder's bytes go to the file as they are."""
+           dtype: torch.dtype | None = None, progress: bool | None = None, keep_rank: bool = False) -> list[Path]:
+    """Write a .sqz back as safetensors; `dst` ending in '/' (or an existing directory) gets a PEFT folder, whose
+    pairs leave out the components that decode to zero unless `keep_rank` (rank.py: the same ΔW at a lower rank).
+    Without `delta` or `dtype` (torch's work) it runs without torch: the decoder's bytes go to the file as they are."""
     as_folder = str(dst).endswith(("/", os.sep)) or Path(dst).is_dir()
     if as_folder and delta:
         raise InputError("--delta writes one safetensors file, not a PEFT folder: give a file name")
@@ -175,13 +176,13 @@ def decode(src: str | Path, dst: str | Path, force: bool = False, delta: bool = 
         config = (f.header.get("config") or synthesize_config(f.header)) if as_folder else None
         with output_folder(dst) if as_folder else contextlib.nullcontext(), contextlib.ExitStack() as outputs:
             weights = outputs.enter_context(atomic_path(targets[0], force))  # (checks targets[0] is writable)
-            if config is not None:  # both written before either replaces its destination
-                outputs.enter_context(atomic_path(targets[1], force)).write_bytes(
-                    json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
+            # both written before either replaces its destination
+            folder = None if config is None else (outputs.enter_context(atomic_path(targets[1], force)), config,
+                                                  keep_rank)
             if delta or dtype is not None:
-                _write_through_torch(f, weights, delta, dtype, progress)
+                _write_through_torch(f, weights, folder, delta, dtype, progress)
             else:
-                _write_decoded(f, weights, progress)
+                _write_decoded(f, weights, folder, progress)
     finally:
         f.close()
     return targets
@@ -191,10 +192,25 @@ DECODE_BATCH_BYTES = 16 << 20
 """Decoded bytes `sqz decode` asks the decoder for at a time (one batch runs on every core)."""
 
 
-def _write_decoded(f: container.Container, target: Path, progress: bool | None) -> None:
-    """Every tensor of `f` as it was encoded, written to `target`."""
+Folder = tuple[Path, dict[str, Any], bool]
+"""Where a PEFT folder's adapter_config.json goes, the config, and whether the pairs keep their stored rank."""
+
+
+def _write_decoded(f: container.Container, target: Path, folder: Folder | None, progress: bool | None) -> None:
+    """Every tensor of `f` as it was encoded, written to `target` (and the folder's config)."""
     tensors = {record["name"]: (record["dtype"], record["shape"], data)
                for record, data in _progress(_decoded(f), len(f.records), "decode", progress)}
+    _save(f, tensors, target, folder)
+
+
+def _save(f: container.Container, tensors: rank.Tensors, target: Path, folder: Folder | None) -> None:
+    """`tensors` to `target`; in a folder, its config beside them, the pairs' zero components left out of both unless
+    the folder keeps the rank."""
+    if folder is not None:
+        path, config, keep_rank = folder
+        if not keep_rank:
+            tensors, config = rank.trimmed(tensors, f.header["pairs"], config)
+        path.write_bytes(json.dumps(config, indent=2, sort_keys=True).encode("utf-8"))
     save_bytes(tensors, target, f.header.get("metadata"))
 
 
@@ -214,8 +230,8 @@ def _decoded(f: container.Container) -> Iterator[tuple[dict[str, Any], np.ndarra
             batch, size = [], 0
 
 
-def _write_through_torch(f: container.Container, target: Path, delta: bool, dtype: torch.dtype | None,
-                         progress: bool | None) -> None:
+def _write_through_torch(f: container.Container, target: Path, folder: Folder | None, delta: bool,
+                         dtype: torch.dtype | None, progress: bool | None) -> None:
     """The tensors of the open file `f` cast to `dtype`, or each module's ΔW (`delta`), written to `target` (the
     file read once: the one whose config was taken, even if its path is replaced meanwhile)."""
     import torch
@@ -231,7 +247,7 @@ def _write_through_torch(f: container.Container, target: Path, delta: bool, dtyp
             tensors = {name: adapter[name] for name in _progress(adapter, len(adapter), "decode", progress)}
         as_bytes = {name: (DTYPE_NAMES[t.dtype], list(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy())
                     for name, t in tensors.items()}
-        save_bytes(as_bytes, target, adapter.metadata)
+        _save(f, as_bytes, target, folder)
 
 
 def synthesize_config(header: dict[str, Any]) -> dict[str, Any]:

@@ -171,9 +171,13 @@ def parse_size(text: str) -> int:
               help="A .safetensors file, or DIR/ for a PEFT adapter folder.")
 @click.option("--delta", is_flag=True, help="Write the materialised ΔW of each module instead of the factors.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Cast every tensor to this dtype.")
+@click.option("--keep-rank", is_flag=True,
+              help="A PEFT folder keeps every pair's stored rank (by default components that decode to zero are "
+                   "left out, with rank_pattern/alpha_pattern saying so: the same ΔW).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite outputs that exist.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def decode_cmd(src: str, output: str, delta: bool, dtype: str | None, force: bool, as_json: bool) -> None:
+def decode_cmd(src: str, output: str, delta: bool, dtype: str | None, keep_rank: bool, force: bool,
+               as_json: bool) -> None:
     """Decode a .sqz file back to safetensors (PEFT / diffusers loadable)."""
     start = time.perf_counter()
     cast = None
@@ -181,7 +185,7 @@ def decode_cmd(src: str, output: str, delta: bool, dtype: str | None, force: boo
         import torch
 
         cast = getattr(torch, DTYPES[dtype])
-    written = decode(src, output, force=force, delta=delta, dtype=cast)
+    written = decode(src, output, force=force, delta=delta, dtype=cast, keep_rank=keep_rank)
     data = {"outputs": [str(p) for p in written], "seconds": time.perf_counter() - start}
     _emit(data, as_json, "\n".join(str(p) for p in written))
 

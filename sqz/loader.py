@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import container
+from . import container, rank
 from .adapter import Pair
 from .codec import decode_tensors
 from .delta import delta_weight
@@ -164,6 +164,14 @@ class SqzAdapter(Mapping):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def zero_components(a: torch.Tensor, b: torch.Tensor) -> np.ndarray | None:
+    """rank.zero_components of a pair's factors as torch tensors; None unless both are floats (float64 holds
+    every value of the others exactly, zeros as zeros)."""
+    if not (a.is_floating_point() and b.is_floating_point()):
+        return None
+    return rank.zero_components(a.detach().cpu().double().numpy(), b.detach().cpu().double().numpy())
 
 
 def load(path: str | Path | bytes | container.Container, device: str | torch.device = "cpu",

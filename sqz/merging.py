@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from . import rank
 from .adapter import Pair
 from .api import SqzWarning
 from .constants import LAYER_CONV, LAYER_EMBEDDING, PAIR_SINE, ROLE_ALPHA
 from .errors import InputError
-from .loader import SqzAdapter, load
+from .loader import SqzAdapter, load, zero_components
 from .match import Target, UnmatchedModulesError, resolve
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ class Attached:
 def _update(pair: Pair, adapter: SqzAdapter, target: Target, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> ΔW·x as the target layer applies its weight, in the weight's dtype and on its device: through the
     factors for plain LoRA on a Linear, Conv1D or Embedding (r·(in + out) multiply-adds a token instead of
-    in·out), through the materialised ΔW for sine pairs (the sine does not factor) and conv layers."""
+    in·out, r counting only the components that do not decode to zero), through the materialised ΔW for sine pairs (the sine does not factor) and conv layers."""
     weight, module = target.module.weight, target.module
     like = {"dtype": weight.dtype, "device": weight.device}
     factor = pair.scaling * scale
@@ -143,6 +144,10 @@ def _update(pair: Pair, adapter: SqzAdapter, target: Target, scale: float) -> Ca
         a, b = adapter[pair.a], adapter[pair.b]
         out_in = (b.shape[0], a.shape[1]) if pair.layer != LAYER_EMBEDDING else (a.shape[1], b.shape[0])
         _shaped(pair, torch.empty(out_in, device="meta"), target)  # the shapes must fit
+        zeros = zero_components(a, b)
+        if zeros is not None and zeros.any():  # components that decode to zero cost time and add nothing (rank.py)
+            kept = torch.from_numpy(rank.kept_components(zeros)).to(a.device)
+            a, b = a.index_select(0, kept), b.index_select(1, kept)
         a, b = a.to(**like), b.to(**like)
         if pair.layer == LAYER_EMBEDDING:  # lora_embedding_A is [r, num_embeddings]: look rows up in A.T
             return lambda ids: F.linear(F.embedding(ids, a.T, module.padding_idx, module.max_norm, module.norm_type,

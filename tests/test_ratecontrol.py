@@ -199,10 +199,19 @@ def test_low_rates_use_zero_bit_groups_that_decode_and_load_into_peft(tmp_path):
     zero = next(r for r in info["tensors"] if r["bits"] == 0)
     tensor = sqz.load(tmp_path / "a.sqz")[zero["name"]]
     assert torch.unique(tensor).numel() == 1  # a one-entry codebook: the factor's mean
-    sqz.decode(tmp_path / "a.sqz", str(tmp_path / "restored") + "/")
-    restored = load_file(str(tmp_path / "restored" / "adapter_model.safetensors"))
+    sqz.decode(tmp_path / "a.sqz", str(tmp_path / "whole") + "/", keep_rank=True)
+    whole = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
     original = load_file(str(LORA / "adapter_model.safetensors"))
-    assert {k: v.shape for k, v in restored.items()} == {k: v.shape for k, v in original.items()}
+    assert {k: v.shape for k, v in whole.items()} == {k: v.shape for k, v in original.items()}
+    sqz.decode(tmp_path / "a.sqz", str(tmp_path / "restored") + "/")  # zero components left out (test_rank.py)
+    restored = load_file(str(tmp_path / "restored" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "restored" / "adapter_config.json").read_text())
+    ranks = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): v.shape[0]
+             for k, v in restored.items() if ".lora_A." in k}
+    assert config["rank_pattern"] == {m: r for m, r in ranks.items() if r != config["r"]} != {}
+    for name in (k for k in restored if ".lora_A." in k):
+        b = name.replace(".lora_A.", ".lora_B.")
+        torch.testing.assert_close(restored[b] @ restored[name], whole[b] @ whole[name], rtol=1e-6, atol=1e-9)
 
 
 def test_targets_are_deterministic(tmp_path):
