@@ -24,7 +24,8 @@ from . import __version__, container, rank, targets
 from .adapter import CONFIG_NAME, PEFT_PREFIX, Adapter, SineOptions, read_adapter
 from .atomic import atomic_file, atomic_path, check_writable, output_folder
 from .bitpack import packed_size
-from .codec import EncodeOptions, decode_tensors, encode_tensor, float_side_extent, read_side
+from .codec import EncodeOptions, decode_index_arrays, decode_tensors, encode_tensor, float_side_extent, read_side
+from .components import component_bits
 from .constants import CODEBOOK_GRID, ENCODING_KMEANS, PAIR_SINE
 from .dtypes import itemsize
 from .errors import InputError, SqzError
@@ -273,8 +274,9 @@ def synthesize_config(header: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def info(path: str | Path) -> dict[str, Any]:
-    """Where every bit went: per-tensor sizes and the totals (what `sqz info --json` prints)."""
+def info(path: str | Path, components: bool = False) -> dict[str, Any]:
+    """Where every bit went: per-tensor sizes and the totals (what `sqz info --json` prints), and with `components`
+    each pair's bits component by component (components.py; decodes the factors)."""
     f = container.Container(path)
     try:
         rows = []
@@ -307,9 +309,39 @@ def info(path: str | Path) -> dict[str, Any]:
             "pairs": len(f.header["pairs"]),
             "widths": {str(b): sum(r["bits"] == b for r in rows) for b in sorted({r["bits"] for r in rows} - {None})},
         }
-        return {"path": str(path), "version": ".".join(map(str, f.version)), "generator": f.header.get("generator"),
+        data = {"path": str(path), "version": ".".join(map(str, f.version)), "generator": f.header.get("generator"),
                 "options": f.header.get("options"), "tensors": rows, "totals": totals}
+        if components:
+            data["pairs"] = _pair_components(f, {r["name"]: r for r in rows})
+        return data
     finally:
         f.close()
+
+
+def _pair_components(f: container.Container, rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each pair's rank, the components that do not decode to zero, the bits a value of each component in A and in
+    B (a lossless factor's bits a value alike in every component) and the bytes each component takes in both."""
+    index = {r["name"]: i for i, r in enumerate(f.records)}
+    names = [n for p in f.header["pairs"] for n in (p["a"], p["b"])]
+    items = [(f.records[index[n]], f.section(index[n])) for n in names]
+    threads = os.cpu_count() or 1
+    values = dict(zip(names, decode_tensors(items, threads)))
+    quantized = [(n, item) for n, item in zip(names, items) if item[0]["encoding"] == ENCODING_KMEANS]
+    indices = dict(zip([n for n, _ in quantized], decode_index_arrays([item for _, item in quantized], threads)))
+    for result in (*values.values(), *indices.values()):
+        if isinstance(result, SqzError):
+            raise result
+    out = []
+    for pair in f.header["pairs"]:
+        factors = [f.records[index[pair[key]]] for key in ("a", "b")]
+        zero = rank.zero_components(*(rank.magnitudes(r["dtype"], r["shape"], values[r["name"]]) for r in factors))
+        a_bits, b_bits = (component_bits(indices[r["name"]], r, rows[r["name"]]["index_bytes_after"])
+                          if r["name"] in indices else np.full(zero.size, rows[r["name"]]["bits_per_param"])
+                          for r in factors)
+        a_values, b_values = math.prod(factors[0]["shape"][1:]), factors[1]["shape"][0]  # a row of A, a column of B
+        out.append({"module": pair["module"], "rank": int(zero.size), "kept": int((~zero).sum()),
+                    "zero": zero.tolist(), "a_bits": a_bits.tolist(), "b_bits": b_bits.tolist(),
+                    "bytes": ((a_bits * a_values + b_bits * b_values) / 8).tolist()})
+    return out
 
 

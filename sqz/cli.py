@@ -192,11 +192,27 @@ def decode_cmd(src: str, output: str, delta: bool, dtype: str | None, keep_rank:
 
 @main.command("info")
 @click.argument("src", type=click.Path())
+@click.option("--components", is_flag=True,
+              help="Also each pair's bits component by component, and which components decode to zero.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def info_cmd(src: str, as_json: bool) -> None:
+def info_cmd(src: str, components: bool, as_json: bool) -> None:
     """Show where every bit of a .sqz file went."""
-    data = info(src)
-    _emit(data, as_json, _info_table(data))
+    data = info(src, components=components)
+    _emit(data, as_json, _info_table(data) + ("\n\n" + _components_table(data["pairs"]) if components else ""))
+
+
+def _components_table(pairs: list[dict]) -> str:
+    """One line a pair: its rank, the components kept (not decoding to zero) and the bytes each takes (A and B)."""
+    head = ("pair", "rank", "kept", "bytes by component (A and B; - decodes to zero)")
+    rows = [head] + [(p["module"], str(p["rank"]), str(p["kept"]),
+                      " ".join("-" if zero else f"{size:.0f}" for zero, size in zip(p["zero"], p["bytes"])))
+                     for p in pairs]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join([row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2].rjust(widths[2]), row[3]])
+             for row in rows]
+    rank, kept = sum(p["rank"] for p in pairs), sum(p["kept"] for p in pairs)
+    summary = f"{kept:,} of {rank:,} components kept ({rank - kept:,} decode to zero: a PEFT folder leaves them out)"
+    return "\n".join([*lines, "", summary])
 
 
 def _info_table(data: dict) -> str:

@@ -587,6 +587,26 @@ def decode_tensors(items: list[tuple[dict, memoryview]], threads: int = 1,
     return results  # type: ignore[return-value]  # every slot is filled above
 
 
+def decode_index_arrays(items: list[tuple[dict, memoryview]], threads: int = 1) -> list[np.ndarray | SqzError]:
+    """The indices (uint16) of many `kmeans` (record, section) pairs, or the error each raised: the decoder's own
+    jobs with the identity for a table (what `sqz info --components` attributes a tensor's bits by)."""
+    results: list[np.ndarray | SqzError] = []
+    jobs: list[tuple[int, bitpack.LookupJob]] = []
+    for n, (record, section) in enumerate(items):
+        try:
+            _, stream, count, width, frame, _, _ = _entropy_stage(record, section)
+        except SqzError as exc:
+            results.append(exc)
+            continue
+        out = np.empty(count, dtype=np.uint16)
+        results.append(out)
+        jobs.append((n, (stream, count, width, np.arange(record["codebook_size"], dtype=np.uint16), out, *frame)))
+    for job, problem in bitpack.lookup_many([job for _, job in jobs], threads):
+        n = jobs[job][0]
+        results[n] = _lookup_error(items[n][0], problem, items[n][0]["codebook_size"])
+    return results
+
+
 def _scaled_table(record: dict, codebook: np.ndarray, scales: np.ndarray) -> np.ndarray | FormatError:
     """The float32 bit patterns a scaled record's lookup writes, once its scales are checked: finite, and no
     product of an entry and a scale beyond its dtype's range (the largest such product, rounded as decoding

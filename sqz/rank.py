@@ -92,7 +92,7 @@ def peft_config(config: dict[str, Any], ranks: dict[str, tuple[int, float]]) -> 
 def trimmed(tensors: Tensors, pairs: list[dict[str, Any]], config: dict[str, Any] | None) -> tuple[Tensors, Any]:
     """A decoded adapter's (tensors, config) with its zero components left out (`kept`), or both as they were."""
     def zero(pair: dict[str, Any]) -> np.ndarray | None:
-        a, b = _magnitudes(*tensors[pair["a"]]), _magnitudes(*tensors[pair["b"]])
+        a, b = magnitudes(*tensors[pair["a"]]), magnitudes(*tensors[pair["b"]])
         return None if a is None or b is None else zero_components(a, b)  # (the reader checked the shapes pair)
 
     result = kept(config, pairs, zero)
@@ -114,7 +114,7 @@ def _patterns(data: np.ndarray, dtype: str, shape: list[int]) -> np.ndarray:
     return np.frombuffer(data, dtype=f"<u{itemsize(dtype)}").reshape(shape)
 
 
-def _magnitudes(dtype: str, shape: list[int], data: np.ndarray) -> np.ndarray | None:
+def magnitudes(dtype: str, shape: list[int], data: np.ndarray) -> np.ndarray | None:
     """A float tensor's bit patterns with the sign bit cleared (zero exactly where the value is ±0); None for other
     dtypes (a cast to one), whose components are never left out."""
     if dtype not in QUANTIZABLE_DTYPES:
