@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 import sqz
 from bench import baselines, rd
-from bench.metrics import delta_distortion
+from bench.metrics import components_kept, delta_distortion
 from sqz.quantize import PAPER_SAMPLE
 
 Tensors = dict[str, np.ndarray]
@@ -128,6 +128,7 @@ def measure(src: Path, points: list[tuple[dict, Callable]], omegas: dict[str, fl
             continue
         row = dict(labels, file_bytes=len(data), bits_per_param=8 * len(data) / params,
                    seconds=time.perf_counter() - start)
+        row["components_kept"], row["components"] = components_kept(recon)
         for kind, omega in omegas.items():
             d = delta_distortion(reference, recon, omega, max_rows)
             row[f"rel_fro_{kind}"], row[f"sqnr_db_{kind}"] = d["rel_fro"], d["sqnr_db"]

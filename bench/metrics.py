@@ -1,4 +1,5 @@
-"""Distortion of the effective update ΔW (what the model sees), and the stable rank of the paper's Figure 1."""
+"""Distortion of the effective update ΔW (what the model sees), the components a reconstruction keeps, and the stable
+rank of the paper's Figure 1."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from sqz.rank import zero_components
 from sqz.ratecontrol import lowrank_inner
 
 Tensors = dict[str, np.ndarray]
@@ -15,6 +17,13 @@ def factor_pairs(tensors: Tensors) -> list[tuple[str, str, str]]:
     """(module, A name, B name) for every PEFT pair."""
     return [(name.removesuffix(".lora_A.weight"), name, name.replace(".lora_A.", ".lora_B."))
             for name in sorted(tensors) if name.endswith(".lora_A.weight")]
+
+
+def components_kept(tensors: Tensors) -> tuple[int, int]:
+    """(components that are not zero, components) over the adapter's pairs: what a model runs it at once the zero
+    ones are left out (sqz/rank.py)."""
+    zeros = [zero_components(tensors[a], tensors[b]) for _, a, b in factor_pairs(tensors)]
+    return sum(int((~z).sum()) for z in zeros), sum(z.size for z in zeros)
 
 
 def delta(a: np.ndarray, b: np.ndarray, omega: float | None) -> torch.Tensor:

@@ -83,6 +83,21 @@ def table_at_rates(result: dict, key: str, digits: int) -> str:
     return "\n".join(lines)
 
 
+def table_components(llm: dict, targets: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)) -> str:
+    """The share of each adapter's components a `--bpp` file keeps (the others decode to zero, and a decoded PEFT
+    folder, sqz.peft and sqz.attach leave them out: the model's adapter matmuls shrink by as much)."""
+    lines = ["| adapter | components | " + " | ".join(f"`--bpp {t:g}`" for t in targets) + " |",
+             "|---|---|" + "---|" * len(targets)]
+    for name, res in llm["adapters"].items():
+        rows = {r["target_bpp"]: r for r in res["rows"] if r["codec"] == "sqz --bpp" and "components_kept" in r}
+        if not rows:
+            continue
+        total = next(iter(rows.values()))["components"]
+        cells = [f"{100 * rows[t]['components_kept'] / total:.0f}%" if t in rows else "—" for t in targets]
+        lines.append(f"| {label(name)} | {total} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def single_points(result: dict) -> str:
     """Codecs with one setting (NF4, the lossless files): their rate, KL and perplexity."""
     rows = [r for r in result["rows"] if r["codec"] == "NF4 (block 64)" or r["family"] == "lossless"]
@@ -236,6 +251,13 @@ def section(llm: dict | None, like: dict | None, out: Path, rel) -> list[str]:
         md += [f"### {label(name)}: KL (nats/token) at fixed rates", "", table_at_rates(res, "kl", 4), "",
                f"### {label(name)}: perplexity at fixed rates (full precision {res['full']['perplexity']:.1f})", "",
                table_at_rates(res, "perplexity", 1), "", single_points(res), ""]
+    components = table_components(llm)
+    if components:
+        md += ["### Components kept: the rank a model runs each adapter at", "",
+               ("The share of each adapter's rank-1 components that a `sqz --bpp` file keeps: the SVD gauge rounds "
+                "the weak ones to zero, which a decoded PEFT folder, `sqz.peft` and `sqz.attach` leave out "
+                "(`sqz/rank.py`: the same ΔW), so the model's adapter matmuls shrink by as much. Sine adapters "
+                "too (`sqz.attach` materialises their ΔW, so there it saves nothing)."), "", components, ""]
     md += ["### BD-rate of `sqz --bpp` against every other codec, per adapter", "",
            ("PCHIP on each codec's Pareto front (`bench/rd.py`): KL as −10·log10(KL), perplexity as −perplexity, "
             "ΔW SQNR in dB. Negative: `--bpp` needs fewer bytes for the same quality. NF4 is a single point, so "
