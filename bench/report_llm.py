@@ -256,8 +256,9 @@ def section(llm: dict | None, like: dict | None, out: Path, rel) -> list[str]:
         md += ["### Components kept: the rank a model runs each adapter at", "",
                ("The share of each adapter's rank-1 components that a `sqz --bpp` file keeps: the SVD gauge rounds "
                 "the weak ones to zero, which a decoded PEFT folder, `sqz.peft` and `sqz.attach` leave out "
-                "(`sqz/rank.py`: the same ΔW), so the model's adapter matmuls shrink by as much. Sine adapters "
-                "too (`sqz.attach` materialises their ΔW, so there it saves nothing)."), "", components, ""]
+                "(`sqz/rank.py`: the same ΔW), so the model's adapter matmuls shrink by as much. The sine adapters' "
+                "shares are what a sine runtime could leave out: sqz keeps their stored rank (PEFT has no sine "
+                "LoRA, and `sqz.attach` applies their materialised ΔW)."), "", components, ""]
     md += ["### BD-rate of `sqz --bpp` against every other codec, per adapter", "",
            ("PCHIP on each codec's Pareto front (`bench/rd.py`): KL as −10·log10(KL), perplexity as −perplexity, "
             "ΔW SQNR in dB. Negative: `--bpp` needs fewer bytes for the same quality. NF4 is a single point, so "
