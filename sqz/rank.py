@@ -1,13 +1,14 @@
-"""Decoded ranks: the components of a pair that decode to exactly zero are left out wherever sqz writes the PEFT
-config that goes with the factors (a decoded PEFT folder; sqz.peft.from_pretrained and load_adapter), so that
-PEFT runs each module at the rank the file really has.
+"""Decoded ranks: the components of a pair that decode to exactly zero are left out where the factors go into a
+model: a decoded PEFT folder and sqz.peft.from_pretrained/load_adapter, with the PEFT config that says so, and
+sqz.attach, which needs none. The model then runs each module at the rank the file really has.
 
 A rate target stores each pair in its SVD gauge (gauge.py), one rank-1 component in a row of A and the same column
 of B, and rounds the components that are not worth a bit to zero: on the bench's LLaMA LoRA r=16 at --bpp 2, 140
 of its 448. Their terms of B@A are exact zeros, so leaving them out keeps ΔW as it was, and each module keeps its
 scaling through rank_pattern/alpha_pattern: lora_alpha/r (/√r with rsLoRA) at the new rank equals the stored
 scaling exactly, or that module keeps its rank. A module whose every component is zero keeps one (PEFT needs
-r ≥ 1). Only PEFT LoRA configs are rewritten: a sine adapter's or kohya's scaling is not PEFT's to keep.
+r ≥ 1). Only PEFT LoRA configs of PEFT-named pairs are rewritten: a sine adapter's or kohya's scaling is not
+PEFT's to keep.
 """
 from __future__ import annotations
 
@@ -46,9 +47,12 @@ def kept(config: dict[str, Any] | None, pairs: list[dict[str, Any]],
          zero: Callable[[dict[str, Any]], np.ndarray | None]) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """The components each pair keeps (module -> indices, for the pairs that lose some) and the PEFT config that
     gives every module its rank and scaling, or None where nothing is left out: no component is zero (`zero(pair)`,
-    None for a pair it cannot tell), the config is not a PEFT LoRA config, or PEFT's pattern rule would not read the
-    ranks back (a module name that ends in another's)."""
+    None for a pair it cannot tell), the config is not a PEFT LoRA config or a pair is not PEFT-named (kohya's
+    `.alpha` tensors give alpha for the stored rank), or PEFT's pattern rule would not read the ranks back (a module
+    name that ends in another's)."""
     if not (config and config.get("peft_type") == PEFT_LORA and {"r", "lora_alpha"} <= config.keys()):
+        return None
+    if any(not pair["module"].startswith(PEFT_PREFIX) for pair in pairs):  # kohya's alpha tensors hold alpha for r
         return None
     rslora = bool(config.get("use_rslora"))
     keep, ranks = {}, {}

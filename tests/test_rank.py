@@ -171,5 +171,7 @@ def test_only_a_peft_lora_config_is_rewritten_and_a_scaling_it_cannot_hold_keeps
     config, pairs = {"peft_type": "LORA", "r": 22, "lora_alpha": 30}, [{"module": "base_model.model.q", "scaling": 30 / 22}]
     keep, written = kept(config, pairs, lambda pair: np.arange(22) < 11)  # 30/22·11 is 14.999999999999998
     assert written["alpha_pattern"] == {"q": 15.0} and written["rank_pattern"] == {"q": 11}
+    kohya = [{"module": "lora_unet_conv1", "scaling": 30 / 22}]  # its .alpha tensor holds alpha for r = 22
+    assert kept(config, kohya, lambda pair: np.arange(22) < 11) is None
     for other in ({**config, "peft_type": "SINLORA"}, None, {"peft_type": "LORA", "r": 16}):
         assert kept(other, pairs, lambda pair: masks[pair["module"]]) is None
