@@ -136,7 +136,8 @@ class Attached:
 def _update(pair: Pair, adapter: SqzAdapter, target: Target, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> ΔW·x as the target layer applies its weight, in the weight's dtype and on its device: through the
     factors for plain LoRA on a Linear, Conv1D or Embedding (r·(in + out) multiply-adds a token instead of
-    in·out, r counting only the components that do not decode to zero), through the materialised ΔW for sine pairs (the sine does not factor) and conv layers."""
+    in·out, r counting only the components that do not decode to zero), through the materialised ΔW for sine pairs
+    (the sine does not factor) and conv layers."""
     weight, module = target.module.weight, target.module
     like = {"dtype": weight.dtype, "device": weight.device}
     factor = pair.scaling * scale
