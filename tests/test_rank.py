@@ -88,7 +88,7 @@ def test_a_target_folder_drops_zero_components_and_loads_to_the_same_model(tmp_p
         assert torch.equal(logits(base), logits(model))
 
 
-def test_b_files_and_sine_files_keep_their_rank(tmp_path):
+def test_b_files_keep_their_rank(tmp_path):
     src = decaying_lora(tmp_path / "src")
     sqz.encode(src, tmp_path / "b.sqz", sqz.EncodeOptions(bits=8))
     sqz.decode(tmp_path / "b.sqz", str(tmp_path / "out") + "/")
