@@ -209,8 +209,9 @@ def read_adapter(path: str | Path, sine: SineOptions = SineOptions()) -> Adapter
     return adapter
 
 
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches when the module name ends with it as a regex."""
+def pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key that matches the
+    end of the module's name at a dot, as a regex."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
             return float(value)
@@ -297,7 +298,7 @@ def _scaling(module: str, rank: int, adapter: Adapter, config: dict, sine: SineO
     kohya_alpha = adapter.tensors.get(f"{module}.alpha")
     if config and "lora_alpha" in config:
         peft_module = module.removeprefix(PEFT_PREFIX)
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, peft_module, config["lora_alpha"])
+        alpha = pattern_value(config.get("alpha_pattern") or {}, peft_module, config["lora_alpha"])
         if sine.alpha is not None:
             alpha = sine.alpha
         return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)

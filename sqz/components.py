@@ -26,20 +26,19 @@ def component_bits(indices: np.ndarray, record: dict, payload_bytes: int) -> np.
     grouped = indices.reshape(rows, cols)
     if record["role"] != ROLE_A:  # B [out, r]: a component is a column
         grouped = grouped.T
+    rank, k = grouped.shape[0], record["codebook_size"]
+    counts = np.bincount((np.arange(rank)[:, None] * k + grouped).ravel(), minlength=rank * k).reshape(rank, k)
     if record["entropy"] == ENTROPY_NONE:
-        lengths = np.full(grouped.shape[0], float(record["bits"]) * grouped.shape[1])
+        lengths = np.full(rank, float(record["bits"]) * grouped.shape[1])
     elif record["entropy"] in PER_COMPONENT_MODELS:
-        lengths = np.array([_code_length(row) for row in grouped])
+        lengths = (counts * _bits(counts / grouped.shape[1])).sum(axis=1)
     else:
-        counts = np.bincount(indices, minlength=record["codebook_size"])
-        lengths = -np.log2(counts / indices.size)[grouped].sum(axis=1)
+        lengths = counts @ _bits(counts.sum(axis=0) / indices.size)
     total = float(lengths.sum())
     shares = lengths / total if total > 0 else np.zeros_like(lengths)
     return shares * 8 * payload_bytes / grouped.shape[1]
 
 
-def _code_length(values: np.ndarray) -> float:
-    """Bits of `values` under their own empirical distribution (n times its entropy)."""
-    counts = np.bincount(values)
-    counts = counts[counts > 0]
-    return float(-(counts * np.log2(counts / values.size)).sum()) + 0.0  # (a constant row: 0.0, not -0.0)
+def _bits(p: np.ndarray) -> np.ndarray:
+    """-log2 p, and 0 where p is 0 (a symbol that never occurs costs nothing)."""
+    return 0.0 - np.log2(np.where(p > 0, p, 1))  # (0.0 - : a certain symbol costs 0.0 bits, not -0.0)

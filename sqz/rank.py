@@ -13,13 +13,12 @@ PEFT's to keep.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .adapter import PEFT_PREFIX
+from .adapter import PEFT_PREFIX, pattern_value
 from .constants import QUANTIZABLE_DTYPES
 from .dtypes import itemsize
 
@@ -86,8 +85,8 @@ def peft_config(config: dict[str, Any], ranks: dict[str, tuple[int, float]]) -> 
             alpha_pattern[key] = alpha
     for module, (rank, scaling) in ranks.items():  # read back by PEFT's own rule
         key = module.removeprefix(PEFT_PREFIX)
-        r = rank_pattern.get(_pattern_key(rank_pattern, key), config["r"])
-        alpha = alpha_pattern.get(_pattern_key(alpha_pattern, key), config["lora_alpha"])
+        r = pattern_value(rank_pattern, key, config["r"])
+        alpha = pattern_value(alpha_pattern, key, config["lora_alpha"])
         if r != rank or _peft_scaling(alpha, r, rslora) != scaling:
             return None
     return {**config, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
@@ -140,11 +139,7 @@ def _alpha_for(scaling: float, rank: int, rslora: bool) -> float | None:
     return next((a for a in candidates if _peft_scaling(a, rank, rslora) == scaling), None)
 
 
-def _peft_scaling(alpha: float, rank: int, rslora: bool) -> float:
+def _peft_scaling(alpha: float, rank: float, rslora: bool) -> float:
     """PEFT's LoraLayer.update_layer: lora_alpha / r, or lora_alpha / math.sqrt(r) with use_rslora."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
-
-def _pattern_key(patterns: dict[str, Any], key: str) -> str:
-    """peft.utils.other.get_pattern_key: the first pattern that matches the end of a module's name at a dot."""
-    return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", key)), key)
